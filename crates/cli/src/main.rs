@@ -1,0 +1,69 @@
+//! `slider-run`: argument parsing, logging, and error rendering. No logic lives here that a
+//! test would want to call; each subcommand family is one module.
+
+mod lora_cmd;
+mod pipeline_cmd;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Declarative, cached, resumable slider-LoRA pipelines.
+#[derive(Parser, Debug)]
+#[command(name = "slider-run", version, about, args_conflicts_with_subcommands = true)]
+struct Cli {
+    /// Increase log detail (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    verbose: u8,
+    /// Only print errors.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+
+    #[command(flatten)]
+    run: pipeline_cmd::RunArgs,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    #[command(flatten)]
+    Pipeline(pipeline_cmd::PipelineCommand),
+    #[command(flatten)]
+    Lora(lora_cmd::LoraCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.quiet);
+    let result = match cli.command {
+        Some(Command::Pipeline(cmd)) => pipeline_cmd::run(cmd),
+        Some(Command::Lora(cmd)) => lora_cmd::run(cmd, cli.verbose > 0),
+        None => pipeline_cmd::run_recipe(cli.run, cli.quiet),
+    };
+    match result {
+        Ok(code) => code,
+        Err(report) => {
+            eprintln!("{report:?}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(verbose: u8, quiet: bool) {
+    use tracing_subscriber::EnvFilter;
+    let default = match (quiet, verbose) {
+        (true, _) => "error",
+        (false, 0) => "warn",
+        (false, 1) => "info",
+        (false, 2) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}

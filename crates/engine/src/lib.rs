@@ -1,0 +1,1 @@
+//! The engine: node keys, the content-addressed store, the scheduler and executors.

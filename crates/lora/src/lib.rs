@@ -1,0 +1,1 @@
+//! kohya-format LoRA files: read, write, inspect; merge, SVD merge, resize.

@@ -1,0 +1,1 @@
+//! The GPU worker: Stable Diffusion models on burn, LoRA injection, training and sampling.
