@@ -1,8 +1,12 @@
 //! End-to-end tests: each runs the real `slider-run` binary.
 
+mod lora_tools;
+mod model;
+mod pipeline;
+
 use std::process::Command;
 
-fn slider_run() -> Command {
+pub fn slider_run() -> Command {
     Command::new(env!("CARGO_BIN_EXE_slider-run"))
 }
 

@@ -2,6 +2,7 @@
 //! test would want to call; each subcommand family is one module.
 
 mod lora_cmd;
+mod model_cmd;
 mod pipeline_cmd;
 
 use std::process::ExitCode;
@@ -32,6 +33,9 @@ enum Command {
     Pipeline(pipeline_cmd::PipelineCommand),
     #[command(flatten)]
     Lora(lora_cmd::LoraCommand),
+    /// Base models: inspect checkpoints, run forward passes for parity checks.
+    #[command(subcommand)]
+    Model(model_cmd::ModelCommand),
 }
 
 fn main() -> ExitCode {
@@ -40,6 +44,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Pipeline(cmd)) => pipeline_cmd::run(cmd),
         Some(Command::Lora(cmd)) => lora_cmd::run(cmd, cli.verbose > 0),
+        Some(Command::Model(cmd)) => model_cmd::run(cmd),
         None => pipeline_cmd::run_recipe(cli.run, cli.quiet),
     };
     match result {
