@@ -219,3 +219,47 @@ impl NodeParams {
         }
     }
 }
+
+/// Replaces `{name}` placeholders in one `command` argument with `lookup(name)`.
+/// `{{` and `}}` are literal braces; a `{` not followed by `name}` (letters, digits, `_`) is
+/// kept as is, so JSON arguments pass through. Returns the unknown name on failure.
+///
+/// ```
+/// use slider_recipe::substitute_placeholders;
+/// let arg = substitute_placeholders("--out={lora}", |n| (n == "lora").then(|| "/o/l.safetensors".to_string()));
+/// assert_eq!(arg.unwrap(), "--out=/o/l.safetensors");
+/// assert_eq!(substitute_placeholders("{{x}}", |_| None).unwrap(), "{x}");
+/// assert_eq!(substitute_placeholders("{nope}", |_| None).unwrap_err(), "nope");
+/// ```
+pub fn substitute_placeholders(
+    arg: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(i) = rest.find(['{', '}']) {
+        out.push_str(&rest[..i]);
+        let tail = &rest[i..];
+        if tail.starts_with("{{") || tail.starts_with("}}") {
+            out.push_str(&tail[..1]);
+            rest = &tail[2..];
+            continue;
+        }
+        if tail.starts_with('{') {
+            let name_len = tail[1..]
+                .bytes()
+                .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
+                .count();
+            if name_len > 0 && tail[1 + name_len..].starts_with('}') {
+                let name = &tail[1..1 + name_len];
+                out.push_str(&lookup(name).ok_or_else(|| name.to_owned())?);
+                rest = &tail[name_len + 2..];
+                continue;
+            }
+        }
+        out.push_str(&tail[..1]);
+        rest = &tail[1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}

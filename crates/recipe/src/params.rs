@@ -1,0 +1,1154 @@
+//! Node kinds: the parameter names each accepts (kohya's names), their defaults, and the
+//! decoding of a node's YAML mapping into typed [`NodeParams`], resolving node references
+//! and file paths on the way.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Component, Path, PathBuf};
+
+use crate::diag::{Diag, Span, closest};
+use crate::plan::*;
+use crate::yaml::{Entry, Value, Yaml};
+
+/// Every node kind, as written after `kind:`.
+pub const KINDS: [&str; 6] = [
+    "train",
+    "svd_merge",
+    "merge",
+    "resize",
+    "xy_plot",
+    "command",
+];
+
+/// The parameters each kind accepts.
+pub fn param_names(kind: &str) -> &'static [&'static str] {
+    match kind {
+        "svd_merge" => &[
+            "models",
+            "ratios",
+            "new_rank",
+            "new_conv_rank",
+            "precision",
+            "save_precision",
+            "clamp_quantile",
+        ],
+        "merge" => &["models", "ratios", "save_precision"],
+        "resize" => &[
+            "model",
+            "new_rank",
+            "new_conv_rank",
+            "dynamic_method",
+            "dynamic_param",
+            "save_precision",
+        ],
+        "command" => &["run", "inputs", "outputs"],
+        "train" => &[
+            "base",
+            "images",
+            "caption",
+            "learning_rate",
+            "unet_lr",
+            "train_batch_size",
+            "max_train_steps",
+            "network_dim",
+            "network_alpha",
+            "conv_dim",
+            "conv_alpha",
+            "network_train_unet_only",
+            "lr_scheduler",
+            "lr_warmup_steps",
+            "optimizer_type",
+            "optimizer_args",
+            "seed",
+            "resolution",
+            "noise_offset",
+            "min_snr_gamma",
+            "mixed_precision",
+            "gradient_checkpointing",
+            "save_precision",
+            "checkpoint_every",
+        ],
+        "xy_plot" => &[
+            "base",
+            "loras",
+            "prompt",
+            "negative_prompt",
+            "x",
+            "y",
+            "steps",
+            "cfg_scale",
+            "sampler",
+            "width",
+            "height",
+        ],
+        _ => &[],
+    }
+}
+
+/// Kinds whose `base` defaults to the recipe's top-level `base`.
+pub const KINDS_WITH_BASE: [&str; 2] = ["train", "xy_plot"];
+
+pub const LR_SCHEDULERS: [&str; 6] = [
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+];
+pub const OPTIMIZERS: [&str; 2] = ["AdamW", "CAME"];
+pub const MIXED_PRECISIONS: [&str; 3] = ["no", "fp16", "bf16"];
+pub const SAMPLERS: [&str; 4] = ["ddim", "euler", "euler_a", "dpmpp_2m"];
+pub const AXES: [&str; 4] = ["weight", "seed", "prompt", "lora"];
+
+/// What a node reference must produce to fit the slot it is used in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    /// A LoRA file (`models`, `model`, `loras`, a `lora` axis).
+    Lora,
+    /// A base model checkpoint (`base`).
+    Model,
+    /// A training image (`images`).
+    Image,
+    /// Anything (`command` inputs).
+    Any,
+}
+
+/// What a node's primary output is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Produces {
+    Lora,
+    Image,
+    OtherFile,
+}
+
+/// One use of another node's output, for type checks and the graph.
+#[derive(Debug, Clone)]
+pub(crate) struct RefUse {
+    pub from: String,
+    pub to: String,
+    pub slot: Slot,
+    pub key: &'static str,
+    pub span: Span,
+}
+
+/// How strings in input slots are resolved: node names first, then files.
+pub(crate) struct Resolver {
+    pub names: Vec<String>,
+    pub name_set: HashSet<String>,
+    /// Absolute directory relative paths are resolved against.
+    pub root: PathBuf,
+    /// The same directory as the user named it, for messages.
+    pub root_display: String,
+}
+
+impl Resolver {
+    fn resolve(&self, s: &str, span: Span) -> Result<Result<String, PathBuf>, Diag> {
+        if self.name_set.contains(s) {
+            return Ok(Ok(s.to_owned()));
+        }
+        let path = normalize(&self.root.join(s));
+        if path.is_file() {
+            return Ok(Err(path));
+        }
+        if path.is_dir() {
+            return Err(Diag::new(
+                "recipe::not_a_file",
+                format!("`{s}` is a directory"),
+                span,
+                "expected a file or a node name",
+            )
+            .help("name the file inside it"));
+        }
+        let near = closest(s, self.names.iter().map(String::as_str));
+        Err(match near {
+            Some(n) => Diag::new(
+                "recipe::unknown_node",
+                format!("`{s}` is neither a node nor a file"),
+                span,
+                "no node has this name and no file is at this path",
+            )
+            .help(format!("did you mean the node `{n}`?")),
+            None => Diag::new(
+                "recipe::missing_file",
+                format!("file not found: `{s}`"),
+                span,
+                "no such file",
+            )
+            .help(format!(
+                "paths are relative to the recipe's directory (`{}`); a string equal to a node's \
+                 name refers to that node",
+                self.root_display
+            )),
+        })
+    }
+}
+
+/// Removes `.` and resolves `..` lexically (no symlinks followed), so keys and messages
+/// name `a/b.png`, not `a/./x/../b.png`.
+fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Reads the fields of one node, collecting every problem instead of stopping at the first.
+pub(crate) struct Fields<'a> {
+    pub node: &'a str,
+    pub kind: &'static str,
+    /// Where the node is named (for "missing key" errors).
+    pub node_span: Span,
+    pub entries: &'a [Entry],
+    pub resolver: &'a Resolver,
+    pub diags: &'a mut Vec<Diag>,
+    pub refs: &'a mut Vec<RefUse>,
+}
+
+type Got<T> = Option<T>;
+
+impl Fields<'_> {
+    fn get(&self, key: &str) -> Option<&Yaml> {
+        self.entries
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| &e.value)
+            .filter(|y| !matches!(y.value, Value::Null))
+    }
+
+    fn type_error(&mut self, key: &str, y: &Yaml, expected: &str, example: &str) {
+        self.diags.push(
+            Diag::new(
+                "recipe::wrong_type",
+                format!("`{key}` must be {expected}"),
+                y.span,
+                format!("found {}", y.value.describe()),
+            )
+            .help(format!("expected {example}")),
+        );
+    }
+
+    fn missing(&mut self, key: &str, example: &str) {
+        self.diags.push(
+            Diag::new(
+                "recipe::missing_key",
+                format!("`{}` node `{}` has no `{key}`", self.kind, self.node),
+                self.node_span,
+                format!("`{key}` is required"),
+            )
+            .help(format!("add `{key}: {example}`")),
+        );
+    }
+
+    fn bad_value(&mut self, span: Span, message: String, label: &str, help: String) {
+        self.diags
+            .push(Diag::new("recipe::bad_value", message, span, label.to_owned()).help(help));
+    }
+
+    fn number(&mut self, key: &str) -> Got<(f64, Span)> {
+        let y = self.get(key)?.clone();
+        match y.value {
+            Value::Int(i) => Some((i as f64, y.span)),
+            Value::Float(f) if f.is_finite() => Some((f, y.span)),
+            _ => {
+                self.type_error(key, &y, "a number", "a number like 0.75");
+                None
+            }
+        }
+    }
+
+    fn f64_or(&mut self, key: &str, default: f64) -> f64 {
+        self.number(key).map_or(default, |(v, _)| v)
+    }
+
+    fn opt_f64(&mut self, key: &str) -> Option<f64> {
+        self.number(key).map(|(v, _)| v)
+    }
+
+    fn positive_f64_or(&mut self, key: &str, default: f64) -> f64 {
+        match self.number(key) {
+            Some((v, _)) if v > 0.0 => v,
+            Some((v, span)) => {
+                self.bad_value(
+                    span,
+                    format!("`{key}` must be greater than 0"),
+                    "not positive",
+                    format!("expected a positive number, found {v}"),
+                );
+                default
+            }
+            None => default,
+        }
+    }
+
+    fn whole(&mut self, key: &str) -> Got<(u64, Span)> {
+        let y = self.get(key)?.clone();
+        match y.value {
+            Value::Int(i) if i >= 0 => Some((i as u64, y.span)),
+            Value::Int(_) => {
+                self.type_error(key, &y, "a whole number, not negative", "a number like 8");
+                None
+            }
+            _ => {
+                self.type_error(key, &y, "a whole number", "a whole number like 8");
+                None
+            }
+        }
+    }
+
+    fn count_or(&mut self, key: &str, default: usize, min: usize) -> usize {
+        match self.whole(key) {
+            Some((v, span)) if (v as usize) < min => {
+                self.bad_value(
+                    span,
+                    format!("`{key}` must be at least {min}"),
+                    "too small",
+                    format!("expected a whole number of at least {min}"),
+                );
+                default
+            }
+            Some((v, _)) => v as usize,
+            None => default,
+        }
+    }
+
+    fn opt_count(&mut self, key: &str) -> Option<usize> {
+        match self.whole(key) {
+            Some((0, span)) => {
+                self.bad_value(
+                    span,
+                    format!("`{key}` must be at least 1"),
+                    "zero",
+                    format!("leave `{key}` out (or null) to disable it"),
+                );
+                None
+            }
+            other => other.map(|(v, _)| v as usize),
+        }
+    }
+
+    fn bool_or(&mut self, key: &str, default: bool) -> bool {
+        let Some(y) = self.get(key).cloned() else {
+            return default;
+        };
+        match y.value {
+            Value::Bool(b) => b,
+            _ => {
+                self.type_error(key, &y, "true or false", "`true` or `false`");
+                default
+            }
+        }
+    }
+
+    /// Any scalar as text (a caption `1girl` or a prompt that happens to be a number).
+    fn text(&mut self, key: &str) -> Got<(String, Span)> {
+        let y = self.get(key)?.clone();
+        match (&y.value, y.value.scalar_text()) {
+            (Value::Seq(_) | Value::Map(_), _) | (_, None) => {
+                self.type_error(
+                    key,
+                    &y,
+                    "a string",
+                    "some text, e.g. \"1girl, best quality\"",
+                );
+                None
+            }
+            (_, Some(t)) => Some((t, y.span)),
+        }
+    }
+
+    fn text_or(&mut self, key: &str, default: &str) -> String {
+        self.text(key)
+            .map_or_else(|| default.to_owned(), |(t, _)| t)
+    }
+
+    /// One of `choices` (matched case-insensitively, returned as spelled in `choices`).
+    fn choice(&mut self, key: &str, choices: &[&'static str]) -> Got<(&'static str, Span)> {
+        let (t, span) = self.text(key)?;
+        if let Some(c) = choices.iter().find(|c| c.eq_ignore_ascii_case(&t)) {
+            return Some((c, span));
+        }
+        let list = choices
+            .iter()
+            .map(|c| format!("`{c}`"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let help = match closest(&t, choices.iter().copied()) {
+            Some(c) => format!("did you mean `{c}`? (one of {list})"),
+            None => format!("expected one of {list}"),
+        };
+        self.diags.push(
+            Diag::new(
+                "recipe::bad_value",
+                format!("`{t}` is not a valid `{key}`"),
+                span,
+                "unknown value",
+            )
+            .help(help),
+        );
+        None
+    }
+
+    fn precision(&mut self, key: &str) -> Option<Precision> {
+        self.choice(key, &["float", "fp16", "bf16"])
+            .map(|(c, _)| match c {
+                "fp16" => Precision::Fp16,
+                "bf16" => Precision::Bf16,
+                _ => Precision::Float,
+            })
+    }
+
+    fn list(&mut self, key: &str, example: &str) -> Got<(Vec<Yaml>, Span)> {
+        let y = self.get(key)?.clone();
+        match y.value {
+            Value::Seq(items) => Some((items, y.span)),
+            _ => {
+                self.type_error(key, &y, "a list", example);
+                None
+            }
+        }
+    }
+
+    fn numbers(&mut self, key: &str) -> Got<(Vec<f64>, Span)> {
+        let (items, span) = self.list(key, "a list of numbers like [1.5, -1.5]")?;
+        let mut out = Vec::new();
+        for item in &items {
+            match item.value {
+                Value::Int(i) => out.push(i as f64),
+                Value::Float(f) if f.is_finite() => out.push(f),
+                _ => {
+                    self.type_error(key, item, "a list of numbers", "a number like 0.75");
+                    return None;
+                }
+            }
+        }
+        Some((out, span))
+    }
+
+    fn input_at(&mut self, key: &'static str, y: &Yaml, slot: Slot) -> Option<Input> {
+        let Value::Str(s) = &y.value else {
+            self.type_error(
+                key,
+                y,
+                "a node name or a file path",
+                "a node name or a path",
+            );
+            return None;
+        };
+        match self.resolver.resolve(s, y.span) {
+            Ok(Ok(node)) => {
+                self.refs.push(RefUse {
+                    from: self.node.to_owned(),
+                    to: node.clone(),
+                    slot,
+                    key,
+                    span: y.span,
+                });
+                Some(Input::Node(node))
+            }
+            Ok(Err(path)) => Some(Input::File(path)),
+            Err(d) => {
+                self.diags.push(d);
+                None
+            }
+        }
+    }
+
+    fn input(&mut self, key: &'static str, slot: Slot) -> Got<Input> {
+        let y = self.get(key)?.clone();
+        self.input_at(key, &y, slot)
+    }
+
+    fn inputs(&mut self, key: &'static str, slot: Slot) -> Got<(Vec<Input>, Span)> {
+        let (items, span) = self.list(key, "a list of node names or paths")?;
+        let mut out = Vec::new();
+        let mut ok = true;
+        for item in &items {
+            match self.input_at(key, item, slot) {
+                Some(i) => out.push(i),
+                None => ok = false,
+            }
+        }
+        ok.then_some((out, span))
+    }
+
+    fn non_empty_inputs(&mut self, key: &'static str, slot: Slot, example: &str) -> Vec<Input> {
+        match self.inputs(key, slot) {
+            Some((v, span)) if v.is_empty() => {
+                self.bad_value(
+                    span,
+                    format!("`{key}` is empty"),
+                    "nothing listed",
+                    format!("list at least one, e.g. `{key}: {example}`"),
+                );
+                v
+            }
+            Some((v, _)) => v,
+            None => {
+                if self.get(key).is_none() {
+                    self.missing(key, example);
+                }
+                Vec::new()
+            }
+        }
+    }
+}
+
+/// Decodes one node. Returns `None` when anything was wrong (the problems are in `diags`).
+pub(crate) fn decode(mut f: Fields<'_>) -> Option<NodeParams> {
+    let before = f.diags.len();
+    let params = match f.kind {
+        "svd_merge" => NodeParams::SvdMerge(svd_merge(&mut f)),
+        "merge" => NodeParams::Merge(merge(&mut f)),
+        "resize" => NodeParams::Resize(resize(&mut f)),
+        "command" => NodeParams::Command(command(&mut f)),
+        "train" => NodeParams::Train(train(&mut f)),
+        "xy_plot" => NodeParams::XyPlot(xy_plot(&mut f)),
+        other => unreachable!("kind `{other}` was checked against KINDS"),
+    };
+    (f.diags.len() == before).then_some(params)
+}
+
+/// `models` + `ratios`, checked to have the same length.
+fn models_and_ratios(f: &mut Fields<'_>) -> (Vec<Input>, Vec<f64>) {
+    let models = f.non_empty_inputs("models", Slot::Lora, "[big, small]");
+    let models_span = f.get("models").map(|y| y.span);
+    let ratios = match f.numbers("ratios") {
+        Some((r, span)) => {
+            if let Some(ms) = models_span {
+                if !models.is_empty() && r.len() != models.len() {
+                    f.diags.push(
+                        Diag::new(
+                            "recipe::ratio_count",
+                            format!("{} models but {} ratios", models.len(), r.len()),
+                            span,
+                            format!("{} ratios", r.len()),
+                        )
+                        .with_label(ms, format!("{} models", models.len()))
+                        .help("give one ratio per model, in the same order"),
+                    );
+                }
+            }
+            r
+        }
+        None => {
+            if f.get("ratios").is_none() {
+                f.missing("ratios", "[1.5, -1.5]");
+            }
+            Vec::new()
+        }
+    };
+    (models, ratios)
+}
+
+fn svd_merge(f: &mut Fields<'_>) -> SvdMergeParams {
+    let (models, ratios) = models_and_ratios(f);
+    let new_rank = f.count_or("new_rank", 4, 1);
+    let new_conv_rank = f.count_or("new_conv_rank", new_rank, 1);
+    let precision = f.precision("precision").unwrap_or(Precision::Float);
+    let save_precision = f.precision("save_precision").unwrap_or(precision);
+    let clamp_quantile = match f.entries.iter().find(|e| e.key == "clamp_quantile") {
+        Some(e) if matches!(e.value.value, Value::Null) => None,
+        Some(_) => match f.number("clamp_quantile") {
+            Some((q, _)) if q > 0.0 && q <= 1.0 => Some(q),
+            Some((q, span)) => {
+                f.bad_value(
+                    span,
+                    format!("`clamp_quantile` must be in (0, 1], found {q}"),
+                    "out of range",
+                    "kohya's value is 0.99; `null` disables the clamp".into(),
+                );
+                Some(0.99)
+            }
+            None => Some(0.99),
+        },
+        None => Some(0.99),
+    };
+    SvdMergeParams {
+        models,
+        ratios,
+        new_rank,
+        new_conv_rank,
+        precision,
+        save_precision,
+        clamp_quantile,
+    }
+}
+
+fn merge(f: &mut Fields<'_>) -> MergeParams {
+    let (models, ratios) = models_and_ratios(f);
+    let save_precision = f.precision("save_precision").unwrap_or(Precision::Float);
+    MergeParams {
+        models,
+        ratios,
+        save_precision,
+    }
+}
+
+fn resize(f: &mut Fields<'_>) -> ResizeParams {
+    let model = f.input("model", Slot::Lora);
+    if model.is_none() && f.get("model").is_none() {
+        f.missing("model", "slider");
+    }
+    let new_rank = f.count_or("new_rank", 4, 1);
+    let new_conv_rank = f.count_or("new_conv_rank", new_rank, 1);
+    let method = f.choice("dynamic_method", &["sv_ratio", "sv_fro", "sv_cumulative"]);
+    let param = f.number("dynamic_param");
+    let dynamic_method = method.map(|(m, _)| match m {
+        "sv_ratio" => DynamicMethod::SvRatio,
+        "sv_fro" => DynamicMethod::SvFro,
+        _ => DynamicMethod::SvCumulative,
+    });
+    match (method, param) {
+        (Some((m, span)), None) if f.get("dynamic_param").is_none() => f.bad_value(
+            span,
+            format!("`dynamic_method: {m}` needs a `dynamic_param`"),
+            "no `dynamic_param` given",
+            "add e.g. `dynamic_param: 0.75`".into(),
+        ),
+        (None, Some((_, span))) if f.get("dynamic_method").is_none() => f.bad_value(
+            span,
+            "`dynamic_param` has no effect without `dynamic_method`".into(),
+            "unused",
+            "add `dynamic_method: sv_fro` (or sv_ratio, sv_cumulative), or remove this key".into(),
+        ),
+        (Some(("sv_ratio", _)), Some((p, span))) if p <= 0.0 => f.bad_value(
+            span,
+            format!("`dynamic_param` for sv_ratio must be positive, found {p}"),
+            "out of range",
+            "sv_ratio keeps singular values above S[0] / dynamic_param, e.g. 10".into(),
+        ),
+        (Some((m, _)), Some((p, span))) if m != "sv_ratio" && !(p > 0.0 && p <= 1.0) => f
+            .bad_value(
+                span,
+                format!("`dynamic_param` for {m} must be in (0, 1], found {p}"),
+                "out of range",
+                "it is the fraction of the spectrum to keep, e.g. 0.75".into(),
+            ),
+        _ => {}
+    }
+    let save_precision = f.precision("save_precision").unwrap_or(Precision::Float);
+    ResizeParams {
+        model: model.unwrap_or(Input::Node(String::new())),
+        new_rank,
+        new_conv_rank,
+        dynamic_method,
+        dynamic_param: param.map(|(p, _)| p),
+        save_precision,
+    }
+}
+
+fn is_placeholder_name(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+fn command(f: &mut Fields<'_>) -> CommandParams {
+    let mut run = Vec::new();
+    let mut run_items = Vec::new();
+    match f.list("run", "a list like [python, script.py, \"{out}\"]") {
+        Some((items, span)) => {
+            if items.is_empty() {
+                f.bad_value(
+                    span,
+                    "`run` is empty".into(),
+                    "no program",
+                    "the first element is the program to run".into(),
+                );
+            }
+            for item in items {
+                match item.value.scalar_text() {
+                    Some(t) => {
+                        run.push(t);
+                        run_items.push(item);
+                    }
+                    None => f.type_error("run", &item, "a list of strings", "a word like `--flag`"),
+                }
+            }
+        }
+        None => {
+            if f.get("run").is_none() {
+                f.missing("run", "[python, script.py, \"{out}\"]");
+            }
+        }
+    }
+    let mut inputs = BTreeMap::new();
+    let mut names: Vec<String> = Vec::new();
+    if let Some(y) = f.get("inputs").cloned() {
+        match &y.value {
+            Value::Map(entries) => {
+                for e in entries {
+                    if !is_placeholder_name(&e.key) {
+                        f.bad_value(
+                            e.key_span,
+                            format!("`{}` is not a valid input name", e.key),
+                            "letters, digits and `_` only",
+                            "it is used as `{name}` in `run`".into(),
+                        );
+                        continue;
+                    }
+                    if let Some(i) = f.input_at("inputs", &e.value, Slot::Any) {
+                        inputs.insert(e.key.clone(), i);
+                    }
+                    names.push(e.key.clone());
+                }
+            }
+            _ => f.type_error("inputs", &y, "a mapping", "`inputs: {lora: slider}`"),
+        }
+    }
+    let mut outputs = Vec::new();
+    match f.get("outputs").cloned() {
+        Some(y) => match &y.value {
+            Value::Map(entries) if !entries.is_empty() => {
+                for e in entries {
+                    let file = e.value.value.scalar_text().unwrap_or_default();
+                    let bad_file = file.is_empty()
+                        || file == "."
+                        || file == ".."
+                        || file.contains('/')
+                        || file.contains('\\');
+                    if !is_placeholder_name(&e.key) {
+                        f.bad_value(
+                            e.key_span,
+                            format!("`{}` is not a valid output name", e.key),
+                            "letters, digits and `_` only",
+                            "it is used as `{name}` in `run`".into(),
+                        );
+                    } else if names.contains(&e.key) {
+                        f.bad_value(
+                            e.key_span,
+                            format!("`{}` is both an input and an output", e.key),
+                            "already an input",
+                            "rename one of them".into(),
+                        );
+                    } else if bad_file {
+                        f.bad_value(
+                            e.value.span,
+                            format!("`{file}` is not a plain file name"),
+                            "not a file name",
+                            "outputs are files the command writes in its own output directory, \
+                             e.g. `out.safetensors`"
+                                .into(),
+                        );
+                    } else {
+                        names.push(e.key.clone());
+                        outputs.push((e.key.clone(), file));
+                    }
+                }
+            }
+            _ => f.type_error(
+                "outputs",
+                &y,
+                "a non-empty mapping of name to file name",
+                "`outputs: {lora: out.safetensors}`",
+            ),
+        },
+        None => f.missing("outputs", "{lora: out.safetensors}"),
+    }
+    for (arg, item) in run.iter().zip(&run_items) {
+        let lookup = |name: &str| names.iter().any(|n| n == name).then(String::new);
+        if let Err(unknown) = substitute_placeholders(arg, lookup) {
+            let help = match closest(&unknown, names.iter().map(String::as_str)) {
+                Some(c) => format!("did you mean `{{{c}}}`?"),
+                None if names.is_empty() => "declare it under `inputs:` or `outputs:`".into(),
+                None => format!(
+                    "declare it under `inputs:` or `outputs:` (declared: {}); write `{{{{` for a \
+                     literal brace",
+                    names.join(", ")
+                ),
+            };
+            f.bad_value(
+                item.span,
+                format!("unknown placeholder `{{{unknown}}}`"),
+                "not a declared input or output",
+                help,
+            );
+        }
+    }
+    CommandParams {
+        run,
+        inputs,
+        outputs,
+    }
+}
+
+fn train(f: &mut Fields<'_>) -> TrainParams {
+    let base = f.input("base", Slot::Model);
+    if base.is_none() && f.get("base").is_none() {
+        f.missing("base", "path/to/model.safetensors");
+    }
+    let images = f.non_empty_inputs("images", Slot::Image, "[pairs/small.png]");
+    let caption = f.text_or("caption", "");
+    let learning_rate = f.positive_f64_or("learning_rate", 2e-6);
+    let unet_lr = f.opt_f64("unet_lr");
+    let train_batch_size = f.count_or("train_batch_size", 1, 1);
+    let max_train_steps = f.count_or("max_train_steps", 1600, 1);
+    let network_dim = f.count_or("network_dim", 4, 1);
+    let network_alpha = f.f64_or("network_alpha", 1.0);
+    let conv_dim = f.opt_count("conv_dim");
+    let conv_alpha = f.opt_f64("conv_alpha");
+    let network_train_unet_only = f.bool_or("network_train_unet_only", false);
+    let warmup = f.whole("lr_warmup_steps");
+    let lr_warmup_steps = warmup.map_or(0, |(w, _)| w as usize);
+    let lr_scheduler = match f.choice("lr_scheduler", &LR_SCHEDULERS) {
+        Some(("constant", span)) if lr_warmup_steps > 0 => {
+            let d = Diag::new(
+                "recipe::bad_value",
+                "`lr_warmup_steps` needs a scheduler with warmup, but `lr_scheduler` is `constant`",
+                span,
+                "no warmup in this scheduler",
+            )
+            .help(
+                "use `lr_scheduler: constant_with_warmup` (kohya refuses warmup with `constant`), \
+                 or remove `lr_warmup_steps`",
+            );
+            let d = match warmup {
+                Some((_, ws)) => d.with_label(ws, "warmup asked for here"),
+                None => d,
+            };
+            f.diags.push(d);
+            "constant"
+        }
+        Some((s, _)) => s,
+        None if lr_warmup_steps > 0 => "constant_with_warmup",
+        None => "constant",
+    };
+    if let Some((w, span)) = warmup {
+        if w as usize > max_train_steps {
+            f.bad_value(
+                span,
+                format!("{w} warmup steps but only {max_train_steps} training steps"),
+                "longer than the training",
+                "make `lr_warmup_steps` smaller than `max_train_steps`".into(),
+            );
+        }
+    }
+    let optimizer_type = match f.get("optimizer_type") {
+        Some(y) if matches!(&y.value, Value::Str(s) if s.is_empty()) => "AdamW",
+        _ => f
+            .choice("optimizer_type", &OPTIMIZERS)
+            .map_or("AdamW", |(c, _)| c),
+    };
+    let optimizer_args = optimizer_args(f);
+    let seed = f.whole("seed").map_or(0, |(s, _)| s);
+    let resolution = f.count_or("resolution", 512, 64);
+    let noise_offset = f.f64_or("noise_offset", 0.0);
+    let min_snr_gamma = f.opt_f64("min_snr_gamma");
+    let mixed_precision = f
+        .choice("mixed_precision", &MIXED_PRECISIONS)
+        .map_or("no", |(c, _)| c);
+    let gradient_checkpointing = f.bool_or("gradient_checkpointing", false);
+    let save_precision = f.precision("save_precision").unwrap_or(Precision::Float);
+    let checkpoint_every = f.count_or("checkpoint_every", 100, 1);
+    TrainParams {
+        base: base.unwrap_or(Input::Node(String::new())),
+        images,
+        caption,
+        learning_rate,
+        unet_lr,
+        train_batch_size,
+        max_train_steps,
+        network_dim,
+        network_alpha,
+        conv_dim,
+        conv_alpha,
+        network_train_unet_only,
+        lr_scheduler: lr_scheduler.to_owned(),
+        lr_warmup_steps,
+        optimizer_type: optimizer_type.to_owned(),
+        optimizer_args,
+        seed,
+        resolution,
+        noise_offset,
+        min_snr_gamma,
+        mixed_precision: mixed_precision.to_owned(),
+        gradient_checkpointing,
+        save_precision,
+        checkpoint_every,
+    }
+}
+
+/// kohya takes `--optimizer_args key=value ...`; a recipe may write that list or a mapping.
+fn optimizer_args(f: &mut Fields<'_>) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Some(y) = f.get("optimizer_args").cloned() else {
+        return out;
+    };
+    match &y.value {
+        Value::Map(entries) => {
+            for e in entries {
+                match e.value.value.scalar_text() {
+                    Some(t) => {
+                        out.insert(e.key.clone(), t);
+                    }
+                    None => f.type_error(&e.key, &e.value, "a single value", "e.g. `0.01`"),
+                }
+            }
+        }
+        Value::Seq(items) => {
+            for item in items {
+                match item
+                    .value
+                    .scalar_text()
+                    .as_deref()
+                    .and_then(|t| t.split_once('='))
+                {
+                    Some((k, v)) if !k.trim().is_empty() => {
+                        out.insert(k.trim().to_owned(), v.trim().to_owned());
+                    }
+                    _ => f.type_error(
+                        "optimizer_args",
+                        item,
+                        "a list of `key=value` strings",
+                        "e.g. \"weight_decay=0.01\"",
+                    ),
+                }
+            }
+        }
+        _ => f.type_error(
+            "optimizer_args",
+            &y,
+            "a mapping or a list of `key=value`",
+            "`optimizer_args: {weight_decay: 0.01}`",
+        ),
+    }
+    out
+}
+
+fn axis(f: &mut Fields<'_>, key: &'static str) -> Option<(Axis, Span)> {
+    let y = f.get(key)?.clone();
+    let entries = match &y.value {
+        Value::Map(e) if e.len() == 1 => e.clone(),
+        _ => {
+            f.type_error(
+                key,
+                &y,
+                "a mapping with one axis",
+                "e.g. `{weight: [-2, -1, 0, 1, 2]}` (axes: weight, seed, prompt, lora)",
+            );
+            return None;
+        }
+    };
+    let e = &entries[0];
+    let Value::Seq(items) = &e.value.value else {
+        f.type_error(key, &e.value, "a list of values", "e.g. `[1, 2, 3]`");
+        return None;
+    };
+    if items.is_empty() {
+        f.bad_value(
+            e.value.span,
+            format!("the `{}` axis is empty", e.key),
+            "no values",
+            "list at least one value".into(),
+        );
+        return None;
+    }
+    let before = f.diags.len();
+    let axis = match e.key.as_str() {
+        "weight" => Axis::Weight(
+            items
+                .iter()
+                .filter_map(|i| match i.value {
+                    Value::Int(v) => Some(v as f64),
+                    Value::Float(v) if v.is_finite() => Some(v),
+                    _ => {
+                        f.type_error("weight", i, "a number", "a LoRA weight like -1.5");
+                        None
+                    }
+                })
+                .collect(),
+        ),
+        "seed" => Axis::Seed(
+            items
+                .iter()
+                .filter_map(|i| match i.value {
+                    Value::Int(v) if v >= 0 => Some(v as u64),
+                    _ => {
+                        f.type_error("seed", i, "a whole number", "a seed like 42");
+                        None
+                    }
+                })
+                .collect(),
+        ),
+        "prompt" => Axis::Prompt(
+            items
+                .iter()
+                .filter_map(|i| match i.value.scalar_text() {
+                    Some(t) => Some(t),
+                    None => {
+                        f.type_error("prompt", i, "a string", "a prompt");
+                        None
+                    }
+                })
+                .collect(),
+        ),
+        "lora" => Axis::Lora(
+            items
+                .iter()
+                .map(|i| match i.value {
+                    Value::Null => None,
+                    _ => f.input_at("lora", i, Slot::Lora),
+                })
+                .collect(),
+        ),
+        other => {
+            let help = match closest(other, AXES) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None => "axes: weight, seed, prompt, lora".into(),
+            };
+            f.diags.push(
+                Diag::new(
+                    "recipe::bad_value",
+                    format!("unknown axis `{other}`"),
+                    e.key_span,
+                    "not an axis",
+                )
+                .help(help),
+            );
+            return None;
+        }
+    };
+    (f.diags.len() == before).then_some((axis, e.key_span))
+}
+
+fn axis_name(a: &Axis) -> &'static str {
+    match a {
+        Axis::Weight(_) => "weight",
+        Axis::Seed(_) => "seed",
+        Axis::Prompt(_) => "prompt",
+        Axis::Lora(_) => "lora",
+    }
+}
+
+fn xy_plot(f: &mut Fields<'_>) -> XyPlotParams {
+    let base = f.input("base", Slot::Model);
+    if base.is_none() && f.get("base").is_none() {
+        f.missing("base", "path/to/model.safetensors");
+    }
+    let loras = f
+        .inputs("loras", Slot::Lora)
+        .map_or_else(Vec::new, |(l, _)| l);
+    let prompt = match f.text("prompt") {
+        Some((p, _)) => p,
+        None => {
+            if f.get("prompt").is_none() {
+                f.missing("prompt", "\"1girl, best quality\"");
+            }
+            String::new()
+        }
+    };
+    let negative_prompt = f.text_or("negative_prompt", "");
+    let x = axis(f, "x");
+    if x.is_none() && f.get("x").is_none() {
+        f.missing("x", "{weight: [-2, -1, 0, 1, 2]}");
+    }
+    let y = axis(f, "y");
+    for (a, span) in [&x, &y].into_iter().flatten() {
+        if matches!(a, Axis::Weight(_)) && loras.is_empty() {
+            f.bad_value(
+                *span,
+                "a `weight` axis needs a LoRA to weigh".into(),
+                "varies the weight of the first of `loras`",
+                "add `loras: [your_lora]`".into(),
+            );
+        }
+    }
+    if let (Some((xa, _)), Some((ya, yspan))) = (&x, &y) {
+        if axis_name(xa) == axis_name(ya) {
+            f.bad_value(
+                *yspan,
+                format!("`x` and `y` both vary `{}`", axis_name(ya)),
+                "same axis as `x`",
+                "vary something else on `y`, e.g. `{seed: [1, 2, 3]}`".into(),
+            );
+        }
+    }
+    let steps = f.count_or("steps", 20, 1);
+    let cfg_scale = f.f64_or("cfg_scale", 7.0);
+    let sampler = f.choice("sampler", &SAMPLERS).map_or("euler_a", |(c, _)| c);
+    let mut size = |key: &str| {
+        let v = f.count_or(key, 512, 8);
+        match f.get(key).map(|y| y.span) {
+            Some(span) if v % 8 != 0 => {
+                f.bad_value(
+                    span,
+                    format!("`{key}` must be a multiple of 8, found {v}"),
+                    "not a multiple of 8",
+                    format!("try {}", v.next_multiple_of(8)),
+                );
+                512
+            }
+            _ => v,
+        }
+    };
+    let width = size("width");
+    let height = size("height");
+    XyPlotParams {
+        base: base.unwrap_or(Input::Node(String::new())),
+        loras,
+        prompt,
+        negative_prompt,
+        x: x.map_or(Axis::Seed(vec![0]), |(a, _)| a),
+        y: y.map_or(Axis::Seed(vec![0]), |(a, _)| a),
+        steps,
+        cfg_scale,
+        sampler: sampler.to_owned(),
+        width,
+        height,
+    }
+}
+
+/// What a decoded node's primary output is.
+pub(crate) fn produces(p: &NodeParams) -> Produces {
+    match p {
+        NodeParams::Train(_)
+        | NodeParams::SvdMerge(_)
+        | NodeParams::Merge(_)
+        | NodeParams::Resize(_) => Produces::Lora,
+        NodeParams::XyPlot(_) => Produces::Image,
+        NodeParams::Command(c) => {
+            let file = c
+                .outputs
+                .first()
+                .map_or("", |(_, f)| f.as_str())
+                .to_lowercase();
+            if file.ends_with(".safetensors") {
+                Produces::Lora
+            } else if [".png", ".jpg", ".jpeg", ".webp"]
+                .iter()
+                .any(|e| file.ends_with(e))
+            {
+                Produces::Image
+            } else {
+                Produces::OtherFile
+            }
+        }
+    }
+}
+
+/// Whether a node of `kind` producing `what` may feed `slot`; `None` if yes, else why not.
+pub(crate) fn slot_refusal(slot: Slot, kind: &str, what: Produces) -> Option<&'static str> {
+    match (slot, what) {
+        (Slot::Any, _) => None,
+        (Slot::Lora, Produces::Lora) => None,
+        (Slot::Lora, _) => Some(
+            "feed it a node of kind train, svd_merge, merge or resize, or a command whose first \
+             output ends in `.safetensors`",
+        ),
+        (Slot::Model, _) if kind == "command" && what != Produces::Image => None,
+        (Slot::Model, _) => {
+            Some("`base` takes a model checkpoint: a file, or a command node that writes one")
+        }
+        (Slot::Image, Produces::Image) => None,
+        (Slot::Image, _) => Some(
+            "`images` takes image files, or a node that writes an image (`.png`, `.jpg`, `.webp`)",
+        ),
+    }
+}
