@@ -1,0 +1,118 @@
+//! The one error type of the crate. Every variant names what a user needs to find the
+//! problem: the file, the tensor key or module, and the offending values.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong reading, writing or combining LoRAs.
+#[derive(Debug, thiserror::Error)]
+pub enum LoraError {
+    #[error("cannot read `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write `{path}`: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{path}` is truncated: {detail}")]
+    Truncated { path: PathBuf, detail: String },
+    #[error("`{path}` is not a valid safetensors file: malformed header: {detail}")]
+    MalformedHeader { path: PathBuf, detail: String },
+    #[error(
+        "`{path}`: tensor `{key}` has dtype {dtype}, which is not supported \
+         (LoRA weights must be F32, F16 or BF16; alpha may also be F64 or an integer)"
+    )]
+    UnsupportedDtype {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+    },
+    #[error("`{path}`: module `{module}` has an up weight `{key}` but no down weight")]
+    UpWithoutDown {
+        path: PathBuf,
+        module: String,
+        key: String,
+    },
+    #[error("`{path}`: module `{module}` has a down weight `{key}` but no up weight")]
+    DownWithoutUp {
+        path: PathBuf,
+        module: String,
+        key: String,
+    },
+    #[error("`{path}`: module `{module}` has an alpha `{key}` but no up/down weights")]
+    AlphaWithoutWeights {
+        path: PathBuf,
+        module: String,
+        key: String,
+    },
+    #[error(
+        "`{path}`: module `{module}`: rank mismatch: `{down_key}` has rank {down_rank} \
+         but `{up_key}` has rank {up_rank}"
+    )]
+    RankMismatch {
+        path: PathBuf,
+        module: String,
+        down_key: String,
+        down_rank: usize,
+        up_key: String,
+        up_rank: usize,
+    },
+    #[error("`{path}`: module `{module}`: tensor `{key}` has a bad shape {shape:?}: {detail}")]
+    BadShape {
+        path: PathBuf,
+        module: String,
+        key: String,
+        shape: Vec<usize>,
+        detail: String,
+    },
+    #[error(
+        "`{path}`: module `{module}`: tensor `{key}` holds a non-finite value ({value}) \
+         at flat index {index}"
+    )]
+    NonFinite {
+        path: PathBuf,
+        module: String,
+        key: String,
+        value: f32,
+        index: usize,
+    },
+    #[error(
+        "`{path}`: tensor `{key}` is not part of a LoRA (expected `<module>.lora_down.weight`, \
+         `<module>.lora_up.weight`, `<module>.alpha`, or PEFT's `lora_A`/`lora_B`)"
+    )]
+    UnknownTensor { path: PathBuf, key: String },
+    #[error(
+        "module `{module}`: shapes disagree between inputs: {first_shape} in input {first_input} \
+         but {second_shape} in input {second_input} (are these LoRAs for the same base model?)"
+    )]
+    ShapeMismatch {
+        module: String,
+        first_input: usize,
+        first_shape: String,
+        second_input: usize,
+        second_shape: String,
+    },
+    #[error(
+        "cannot combine a {first_layout} LoRA (input {first_input}, e.g. module `{first_module}` \
+         {first_shape}) with a {second_layout} LoRA (input {second_input}, e.g. module \
+         `{second_module}` {second_shape})"
+    )]
+    LayoutMismatch {
+        first_input: usize,
+        first_layout: String,
+        first_module: String,
+        first_shape: String,
+        second_input: usize,
+        second_layout: String,
+        second_module: String,
+        second_shape: String,
+    },
+    #[error("module `{module}`: {detail}")]
+    BadModule { module: String, detail: String },
+    #[error("module `{module}`: the SVD did not converge")]
+    SvdFailed { module: String },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+}

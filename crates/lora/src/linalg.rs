@@ -1,0 +1,203 @@
+//! The linear algebra under every operation: the exact truncated SVD of a low-rank product
+//! `A @ B` by QR of the factors and an SVD of the small core, the dense SVD used by the
+//! reference path, and the one sign convention both share.
+//!
+//! Sign convention: singular vectors are unique only up to sign (and rotation inside equal
+//! singular values). We flip each pair `(u_i, v_i)` so that the entry of largest magnitude
+//! of `u_i` is positive (the first such entry on ties). kohya's clamp depends on these signs,
+//! so the fast path and the dense reference must agree on them.
+
+use faer::{Mat, MatRef};
+
+/// A truncated SVD `U diag(S) Vt` with the sign convention applied.
+#[derive(Debug, Clone)]
+pub struct Spectral {
+    /// `m x k`, orthonormal columns.
+    pub u: Mat<f64>,
+    /// `k` non-negative values, non-increasing.
+    pub s: Vec<f64>,
+    /// `k x n`, orthonormal rows.
+    pub vt: Mat<f64>,
+}
+
+/// Element types the dense path runs in: f64 for the test reference, f32 for what kohya does.
+pub trait DenseScalar: faer::traits::RealField + Copy + Send + Sync {
+    fn from_f64(x: f64) -> Self;
+    fn to_f64(self) -> f64;
+}
+
+impl DenseScalar for f32 {
+    fn from_f64(x: f64) -> Self {
+        x as f32
+    }
+    fn to_f64(self) -> f64 {
+        f64::from(self)
+    }
+}
+
+impl DenseScalar for f64 {
+    fn from_f64(x: f64) -> Self {
+        x
+    }
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+/// A row-major f32 buffer as an f64 matrix, each entry multiplied by `scale`.
+pub fn mat_from_rows(data: &[f32], rows: usize, cols: usize, scale: f64) -> Mat<f64> {
+    Mat::from_fn(rows, cols, |i, j| f64::from(data[i * cols + j]) * scale)
+}
+
+/// The exact SVD of `a @ b` (`a`: m x R, `b`: R x n), truncated to its at most
+/// `min(m, n, R)` possibly non-zero singular values. When `R` is smaller than both `m` and
+/// `n` the `m x n` product is never formed: `a = Qa Ra`, `b^T = Qb Rb`, and the SVD of the
+/// small core `Ra Rb^T = Uc S Vc^T` gives `U = Qa Uc`, `V = Qb Vc`. Returns `None` when the
+/// SVD does not converge.
+pub fn product_svd(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Option<Spectral> {
+    let (m, r, n) = (a.nrows(), a.ncols(), b.ncols());
+    if r >= m.min(n) {
+        return dense_svd(&(a * b));
+    }
+    let qa = a.qr();
+    let qb = b.transpose().qr();
+    let core = qa.thin_R() * qb.thin_R().transpose();
+    let svd = core.thin_svd().ok()?;
+    let u = qa.compute_thin_Q() * svd.U();
+    let v = qb.compute_thin_Q() * svd.V();
+    let s: Vec<f64> = svd.S().column_vector().iter().copied().collect();
+    Some(with_sign_convention(u, s, v.transpose().to_owned()))
+}
+
+/// The thin SVD of a dense matrix, sign convention applied, in f64.
+pub fn dense_svd(m: &Mat<f64>) -> Option<Spectral> {
+    let (u, s, vt) = dense_svd_in::<f64>(m)?;
+    Some(with_sign_convention(u, s, vt))
+}
+
+/// The thin SVD of a dense matrix in `T`, results widened to f64 (signs not yet fixed).
+pub fn dense_svd_in<T: DenseScalar>(m: &Mat<T>) -> Option<(Mat<f64>, Vec<f64>, Mat<f64>)> {
+    let svd = m.thin_svd().ok()?;
+    let u = svd.U();
+    let v = svd.V();
+    let k = u.ncols();
+    let u64 = Mat::from_fn(u.nrows(), k, |i, j| u[(i, j)].to_f64());
+    let vt64 = Mat::from_fn(k, v.nrows(), |i, j| v[(j, i)].to_f64());
+    let s = svd.S().column_vector().iter().map(|x| x.to_f64()).collect();
+    Some((u64, s, vt64))
+}
+
+/// Applies the crate's sign convention (see the module docs) to an SVD.
+pub fn with_sign_convention(mut u: Mat<f64>, s: Vec<f64>, mut vt: Mat<f64>) -> Spectral {
+    for j in 0..u.ncols() {
+        let mut best = 0.0f64;
+        let mut best_value = 0.0f64;
+        for i in 0..u.nrows() {
+            let x = u[(i, j)];
+            if x.abs() > best {
+                best = x.abs();
+                best_value = x;
+            }
+        }
+        if best_value < 0.0 {
+            for i in 0..u.nrows() {
+                u[(i, j)] = -u[(i, j)];
+            }
+            for c in 0..vt.ncols() {
+                vt[(j, c)] = -vt[(j, c)];
+            }
+        }
+    }
+    Spectral { u, s, vt }
+}
+
+/// `||a @ b||_F` for row-major f32 factors `a` (m x r) and `b` (r x n), exactly and without
+/// forming the product: `||Qa Ra Rb^T Qb^T|| = ||Ra Rb^T||`.
+pub fn product_frobenius_norm(a: &[f32], b: &[f32], m: usize, r: usize, n: usize) -> f64 {
+    if r == 0 || m == 0 || n == 0 {
+        return 0.0;
+    }
+    let a = mat_from_rows(a, m, r, 1.0);
+    let b = mat_from_rows(b, r, n, 1.0);
+    low_rank_norm(a.as_ref(), b.as_ref())
+}
+
+/// `||a @ b||_F` for f64 factors, through the triangular factors of their QRs.
+pub fn low_rank_norm(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> f64 {
+    if a.ncols() == 0 {
+        return 0.0;
+    }
+    let ra = a.qr();
+    let rb = b.transpose().qr();
+    let core = ra.thin_R() * rb.thin_R().transpose();
+    core.norm_l2()
+}
+
+/// kohya's clamp threshold: `torch.quantile(values, q)` with linear interpolation between
+/// the two nearest order statistics of the *signed* values.
+pub fn quantile(values: &[f32], q: f64) -> f64 {
+    let mut sorted: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted.sort_by(f64::total_cmp);
+    let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let lo = pos.floor() as usize;
+    let hi = pos.ceil() as usize;
+    let frac = pos - lo as f64;
+    sorted[lo] + (sorted[hi] - sorted[lo]) * frac
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_mat(rows: usize, cols: usize, seed: u64) -> Mat<f64> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        Mat::from_fn(rows, cols, |_, _| rng.random_range(-1.0..1.0))
+    }
+
+    #[test]
+    fn quantile_matches_torch_linear_interpolation() {
+        // torch.quantile(torch.tensor([...]), q) for these cases.
+        let cases: &[(&[f32], f64, f64)] = &[
+            (&[1.0, 2.0, 3.0, 4.0], 0.5, 2.5),
+            (&[4.0, 1.0, 3.0, 2.0], 0.99, 3.97),
+            (&[-5.0, 0.0, 5.0], 0.25, -2.5),
+            (&[7.0], 0.99, 7.0),
+            (&[1.0, 1.0, 1.0], 0.99, 1.0),
+        ];
+        for &(values, q, want) in cases {
+            let got = quantile(values, q);
+            assert!((got - want).abs() < 1e-12, "{values:?} q={q}: {got} != {want}");
+        }
+    }
+
+    #[test]
+    fn product_svd_reconstructs_and_follows_the_sign_convention() {
+        for &(m, r, n) in &[(40, 3, 25), (10, 12, 8), (5, 5, 5), (64, 8, 9)] {
+            let a = random_mat(m, r, 1);
+            let b = random_mat(r, n, 2);
+            let exact = &a * &b;
+            let sp = product_svd(a.as_ref(), b.as_ref()).expect("converges");
+            let s = Mat::from_fn(sp.s.len(), sp.s.len(), |i, j| if i == j { sp.s[i] } else { 0.0 });
+            let back = &sp.u * &s * &sp.vt;
+            let err = (&back - &exact).norm_l2() / exact.norm_l2();
+            assert!(err < 1e-12, "{m}x{r}x{n}: {err}");
+            for j in 0..sp.u.ncols() {
+                let col: Vec<f64> = (0..m).map(|i| sp.u[(i, j)]).collect();
+                let big = col.iter().copied().fold(0.0f64, |acc, x| if x.abs() > acc.abs() { x } else { acc });
+                assert!(big >= 0.0, "column {j} largest entry {big} is negative");
+            }
+        }
+    }
+
+    #[test]
+    fn low_rank_norm_equals_dense_norm() {
+        let a = random_mat(30, 4, 3);
+        let b = random_mat(4, 17, 4);
+        let dense = (&a * &b).norm_l2();
+        assert!((low_rank_norm(a.as_ref(), b.as_ref()) - dense).abs() < 1e-12 * dense);
+    }
+}

@@ -1,0 +1,60 @@
+//! The exact merge: the result's delta is `sum_i ratio_i * delta_i`, by concatenating ranks
+//! with each input's `ratio * alpha / rank` folded into its up factor (unlike kohya's
+//! `merge_lora.py` without `--concat`, which adds factors and so does not add deltas).
+
+use rayon::prelude::*;
+
+use crate::combine;
+use crate::error::LoraError;
+use crate::module::{AlphaStorage, Module, TensorDtype};
+use crate::Lora;
+
+/// Merges LoRAs exactly; each module's rank is the sum of its inputs' ranks, alpha = rank.
+pub fn merge(models: &[&Lora], ratios: &[f64]) -> Result<Lora, LoraError> {
+    let grouped = combine::group_modules(models, ratios)?;
+    let modules: Vec<(String, Module)> = grouped
+        .par_iter()
+        .map(|(name, contribs)| {
+            let first = contribs[0].module;
+            let (out, in_flat) = (first.out_dim, first.in_flat());
+            let rank: usize = contribs.iter().map(|c| c.module.rank).sum();
+            let mut up = vec![0f32; out * rank];
+            let mut down = Vec::with_capacity(rank * in_flat);
+            let mut col = 0;
+            for c in contribs {
+                let m = c.module;
+                let s = c.ratio * f64::from(m.scale());
+                for i in 0..out {
+                    for j in 0..m.rank {
+                        up[i * rank + col + j] = (f64::from(m.up[i * m.rank + j]) * s) as f32;
+                    }
+                }
+                down.extend_from_slice(&m.down);
+                col += m.rank;
+            }
+            let module = Module {
+                kind: first.kind,
+                out_dim: out,
+                in_dim: first.in_dim,
+                rank,
+                up,
+                down,
+                alpha: rank as f32,
+                alpha_storage: AlphaStorage::Float,
+                dtype: TensorDtype::F32,
+            };
+            (name.clone(), module)
+        })
+        .collect();
+    let mut ranks: Vec<usize> = modules.iter().map(|(_, m)| m.rank).collect();
+    ranks.sort_unstable();
+    ranks.dedup();
+    let dim = match ranks.as_slice() {
+        [r] => r.to_string(),
+        _ => "Dynamic".to_string(),
+    };
+    Ok(Lora {
+        modules: modules.into_iter().collect(),
+        metadata: combine::minimal_metadata(models, &dim, &dim, None),
+    })
+}
