@@ -672,6 +672,7 @@ fn expand_template(t: &Entry, cx: &Context<'_>, out: &mut Vec<Expanded>, diags: 
         let key = Yaml::new(Value::Str(t.key.clone()), t.key_span);
         let name = match substitute(&key, &env, cx.sources, diags).value {
             Value::Str(s) => s,
+            Value::Poisoned => continue,
             other => other.scalar_text().unwrap_or_default(),
         };
         if !is_name(&name) {
@@ -796,10 +797,11 @@ fn read_outputs(
                         let mut env = env.clone();
                         env.values.extend(binding);
                         let key = Yaml::new(Value::Str(o.key.clone()), o.key_span);
-                        let node = substitute(&key, &env, sources, diags)
-                            .value
-                            .scalar_text()
-                            .unwrap_or_default();
+                        let node_value = substitute(&key, &env, sources, diags).value;
+                        if matches!(node_value, Value::Poisoned) {
+                            continue;
+                        }
+                        let node = node_value.scalar_text().unwrap_or_default();
                         let path = substitute(&o.value, &env, sources, diags);
                         wanted.push((node, path, o.key_span));
                     }

@@ -219,12 +219,13 @@ fn substitute_str(s: &str, span: Span, env: &Env, source: &Sources, diags: &mut 
         if !inner.contains("${") {
             return match lookup(&refs[0], diags) {
                 Some(v) => Yaml::new(v.value, span),
-                None => Yaml::new(Value::Str(s.to_owned()), span),
+                None => Yaml::new(Value::Poisoned, span),
             };
         }
     }
     let mut out = String::new();
     let mut rest = s;
+    let mut failed = false;
     let mut refs = refs.iter();
     while let Some(i) = rest.find("${") {
         if rest[..i].ends_with('$') {
@@ -240,26 +241,32 @@ fn substitute_str(s: &str, span: Span, env: &Env, source: &Sources, diags: &mut 
             match lookup(r, diags) {
                 Some(v) => match v.value.scalar_text() {
                     Some(t) => out.push_str(&t),
-                    None => diags.push(
-                        Diag::new(
-                            "recipe::bad_var",
-                            format!(
-                                "`{}` is {} and cannot be put inside a string",
-                                r.name,
-                                v.value.describe()
-                            ),
-                            r.span,
-                            "used inside this string",
+                    None => {
+                        failed = true;
+                        diags.push(
+                            Diag::new(
+                                "recipe::bad_var",
+                                format!(
+                                    "`{}` is {} and cannot be put inside a string",
+                                    r.name,
+                                    v.value.describe()
+                                ),
+                                r.span,
+                                "used inside this string",
+                            )
+                            .help(format!("use `${{{}}}` alone as the whole value", r.name)),
                         )
-                        .help(format!("use `${{{}}}` alone as the whole value", r.name)),
-                    ),
+                    }
                 },
-                None => out.push_str(&rest[i..i + 3 + close]),
+                None => failed = true,
             }
         }
         rest = &after[close + 1..];
     }
     out.push_str(rest);
+    if failed {
+        return Yaml::new(Value::Poisoned, span);
+    }
     Yaml::new(Value::Str(out), span)
 }
 

@@ -221,10 +221,13 @@ impl Fields<'_> {
             .iter()
             .find(|e| e.key == key)
             .map(|e| &e.value)
-            .filter(|y| !matches!(y.value, Value::Null))
+            .filter(|y| !matches!(y.value, Value::Null | Value::Poisoned))
     }
 
     fn type_error(&mut self, key: &str, y: &Yaml, expected: &str, example: &str) {
+        if matches!(y.value, Value::Poisoned) {
+            return;
+        }
         self.diags.push(
             Diag::new(
                 "recipe::wrong_type",
@@ -237,6 +240,13 @@ impl Fields<'_> {
     }
 
     fn missing(&mut self, key: &str, example: &str) {
+        let poisoned = self
+            .entries
+            .iter()
+            .any(|e| e.key == key && matches!(e.value.value, Value::Poisoned));
+        if poisoned {
+            return;
+        }
         self.diags.push(
             Diag::new(
                 "recipe::missing_key",
@@ -820,16 +830,6 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
         None if lr_warmup_steps > 0 => "constant_with_warmup",
         None => "constant",
     };
-    if let Some((w, span)) = warmup {
-        if w as usize > max_train_steps {
-            f.bad_value(
-                span,
-                format!("{w} warmup steps but only {max_train_steps} training steps"),
-                "longer than the training",
-                "make `lr_warmup_steps` smaller than `max_train_steps`".into(),
-            );
-        }
-    }
     let optimizer_type = match f.get("optimizer_type") {
         Some(y) if matches!(&y.value, Value::Str(s) if s.is_empty()) => "AdamW",
         _ => f

@@ -20,11 +20,13 @@ pub(crate) enum Value {
     Bool(bool),
     Int(i64),
     Float(f64),
-    /// A string; `plain` is true when it was written without quotes (only plain scalars are
-    /// typed, so `"3"` stays a string).
+    /// A string (only unquoted scalars are typed, so `"3"` stays a string).
     Str(String),
     Seq(Vec<Yaml>),
     Map(Vec<Entry>),
+    /// A string whose `${...}` could not be substituted; the problem is already reported, so
+    /// readers skip it silently instead of piling follow-up errors on it.
+    Poisoned,
 }
 
 /// One `key: value` pair of a mapping, in document order.
@@ -46,6 +48,7 @@ impl Value {
             Value::Str(s) => format!("the string `{s}`"),
             Value::Seq(_) => "a list".into(),
             Value::Map(_) => "a mapping".into(),
+            Value::Poisoned => "an invalid value".into(),
         }
     }
 
@@ -56,7 +59,7 @@ impl Value {
             Value::Int(i) => Some(i.to_string()),
             Value::Float(f) => Some(f.to_string()),
             Value::Str(s) => Some(s.clone()),
-            Value::Null | Value::Seq(_) | Value::Map(_) => None,
+            Value::Null | Value::Seq(_) | Value::Map(_) | Value::Poisoned => None,
         }
     }
 }
@@ -85,6 +88,7 @@ pub(crate) fn parse(text: &str, src: SourceId, offset: usize) -> Result<Yaml, Di
         offset,
         anchors: Vec::new(),
         text_len: text.len(),
+        text,
     };
     builder.document()
 }
@@ -126,6 +130,7 @@ struct Builder<'a> {
     /// Anchored values by anchor id, for aliases (`*name`).
     anchors: Vec<(usize, Yaml)>,
     text_len: usize,
+    text: &'a str,
 }
 
 impl<'a> Builder<'a> {
@@ -153,14 +158,25 @@ impl<'a> Builder<'a> {
     }
 
     fn scan_error(&self, e: &ScanError) -> Diag {
-        let at = self.offset + self.positions.byte(e.marker().index());
+        let local = self.positions.byte(e.marker().index());
+        let at = self.offset + local;
+        let line_start = self.text[..local.min(self.text.len())]
+            .rfind('\n')
+            .map_or(0, |i| i + 1);
+        let line = self.text[line_start..].lines().next().unwrap_or("");
+        let help = if line.contains("${") && (line.contains('[') || line.contains('{')) {
+            "inside `[...]` and `{...}`, YAML reads `{` as the start of a mapping: quote the \
+             strings that use variables, e.g. `[\"big_${angle}\", \"small_${angle}\"]`"
+        } else {
+            "check the indentation and quoting around this point"
+        };
         Diag::new(
             "recipe::yaml",
             format!("invalid YAML: {}", e.info()),
             Span::new(self.src, at, at),
             "here",
         )
-        .help("check the indentation and quoting around this point")
+        .help(help)
     }
 
     fn document(&mut self) -> Result<Yaml, Diag> {
