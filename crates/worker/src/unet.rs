@@ -1,0 +1,626 @@
+//! The Stable Diffusion UNet (LDM's `openaimodel.UNetModel`), one configuration type for
+//! SD1.x, SDXL and our `tiny` model. Field names follow the original checkpoint layout
+//! (`input_blocks.N.M`, `middle_block.N`, `output_blocks.N.M`, `time_embed`, `label_emb`,
+//! `out`), so a module path is its checkpoint key. The LoRA targets of kohya (`proj_in`,
+//! `proj_out`, `attn{1,2}.to_{q,k,v}`, `attn{1,2}.to_out.0`, `ff.net.0.proj`, `ff.net.2`)
+//! are plain `Linear`/1x1 `Conv2d` fields of [`SpatialTransformer`] and [`TransformerBlock`].
+
+use burn::module::Module;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, LayerNorm, Linear};
+use burn::tensor::activation::{gelu, silu};
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::layers::{
+    Slot, conv2d, from_tokens, group_norm, layer_norm, linear, multi_head_attention,
+    timestep_embedding, to_tokens, upsample_nearest_2x,
+};
+
+/// How attention heads are sized: SD1 fixes their number, SDXL their width.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Heads {
+    /// `num_heads`: a fixed number of heads, each `channels / n` wide.
+    Count(usize),
+    /// `num_head_channels`: heads of a fixed width, `channels / d` of them.
+    Dim(usize),
+}
+
+impl Heads {
+    /// Number of heads for a block of `channels`.
+    pub fn heads_for(self, channels: usize) -> usize {
+        match self {
+            Heads::Count(n) => n,
+            Heads::Dim(d) => (channels / d).max(1),
+        }
+    }
+}
+
+/// Hyper-parameters of the UNet, named as in the LDM/SGM configs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UNetConfig {
+    /// Latent channels in.
+    pub in_channels: usize,
+    /// Latent channels out (the predicted noise).
+    pub out_channels: usize,
+    /// Channels of the first level.
+    pub model_channels: usize,
+    /// Channel multiplier per level.
+    pub channel_mult: Vec<usize>,
+    /// Res blocks per level on the way down (one more on the way up).
+    pub num_res_blocks: usize,
+    /// Transformer blocks per spatial transformer at each level; 0 means no attention there.
+    pub transformer_depth: Vec<usize>,
+    /// Transformer blocks in the middle block's spatial transformer.
+    pub transformer_depth_middle: usize,
+    /// Head sizing.
+    pub heads: Heads,
+    /// Width of the text conditioning.
+    pub context_dim: usize,
+    /// `proj_in`/`proj_out` as linear layers (SDXL) instead of 1x1 convolutions (SD1).
+    pub use_linear_projection: bool,
+    /// Width of the added ("vector") conditioning SDXL feeds to `label_emb`.
+    pub adm_in_channels: Option<usize>,
+    /// Width of the sinusoidal embedding of each SDXL size/crop number (256).
+    pub size_embed_dim: usize,
+}
+
+impl UNetConfig {
+    /// Stable Diffusion 1.x (860 M parameters).
+    pub fn sd15() -> Self {
+        Self {
+            in_channels: 4,
+            out_channels: 4,
+            model_channels: 320,
+            channel_mult: vec![1, 2, 4, 4],
+            num_res_blocks: 2,
+            transformer_depth: vec![1, 1, 1, 0],
+            transformer_depth_middle: 1,
+            heads: Heads::Count(8),
+            context_dim: 768,
+            use_linear_projection: false,
+            adm_in_channels: None,
+            size_embed_dim: 256,
+        }
+    }
+
+    /// SDXL base and its derivatives (2.6 B parameters).
+    pub fn sdxl() -> Self {
+        Self {
+            in_channels: 4,
+            out_channels: 4,
+            model_channels: 320,
+            channel_mult: vec![1, 2, 4],
+            num_res_blocks: 2,
+            transformer_depth: vec![0, 2, 10],
+            transformer_depth_middle: 10,
+            heads: Heads::Dim(64),
+            context_dim: 2048,
+            use_linear_projection: true,
+            adm_in_channels: Some(2816),
+            size_embed_dim: 256,
+        }
+    }
+
+    /// A few-million-parameter model of the SD1 architecture (CLIP-L conditioning), for tests
+    /// and the embedded default.
+    pub fn tiny() -> Self {
+        Self {
+            in_channels: 4,
+            out_channels: 4,
+            model_channels: 64,
+            channel_mult: vec![1, 2, 2],
+            num_res_blocks: 1,
+            transformer_depth: vec![1, 1, 0],
+            transformer_depth_middle: 1,
+            heads: Heads::Count(4),
+            context_dim: 768,
+            use_linear_projection: false,
+            adm_in_channels: None,
+            size_embed_dim: 256,
+        }
+    }
+
+    /// The time-embedding width, `4 * model_channels`.
+    pub fn time_embed_dim(&self) -> usize {
+        4 * self.model_channels
+    }
+
+    /// Builds the UNet with freshly initialised (lazy) parameters.
+    pub fn init(&self, device: &Device) -> UNet {
+        let mc = self.model_channels;
+        let ted = self.time_embed_dim();
+        let res = |c_in: usize, c_out: usize| ResBlock::new(c_in, c_out, ted, device);
+        let attn = |ch: usize, depth: usize| {
+            SpatialTransformer::new(
+                ch,
+                self.heads.heads_for(ch),
+                depth,
+                self.context_dim,
+                self.use_linear_projection,
+                device,
+            )
+        };
+
+        let mut input_blocks = vec![vec![Layer::Conv(conv2d(
+            self.in_channels,
+            mc,
+            3,
+            1,
+            device,
+        ))]];
+        let mut skip_channels = vec![mc];
+        let mut ch = mc;
+        let levels = self.channel_mult.len();
+        for (level, &mult) in self.channel_mult.iter().enumerate() {
+            let depth = self.transformer_depth.get(level).copied().unwrap_or(0);
+            for _ in 0..self.num_res_blocks {
+                let mut block = vec![Layer::Res(res(ch, mc * mult))];
+                ch = mc * mult;
+                if depth > 0 {
+                    block.push(Layer::Attn(attn(ch, depth)));
+                }
+                input_blocks.push(block);
+                skip_channels.push(ch);
+            }
+            if level + 1 < levels {
+                input_blocks.push(vec![Layer::Down(Downsample {
+                    op: conv2d(ch, ch, 3, 2, device),
+                })]);
+                skip_channels.push(ch);
+            }
+        }
+
+        let middle_block = vec![
+            Layer::Res(res(ch, ch)),
+            Layer::Attn(attn(ch, self.transformer_depth_middle)),
+            Layer::Res(res(ch, ch)),
+        ];
+
+        let mut output_blocks = Vec::new();
+        for (level, &mult) in self.channel_mult.iter().enumerate().rev() {
+            let depth = self.transformer_depth.get(level).copied().unwrap_or(0);
+            for i in 0..=self.num_res_blocks {
+                let skip = skip_channels.pop().unwrap_or(mc);
+                let mut block = vec![Layer::Res(res(ch + skip, mc * mult))];
+                ch = mc * mult;
+                if depth > 0 {
+                    block.push(Layer::Attn(attn(ch, depth)));
+                }
+                if level > 0 && i == self.num_res_blocks {
+                    block.push(Layer::Up(Upsample {
+                        conv: conv2d(ch, ch, 3, 1, device),
+                    }));
+                }
+                output_blocks.push(block);
+            }
+        }
+
+        UNet {
+            time_embed: (
+                linear(mc, ted, true, device),
+                Slot,
+                linear(ted, ted, true, device),
+            ),
+            label_emb: self.adm_in_channels.map(|adm| {
+                vec![(
+                    linear(adm, ted, true, device),
+                    Slot,
+                    linear(ted, ted, true, device),
+                )]
+            }),
+            input_blocks,
+            middle_block,
+            output_blocks,
+            out: (
+                group_norm(ch, 1e-5, device),
+                Slot,
+                conv2d(ch, self.out_channels, 3, 1, device),
+            ),
+            model_channels: mc,
+            size_embed_dim: self.size_embed_dim,
+        }
+    }
+}
+
+/// The denoising UNet: predicts the noise in `sample` at `timestep` given the text context.
+#[derive(Module, Debug)]
+pub struct UNet {
+    /// `time_embed.{0,2}`.
+    pub time_embed: (Linear, Slot, Linear),
+    /// `label_emb.0.{0,2}`: SDXL's added-conditioning MLP.
+    pub label_emb: Option<Vec<(Linear, Slot, Linear)>>,
+    /// `input_blocks.N.M`.
+    pub input_blocks: Vec<Vec<Layer>>,
+    /// `middle_block.N`.
+    pub middle_block: Vec<Layer>,
+    /// `output_blocks.N.M`.
+    pub output_blocks: Vec<Vec<Layer>>,
+    /// `out.{0,2}`.
+    pub out: (GroupNorm, Slot, Conv2d),
+    model_channels: usize,
+    size_embed_dim: usize,
+}
+
+impl UNet {
+    /// Noise prediction for `sample` `[b, 4, h, w]` at `timestep` `[b]`, with `context`
+    /// `[b, n, context_dim]` and, for SDXL, the added conditioning `y` `[b, adm_in_channels]`
+    /// (see [`UNet::added_conditioning`]).
+    pub fn forward(
+        &self,
+        sample: Tensor<4>,
+        timestep: Tensor<1>,
+        context: Tensor<3>,
+        y: Option<Tensor<2>>,
+    ) -> Tensor<4> {
+        let t_emb = timestep_embedding(timestep, self.model_channels);
+        let (l0, _, l2) = &self.time_embed;
+        let mut emb = l2.forward(silu(l0.forward(t_emb)));
+        if let (Some(label_emb), Some(y)) = (&self.label_emb, y) {
+            for (l0, _, l2) in label_emb {
+                emb = emb + l2.forward(silu(l0.forward(y.clone())));
+            }
+        }
+
+        let mut h = sample;
+        let mut skips = Vec::with_capacity(self.input_blocks.len());
+        for block in &self.input_blocks {
+            h = run_block(block, h, &emb, &context);
+            skips.push(h.clone());
+        }
+        h = run_block(&self.middle_block, h, &emb, &context);
+        for block in &self.output_blocks {
+            if let Some(skip) = skips.pop() {
+                h = Tensor::cat(vec![h, skip], 1);
+            }
+            h = run_block(block, h, &emb, &context);
+        }
+        let (norm, _, conv) = &self.out;
+        conv.forward(silu(norm.forward(h)))
+    }
+
+    /// SDXL's added conditioning: the pooled text embedding `[b, 1280]` followed by the
+    /// sinusoidal embeddings of the six size numbers `time_ids` `[b, 6]` (original h, w,
+    /// crop top, left, target h, w), as diffusers' `text_embeds` and `time_ids`.
+    pub fn added_conditioning(&self, text_embeds: Tensor<2>, time_ids: Tensor<2>) -> Tensor<2> {
+        let [b, n] = time_ids.dims();
+        let sizes = timestep_embedding(time_ids.reshape([b * n]), self.size_embed_dim)
+            .reshape([b, n * self.size_embed_dim]);
+        Tensor::cat(vec![text_embeds, sizes], 1)
+    }
+
+    /// Whether this UNet takes SDXL's added conditioning.
+    pub fn takes_added_conditioning(&self) -> bool {
+        self.label_emb.is_some()
+    }
+}
+
+fn run_block(block: &[Layer], mut h: Tensor<4>, emb: &Tensor<2>, context: &Tensor<3>) -> Tensor<4> {
+    for layer in block {
+        h = match layer {
+            Layer::Conv(conv) => conv.forward(h),
+            Layer::Res(res) => res.forward(h, emb.clone()),
+            Layer::Attn(attn) => attn.forward(h, context.clone()),
+            Layer::Down(down) => down.op.forward(h),
+            Layer::Up(up) => up.conv.forward(upsample_nearest_2x(h)),
+        };
+    }
+    h
+}
+
+/// One slot of a UNet block (`TimestepEmbedSequential` in LDM).
+// A UNet holds a few dozen of these; boxing the large variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Module, Debug)]
+pub enum Layer {
+    /// The first convolution (`input_blocks.0.0`).
+    Conv(Conv2d),
+    /// A residual block with time embedding.
+    Res(ResBlock),
+    /// A spatial transformer.
+    Attn(SpatialTransformer),
+    /// Strided-conv downsampling (`op`).
+    Down(Downsample),
+    /// Nearest upsampling then conv (`conv`).
+    Up(Upsample),
+}
+
+/// `Downsample`: a 3x3 stride-2 convolution.
+#[derive(Module, Debug)]
+pub struct Downsample {
+    /// The convolution.
+    pub op: Conv2d,
+}
+
+/// `Upsample`: nearest 2x then a 3x3 convolution.
+#[derive(Module, Debug)]
+pub struct Upsample {
+    /// The convolution.
+    pub conv: Conv2d,
+}
+
+/// `ResBlock`: two GroupNorm-SiLU-conv stages with the time embedding added in between.
+#[derive(Module, Debug)]
+pub struct ResBlock {
+    /// `in_layers.{0,2}`.
+    pub in_layers: (GroupNorm, Slot, Conv2d),
+    /// `emb_layers.1`.
+    pub emb_layers: (Slot, Linear),
+    /// `out_layers.{0,3}` (slot 2 is dropout).
+    pub out_layers: (GroupNorm, Slot, Slot, Conv2d),
+    /// 1x1 convolution when the channel count changes.
+    pub skip_connection: Option<Conv2d>,
+}
+
+impl ResBlock {
+    fn new(c_in: usize, c_out: usize, emb_dim: usize, device: &Device) -> Self {
+        Self {
+            in_layers: (
+                group_norm(c_in, 1e-5, device),
+                Slot,
+                conv2d(c_in, c_out, 3, 1, device),
+            ),
+            emb_layers: (Slot, linear(emb_dim, c_out, true, device)),
+            out_layers: (
+                group_norm(c_out, 1e-5, device),
+                Slot,
+                Slot,
+                conv2d(c_out, c_out, 3, 1, device),
+            ),
+            skip_connection: (c_in != c_out).then(|| conv2d(c_in, c_out, 1, 1, device)),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>, emb: Tensor<2>) -> Tensor<4> {
+        let (n0, _, c0) = &self.in_layers;
+        let h = c0.forward(silu(n0.forward(x.clone())));
+        let e = self.emb_layers.1.forward(silu(emb));
+        let [b, c] = e.dims();
+        let h = h + e.reshape([b, c, 1, 1]);
+        let (n1, _, _, c1) = &self.out_layers;
+        let h = c1.forward(silu(n1.forward(h)));
+        match &self.skip_connection {
+            Some(skip) => skip.forward(x) + h,
+            None => x + h,
+        }
+    }
+}
+
+/// `proj_in`/`proj_out`: 1x1 convolution (SD1) or linear (SDXL).
+#[derive(Module, Debug)]
+pub enum Projection {
+    /// 1x1 convolution on `[b, c, h, w]`.
+    Conv(Conv2d),
+    /// Linear on tokens `[b, h * w, c]`.
+    Linear(Linear),
+}
+
+/// `SpatialTransformer`: GroupNorm, projection to tokens, transformer blocks, projection
+/// back, residual.
+#[derive(Module, Debug)]
+pub struct SpatialTransformer {
+    /// GroupNorm (eps 1e-6).
+    pub norm: GroupNorm,
+    /// Into the token space.
+    pub proj_in: Projection,
+    /// `transformer_blocks.N`.
+    pub transformer_blocks: Vec<TransformerBlock>,
+    /// Out of the token space.
+    pub proj_out: Projection,
+}
+
+impl SpatialTransformer {
+    fn new(
+        ch: usize,
+        heads: usize,
+        depth: usize,
+        context_dim: usize,
+        linear_proj: bool,
+        device: &Device,
+    ) -> Self {
+        let proj = || {
+            if linear_proj {
+                Projection::Linear(linear(ch, ch, true, device))
+            } else {
+                Projection::Conv(conv2d(ch, ch, 1, 1, device))
+            }
+        };
+        Self {
+            norm: group_norm(ch, 1e-6, device),
+            proj_in: proj(),
+            transformer_blocks: (0..depth)
+                .map(|_| TransformerBlock::new(ch, heads, context_dim, device))
+                .collect(),
+            proj_out: proj(),
+        }
+    }
+
+    fn forward(&self, x: Tensor<4>, context: Tensor<3>) -> Tensor<4> {
+        let [_, _, h, w] = x.dims();
+        let normed = self.norm.forward(x.clone());
+        let mut t = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(normed)),
+            Projection::Linear(lin) => lin.forward(to_tokens(normed)),
+        };
+        for block in &self.transformer_blocks {
+            t = block.forward(t, context.clone());
+        }
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(from_tokens(t, h, w)),
+            Projection::Linear(lin) => from_tokens(lin.forward(t), h, w),
+        };
+        out + x
+    }
+}
+
+/// `BasicTransformerBlock`: self-attention, cross-attention, GEGLU feed-forward, pre-norm.
+#[derive(Module, Debug)]
+pub struct TransformerBlock {
+    /// Self-attention.
+    pub attn1: Attention,
+    /// Feed-forward.
+    pub ff: FeedForward,
+    /// Cross-attention on the text context.
+    pub attn2: Attention,
+    /// Before `attn1`.
+    pub norm1: LayerNorm,
+    /// Before `attn2`.
+    pub norm2: LayerNorm,
+    /// Before `ff`.
+    pub norm3: LayerNorm,
+}
+
+impl TransformerBlock {
+    fn new(dim: usize, heads: usize, context_dim: usize, device: &Device) -> Self {
+        Self {
+            attn1: Attention::new(dim, dim, heads, device),
+            ff: FeedForward::new(dim, device),
+            attn2: Attention::new(dim, context_dim, heads, device),
+            norm1: layer_norm(dim, device),
+            norm2: layer_norm(dim, device),
+            norm3: layer_norm(dim, device),
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
+        let n = self.norm1.forward(x.clone());
+        let x = self.attn1.forward(n.clone(), n) + x;
+        let x = self.attn2.forward(self.norm2.forward(x.clone()), context) + x;
+        self.ff.forward(self.norm3.forward(x.clone())) + x
+    }
+}
+
+/// `CrossAttention`: bias-free q/k/v projections, output projection with bias.
+#[derive(Module, Debug)]
+pub struct Attention {
+    /// Query projection.
+    pub to_q: Linear,
+    /// Key projection.
+    pub to_k: Linear,
+    /// Value projection.
+    pub to_v: Linear,
+    /// `to_out.0`.
+    pub to_out: Vec<Linear>,
+    heads: usize,
+}
+
+impl Attention {
+    fn new(dim: usize, context_dim: usize, heads: usize, device: &Device) -> Self {
+        Self {
+            to_q: linear(dim, dim, false, device),
+            to_k: linear(context_dim, dim, false, device),
+            to_v: linear(context_dim, dim, false, device),
+            to_out: vec![linear(dim, dim, true, device)],
+            heads,
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
+        let q = self.to_q.forward(x);
+        let k = self.to_k.forward(context.clone());
+        let v = self.to_v.forward(context);
+        let mut out = multi_head_attention(q, k, v, self.heads, false);
+        for proj in &self.to_out {
+            out = proj.forward(out);
+        }
+        out
+    }
+}
+
+/// GEGLU feed-forward: `net.0.proj` to twice the inner width, gate with GELU, `net.2` back.
+#[derive(Module, Debug)]
+pub struct FeedForward {
+    /// `net.0` (GEGLU), `net.1` (dropout), `net.2`.
+    pub net: (Geglu, Slot, Linear),
+}
+
+/// `GEGLU`: one projection holding the value and the gate halves.
+#[derive(Module, Debug)]
+pub struct Geglu {
+    /// `proj`.
+    pub proj: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, device: &Device) -> Self {
+        let inner = 4 * dim;
+        Self {
+            net: (
+                Geglu {
+                    proj: linear(dim, 2 * inner, true, device),
+                },
+                Slot,
+                linear(inner, dim, true, device),
+            ),
+        }
+    }
+
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        let h = self.net.0.proj.forward(x);
+        let mut halves = h.chunk(2, 2);
+        let gate = halves.pop().expect("chunk(2) yields two halves");
+        let value = halves.pop().expect("chunk(2) yields two halves");
+        self.net.2.forward(value * gelu(gate))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::param_keys;
+
+    /// (config, parameter count of the reference implementation, transformer blocks).
+    #[test]
+    fn presets_have_the_reference_parameter_counts() {
+        let device = Device::flex();
+        for (name, config, params, blocks) in [
+            ("sd15", UNetConfig::sd15(), 859_520_964usize, 16usize),
+            ("sdxl", UNetConfig::sdxl(), 2_567_463_684, 70),
+        ] {
+            let unet = config.init(&device);
+            let keys = param_keys(&unet);
+            let count: usize = keys.iter().map(|(_, s)| s.iter().product::<usize>()).sum();
+            assert_eq!(count, params, "{name}");
+            let n_blocks = keys
+                .iter()
+                .filter(|(k, _)| k.key.ends_with("attn1.to_q.weight"))
+                .count();
+            assert_eq!(n_blocks, blocks, "{name}");
+        }
+    }
+
+    #[test]
+    fn keys_follow_the_original_layout() {
+        let device = Device::flex();
+        let keys: Vec<String> = param_keys(&UNetConfig::sd15().init(&device))
+            .into_iter()
+            .map(|(k, _)| k.key)
+            .collect();
+        for want in [
+            "time_embed.0.weight",
+            "time_embed.2.bias",
+            "input_blocks.0.0.weight",
+            "input_blocks.1.0.in_layers.0.weight",
+            "input_blocks.1.0.emb_layers.1.weight",
+            "input_blocks.1.0.out_layers.3.weight",
+            "input_blocks.1.1.proj_in.weight",
+            "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+            "input_blocks.1.1.transformer_blocks.0.attn2.to_out.0.bias",
+            "input_blocks.1.1.transformer_blocks.0.ff.net.0.proj.weight",
+            "input_blocks.1.1.transformer_blocks.0.ff.net.2.weight",
+            "input_blocks.1.1.transformer_blocks.0.norm3.bias",
+            "input_blocks.3.0.op.weight",
+            "input_blocks.4.0.skip_connection.weight",
+            "middle_block.1.norm.weight",
+            "middle_block.2.out_layers.3.bias",
+            "output_blocks.2.1.conv.weight",
+            "output_blocks.5.2.conv.weight",
+            "out.0.weight",
+            "out.2.bias",
+        ] {
+            assert!(keys.iter().any(|k| k == want), "missing {want}");
+        }
+        assert_eq!(keys.len(), 686, "SD1.5 UNet tensors");
+    }
+}
