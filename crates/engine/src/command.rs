@@ -1,0 +1,172 @@
+//! The `command` kind: runs an external program (any trainer, converter or script) with
+//! `{name}` placeholders replaced by the paths of its declared inputs and outputs. The
+//! program runs in a scratch dir; every declared output must exist when it exits 0.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use slider_recipe::{CommandParams, NodeParams};
+
+use crate::child;
+use crate::executor::{ExecError, Executor, Job, Produced};
+
+/// Runs `command` nodes.
+pub struct CommandExecutor;
+
+impl Executor for CommandExecutor {
+    fn kind(&self) -> &str {
+        "command"
+    }
+
+    fn code_version(&self) -> u32 {
+        1
+    }
+
+    fn execute(&self, job: &Job) -> Result<Vec<Produced>, ExecError> {
+        let NodeParams::Command(p) = job.params else {
+            return Err(ExecError::Failed(format!(
+                "`{}` is not a command node",
+                job.node
+            )));
+        };
+        let places = placeholders(p, job)?;
+        for (_, file) in &p.outputs {
+            if let Some(parent) = job.out_dir.join(file).parent() {
+                fs::create_dir_all(parent).map_err(|e| failed("creating", parent, e))?;
+            }
+        }
+        let argv: Vec<String> = p.run.iter().map(|a| substitute(a, &places)).collect();
+        let Some((program, args)) = argv.split_first() else {
+            return Err(ExecError::Failed("`run` is empty".into()));
+        };
+        let program = resolve_program(program, job.root);
+        job.log
+            .line(&format!("$ {} {}", program.display(), args.join(" ")));
+        let stdout = job
+            .log
+            .clone_file()
+            .map_err(|e| failed("opening", job.log.path(), e))?;
+        let stderr = job
+            .log
+            .clone_file()
+            .map_err(|e| failed("opening", job.log.path(), e))?;
+        let mut cmd = Command::new(&program);
+        cmd.args(args)
+            .current_dir(job.scratch_dir)
+            .env("SLIDER_NODE", job.node)
+            .env("SLIDER_OUT_DIR", job.out_dir)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        child::detach_and_tie(&mut cmd);
+        let mut proc = cmd
+            .spawn()
+            .map_err(|e| ExecError::Failed(format!("cannot start `{}`: {e}", program.display())))?;
+        let status = child::wait_or_cancel(&mut proc, job.cancel)
+            .map_err(|e| ExecError::Failed(format!("waiting for `{}`: {e}", program.display())))?;
+        let Some(status) = status else {
+            return Err(ExecError::Cancelled);
+        };
+        if !status.success() {
+            return Err(ExecError::Failed(format!(
+                "`{}` failed ({status})",
+                program.display()
+            )));
+        }
+        let mut produced = Vec::new();
+        for (name, file) in &p.outputs {
+            if !job.out_dir.join(file).is_file() {
+                return Err(ExecError::Failed(format!(
+                    "`{}` exited successfully but did not create its declared output `{name}` ({{{name}}} = {})",
+                    program.display(),
+                    job.out_dir.join(file).display()
+                )));
+            }
+            produced.push(Produced {
+                name: name.clone(),
+                file: file.clone(),
+            });
+        }
+        Ok(produced)
+    }
+}
+
+fn failed(what: &str, path: &Path, e: std::io::Error) -> ExecError {
+    ExecError::Failed(format!("{what} {}: {e}", path.display()))
+}
+
+/// A program given as a relative path with a `/` (`scripts/train.sh`) is relative to the
+/// recipe's directory; a bare name is looked up on PATH.
+fn resolve_program(program: &str, root: &Path) -> PathBuf {
+    let p = Path::new(program);
+    if p.is_relative() && program.contains('/') {
+        root.join(p)
+    } else {
+        p.to_path_buf()
+    }
+}
+
+/// Placeholder name -> path, for declared inputs and outputs.
+fn placeholders(p: &CommandParams, job: &Job) -> Result<BTreeMap<String, String>, ExecError> {
+    let mut map = BTreeMap::new();
+    for (name, input) in &p.inputs {
+        map.insert(name.clone(), job.input_path(input)?.display().to_string());
+    }
+    for (name, file) in &p.outputs {
+        map.insert(name.clone(), job.out_dir.join(file).display().to_string());
+    }
+    Ok(map)
+}
+
+/// Replaces `{name}` for known names; any other braces are left as written.
+pub fn substitute(arg: &str, places: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let after = &rest[open + 1..];
+        match after
+            .find('}')
+            .and_then(|close| places.get(&after[..close]).map(|v| (close, v)))
+        {
+            Some((close, value)) => {
+                out.push_str(value);
+                rest = &after[close + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_replaced_only_when_declared() {
+        let places: BTreeMap<String, String> = [
+            ("in".to_string(), "/a/in.txt".to_string()),
+            ("out".to_string(), "/o/x".to_string()),
+        ]
+        .into();
+        let cases = [
+            ("{in}", "/a/in.txt"),
+            ("--from={in} --to={out}", "--from=/a/in.txt --to=/o/x"),
+            ("{unknown}", "{unknown}"),
+            ("{\"json\": {in}}", "{\"json\": /a/in.txt}"),
+            ("{{in}}", "{/a/in.txt}"),
+            ("no braces", "no braces"),
+            ("{in", "{in"),
+        ];
+        for (arg, want) in cases {
+            assert_eq!(substitute(arg, &places), want, "{arg}");
+        }
+    }
+}

@@ -1,0 +1,809 @@
+//! The scheduler: walks the plan's DAG, keys each node as soon as its inputs are done,
+//! serves cached nodes from the store, runs the rest (in-process kinds `--jobs` at a time,
+//! worker kinds one per device), publishes outputs and writes the lockfile.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use petgraph::Direction;
+use serde::Serialize;
+use slider_recipe::{Input, Plan};
+
+use crate::cancel::CancelToken;
+use crate::error::EngineError;
+use crate::executor::{ExecError, Executor, Executors, Job, NodeLog, Placement, Progress};
+use crate::fingerprint::{FileHashMemo, Fingerprint, fingerprint};
+use crate::journal::{Journal, JournalState};
+use crate::lockfile::{LockedNode, Lockfile, lockfile_path};
+use crate::protocol::{WorkerExecutor, WorkerKind, WorkerPool};
+use crate::store::{MANIFEST_FORMAT, Manifest, OutputFile, Store};
+use crate::{fsutil, in_process_executors};
+
+/// How to run a plan.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// In-process nodes running at once.
+    pub jobs: usize,
+    /// Keep running independent branches after a failure (default).
+    pub keep_going: bool,
+    /// One worker per device (`cpu`, `cuda:0`, ...).
+    pub devices: Vec<String>,
+    /// The worker program and its arguments (`slider-run worker`); `--device D` is appended.
+    pub worker_command: Vec<String>,
+    /// The kinds the worker program of this build supports.
+    pub worker_kinds: Vec<WorkerKind>,
+    pub cancel: CancelToken,
+    /// Copy finished outputs to the recipe's `outputs` paths.
+    pub publish: bool,
+    /// Write `RECIPE.lock` after a run without failures.
+    pub write_lockfile: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> RunOptions {
+        RunOptions {
+            jobs: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            keep_going: true,
+            devices: vec!["cpu".into()],
+            worker_command: Vec::new(),
+            worker_kinds: Vec::new(),
+            cancel: CancelToken::new(),
+            publish: true,
+            write_lockfile: true,
+        }
+    }
+}
+
+/// What the scheduler reports while it runs (the CLI draws progress bars from it).
+#[derive(Debug)]
+pub enum Event<'a> {
+    Planned {
+        nodes: usize,
+    },
+    Cached {
+        node: &'a str,
+    },
+    Started {
+        node: &'a str,
+        kind: &'a str,
+    },
+    Progress {
+        node: &'a str,
+        progress: &'a Progress,
+    },
+    Finished {
+        node: &'a str,
+        ok: bool,
+        wall_s: f64,
+    },
+    Skipped {
+        node: &'a str,
+        reason: &'a str,
+    },
+}
+
+/// Receives [`Event`]s, from several threads.
+pub trait Observer: Sync {
+    fn event(&self, event: Event<'_>);
+}
+
+/// An observer that ignores everything.
+pub struct Silent;
+
+impl Observer for Silent {
+    fn event(&self, _: Event<'_>) {}
+}
+
+/// One node in the run summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeReport {
+    pub name: String,
+    pub kind: String,
+    pub key: Option<String>,
+    pub wall_s: f64,
+    pub log: Option<PathBuf>,
+    pub error: Option<String>,
+}
+
+/// The outcome of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub ran: Vec<NodeReport>,
+    pub cached: Vec<NodeReport>,
+    pub failed: Vec<NodeReport>,
+    /// Not run because an input failed, or the run was interrupted / stopped first.
+    pub skipped: Vec<NodeReport>,
+    pub interrupted: bool,
+    pub wall_s: f64,
+    /// Bytes of input files hashed (0 when every file hash came from the memo).
+    pub hashed_bytes: u64,
+    pub published: Vec<PathBuf>,
+    pub publish_errors: Vec<String>,
+    pub lockfile: Option<PathBuf>,
+    pub store: PathBuf,
+    /// Final key of every node that finished (ran or cached).
+    #[serde(skip)]
+    pub keys: BTreeMap<String, String>,
+}
+
+impl RunSummary {
+    pub fn success(&self) -> bool {
+        self.failed.is_empty()
+            && self.skipped.is_empty()
+            && !self.interrupted
+            && self.publish_errors.is_empty()
+    }
+}
+
+/// Code versions of every kind this build can run: the in-process executors plus the
+/// worker's kinds.
+pub fn kind_versions(worker_kinds: &[WorkerKind]) -> BTreeMap<String, u32> {
+    let mut map: BTreeMap<String, u32> = in_process_executors()
+        .iter()
+        .map(|e| (e.kind().to_string(), e.code_version()))
+        .collect();
+    for k in worker_kinds {
+        map.entry(k.kind.clone()).or_insert(k.code_version);
+    }
+    map
+}
+
+/// Refuses, before anything runs, a plan with node kinds this build cannot execute.
+pub fn check_supported(plan: &Plan, worker_kinds: &[WorkerKind]) -> Result<(), EngineError> {
+    let versions = kind_versions(worker_kinds);
+    let missing: Vec<&slider_recipe::Node> = plan
+        .nodes
+        .iter()
+        .filter(|n| !versions.contains_key(n.params.kind()))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let kinds: BTreeSet<String> = missing
+        .iter()
+        .map(|n| format!("`{}`", n.params.kind()))
+        .collect();
+    Err(EngineError::UnsupportedKinds {
+        nodes: missing.iter().map(|n| format!("`{}`", n.name)).collect(),
+        kinds: kinds.into_iter().collect(),
+        supported: worker_kinds.iter().map(|k| k.kind.clone()).collect(),
+    })
+}
+
+/// For each node, the indices of the nodes it reads.
+pub(crate) fn dependencies(plan: &Plan) -> Vec<Vec<usize>> {
+    let mut deps = vec![Vec::new(); plan.nodes.len()];
+    for gi in plan.graph.node_indices() {
+        let consumer = plan.graph[gi];
+        for src in plan.graph.neighbors_directed(gi, Direction::Incoming) {
+            let producer = plan.graph[src];
+            if consumer < deps.len() && !deps[consumer].contains(&producer) {
+                deps[consumer].push(producer);
+            }
+        }
+    }
+    deps
+}
+
+/// Where an input's content lives and its hash.
+#[derive(Debug, Clone)]
+pub(crate) struct Produced {
+    pub path: PathBuf,
+    pub hash: String,
+}
+
+/// Fingerprints a node whose inputs are `produced` (by node index) or files (via `memo`).
+pub(crate) fn fingerprint_node(
+    plan: &Plan,
+    index: &HashMap<&str, usize>,
+    i: usize,
+    version: u32,
+    memo: &mut FileHashMemo,
+    produced: &[Option<Produced>],
+    inputs: &mut Vec<(Input, PathBuf)>,
+) -> Result<Fingerprint, EngineError> {
+    fingerprint(&plan.nodes[i].params, version, |input| match input {
+        Input::File(p) => {
+            let h = memo
+                .hash(p)
+                .map_err(EngineError::io("hashing input file", p))?;
+            inputs.push((input.clone(), p.clone()));
+            Ok(Some(h))
+        }
+        Input::Node(name) => {
+            let Some(&j) = index.get(name.as_str()) else {
+                return Err(EngineError::UnknownNode(name.clone()));
+            };
+            Ok(produced[j].as_ref().map(|p| {
+                inputs.push((input.clone(), p.path.clone()));
+                p.hash.clone()
+            }))
+        }
+    })
+}
+
+/// A node with its key computed and its inputs resolved, waiting for a free slot.
+type Keyed = (usize, Fingerprint, Vec<(Input, PathBuf)>);
+
+enum Outcome {
+    Done(Manifest),
+    Failed(String),
+    Cancelled,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Running,
+    Done,
+    Failed,
+}
+
+/// Runs a plan against the store at `store_root`.
+pub fn run(
+    plan: &Plan,
+    store_root: &Path,
+    opts: &RunOptions,
+    observer: &dyn Observer,
+) -> Result<RunSummary, EngineError> {
+    let started = Instant::now();
+    check_supported(plan, &opts.worker_kinds)?;
+    let (store, _lock) = Store::open_for_writing(store_root)?;
+    let mut memo = FileHashMemo::load(&store.memo_path());
+    let journal_path = store.journal_path(&plan.recipe_path);
+    let mut journal = Journal::load(&journal_path);
+    journal.runner_pid = Some(std::process::id());
+
+    let needs_worker = plan
+        .nodes
+        .iter()
+        .any(|n| opts.worker_kinds.iter().any(|k| k.kind == n.params.kind()));
+    let pool = needs_worker.then(|| {
+        Arc::new(WorkerPool::new(
+            opts.worker_command.clone(),
+            &opts.devices,
+            store.root().join("logs"),
+            opts.cancel.clone(),
+        ))
+    });
+    let mut executors = Executors::default();
+    for e in in_process_executors() {
+        executors.insert(e);
+    }
+    if let Some(pool) = &pool {
+        for k in &opts.worker_kinds {
+            executors.insert(Arc::new(WorkerExecutor {
+                kind: k.kind.clone(),
+                code_version: k.code_version,
+                pool: Arc::clone(pool),
+            }));
+        }
+    }
+
+    let n = plan.nodes.len();
+    let index: HashMap<&str, usize> = plan
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (n.name.as_str(), i))
+        .collect();
+    let deps = dependencies(plan);
+    let mut consumers = vec![Vec::new(); n];
+    for (i, ds) in deps.iter().enumerate() {
+        for &d in ds {
+            consumers[d].push(i);
+        }
+    }
+    let mut waiting_on: Vec<usize> = deps.iter().map(Vec::len).collect();
+    let mut state = vec![State::Waiting; n];
+    let mut produced: Vec<Option<Produced>> = vec![None; n];
+    let mut keys: Vec<Option<String>> = vec![None; n];
+    let mut manifests: Vec<Option<Manifest>> = vec![None; n];
+    let mut ready: VecDeque<usize> = (0..n).filter(|&i| waiting_on[i] == 0).collect();
+    let mut queued_in_process: VecDeque<Keyed> = VecDeque::new();
+    let mut queued_worker: VecDeque<Keyed> = VecDeque::new();
+    let (mut running_in_process, mut running_worker) = (0usize, 0usize);
+    let mut summary = RunSummary {
+        ran: vec![],
+        cached: vec![],
+        failed: vec![],
+        skipped: vec![],
+        interrupted: false,
+        wall_s: 0.0,
+        hashed_bytes: 0,
+        published: vec![],
+        publish_errors: vec![],
+        lockfile: None,
+        store: store.root().to_path_buf(),
+        keys: BTreeMap::new(),
+    };
+    let mut stop = false;
+    let mut journal_dirty = false;
+    let mut journal_saved = Instant::now();
+    observer.event(Event::Planned { nodes: n });
+    let report =
+        |i: usize, key: Option<&str>, wall_s: f64, log: Option<PathBuf>, error: Option<String>| {
+            NodeReport {
+                name: plan.nodes[i].name.clone(),
+                kind: plan.nodes[i].params.kind().to_string(),
+                key: key.map(str::to_string),
+                wall_s,
+                log,
+                error,
+            }
+        };
+    let versions = kind_versions(&opts.worker_kinds);
+    let (tx, rx) = mpsc::channel::<(usize, Outcome, f64)>();
+
+    std::thread::scope(|scope| -> Result<(), EngineError> {
+        loop {
+            if opts.cancel.is_cancelled() && !stop {
+                tracing::warn!("interrupted: stopping running nodes");
+                summary.interrupted = true;
+                stop = true;
+            }
+            // Key every ready node; cached ones finish at once and may make more ready.
+            while !stop && let Some(i) = ready.pop_front() {
+                let node = &plan.nodes[i];
+                let version = versions.get(node.params.kind()).copied().unwrap_or(0);
+                let mut inputs = Vec::new();
+                let fp = match fingerprint_node(
+                    plan,
+                    &index,
+                    i,
+                    version,
+                    &mut memo,
+                    &produced,
+                    &mut inputs,
+                ) {
+                    Ok(fp) => fp,
+                    Err(e) => {
+                        state[i] = State::Failed;
+                        summary
+                            .failed
+                            .push(report(i, None, 0.0, None, Some(e.to_string())));
+                        observer.event(Event::Finished {
+                            node: &node.name,
+                            ok: false,
+                            wall_s: 0.0,
+                        });
+                        stop |= !opts.keep_going;
+                        continue;
+                    }
+                };
+                let Some(key) = fp.key.clone() else {
+                    return Err(EngineError::Internal(format!(
+                        "`{}` became ready with pending inputs",
+                        node.name
+                    )));
+                };
+                keys[i] = Some(key.clone());
+                if let Some(m) = store.manifest(&key)? {
+                    let Some(primary) = m.primary() else {
+                        return Err(EngineError::Corrupt {
+                            what: "manifest",
+                            path: store.object_dir(&key),
+                            message: "no outputs".into(),
+                        });
+                    };
+                    produced[i] = Some(Produced {
+                        path: store.object_dir(&key).join(&primary.file),
+                        hash: primary.hash.clone(),
+                    });
+                    state[i] = State::Done;
+                    summary.cached.push(report(
+                        i,
+                        Some(&key),
+                        0.0,
+                        Some(store.log_path(&key)),
+                        None,
+                    ));
+                    let unchanged = journal.nodes.get(&node.name).is_some_and(|e| {
+                        e.state == JournalState::Done && e.key.as_deref() == Some(key.as_str())
+                    });
+                    if !unchanged {
+                        journal.set(&node.name, JournalState::Done, Some(&key), None, None);
+                        journal_dirty = true;
+                    }
+                    manifests[i] = Some(m);
+                    observer.event(Event::Cached { node: &node.name });
+                    for &c in &consumers[i] {
+                        waiting_on[c] -= 1;
+                        if waiting_on[c] == 0 {
+                            ready.push_back(c);
+                        }
+                    }
+                    continue;
+                }
+                let Some(exec) = executors.get(node.params.kind()) else {
+                    return Err(EngineError::Internal(format!(
+                        "no executor for `{}`",
+                        node.params.kind()
+                    )));
+                };
+                match exec.placement() {
+                    Placement::InProcess => queued_in_process.push_back((i, fp, inputs)),
+                    Placement::Worker => queued_worker.push_back((i, fp, inputs)),
+                }
+            }
+            // Dispatch within the limits.
+            loop {
+                if stop {
+                    break;
+                }
+                let next = if running_in_process < opts.jobs.max(1) && !queued_in_process.is_empty()
+                {
+                    running_in_process += 1;
+                    queued_in_process.pop_front()
+                } else if running_worker < opts.devices.len().max(1) && !queued_worker.is_empty() {
+                    running_worker += 1;
+                    queued_worker.pop_front()
+                } else {
+                    None
+                };
+                let Some((i, fp, inputs)) = next else { break };
+                let node = &plan.nodes[i];
+                let Some(exec) = executors.get(node.params.kind()).cloned() else {
+                    continue;
+                };
+                let key = fp.key.clone().unwrap_or_default();
+                state[i] = State::Running;
+                journal.set(
+                    &node.name,
+                    JournalState::Running,
+                    Some(&key),
+                    Some(&store.log_path(&key)),
+                    None,
+                );
+                journal_dirty = true;
+                observer.event(Event::Started {
+                    node: &node.name,
+                    kind: node.params.kind(),
+                });
+                let tx = tx.clone();
+                let store = &store;
+                scope.spawn(move || {
+                    let t0 = Instant::now();
+                    let outcome =
+                        execute_node(plan, i, exec.as_ref(), store, fp, &inputs, opts, observer);
+                    let _ = tx.send((i, outcome, t0.elapsed().as_secs_f64()));
+                });
+            }
+            if journal_dirty && journal_saved.elapsed() > Duration::from_millis(250) {
+                save_journal(&journal, &journal_path);
+                journal_dirty = false;
+                journal_saved = Instant::now();
+            }
+            if running_in_process + running_worker == 0
+                && (stop
+                    || (ready.is_empty()
+                        && queued_in_process.is_empty()
+                        && queued_worker.is_empty()))
+            {
+                break;
+            }
+            let (i, outcome, wall_s) = match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(m) => m,
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            };
+            let node = &plan.nodes[i];
+            match executors.get(node.params.kind()).map(|e| e.placement()) {
+                Some(Placement::Worker) => running_worker -= 1,
+                _ => running_in_process -= 1,
+            }
+            let key = keys[i].clone();
+            let log = key.as_deref().map(|k| store.log_path(k));
+            match outcome {
+                Outcome::Done(m) => {
+                    if let Some(primary) = m.primary() {
+                        produced[i] = Some(Produced {
+                            path: store.object_dir(&m.key).join(&primary.file),
+                            hash: primary.hash.clone(),
+                        });
+                    }
+                    state[i] = State::Done;
+                    journal.set(
+                        &node.name,
+                        JournalState::Done,
+                        key.as_deref(),
+                        log.as_deref(),
+                        None,
+                    );
+                    summary
+                        .ran
+                        .push(report(i, key.as_deref(), wall_s, log, None));
+                    manifests[i] = Some(m);
+                    observer.event(Event::Finished {
+                        node: &node.name,
+                        ok: true,
+                        wall_s,
+                    });
+                    for &c in &consumers[i] {
+                        waiting_on[c] -= 1;
+                        if waiting_on[c] == 0 {
+                            ready.push_back(c);
+                        }
+                    }
+                }
+                Outcome::Failed(err) => {
+                    state[i] = State::Failed;
+                    journal.set(
+                        &node.name,
+                        JournalState::Failed,
+                        key.as_deref(),
+                        log.as_deref(),
+                        Some(err.clone()),
+                    );
+                    summary
+                        .failed
+                        .push(report(i, key.as_deref(), wall_s, log, Some(err)));
+                    observer.event(Event::Finished {
+                        node: &node.name,
+                        ok: false,
+                        wall_s,
+                    });
+                    stop |= !opts.keep_going;
+                }
+                Outcome::Cancelled => {
+                    state[i] = State::Waiting;
+                    journal.set(
+                        &node.name,
+                        JournalState::Failed,
+                        key.as_deref(),
+                        log.as_deref(),
+                        Some("interrupted".into()),
+                    );
+                    summary.interrupted = true;
+                    observer.event(Event::Finished {
+                        node: &node.name,
+                        ok: false,
+                        wall_s,
+                    });
+                }
+            }
+            journal_dirty = true;
+        }
+        Ok(())
+    })?;
+    drop(pool);
+
+    for i in 0..n {
+        if state[i] == State::Waiting {
+            let failed_inputs: Vec<&str> = deps[i]
+                .iter()
+                .filter(|&&d| state[d] == State::Failed)
+                .map(|&d| plan.nodes[d].name.as_str())
+                .collect();
+            let reason = if summary.interrupted {
+                "interrupted".to_string()
+            } else if !failed_inputs.is_empty() {
+                format!("input failed: {}", failed_inputs.join(", "))
+            } else if stop {
+                "stopped after a failure (--no-keep-going)".to_string()
+            } else {
+                "an upstream node did not finish".to_string()
+            };
+            observer.event(Event::Skipped {
+                node: &plan.nodes[i].name,
+                reason: &reason,
+            });
+            summary
+                .skipped
+                .push(report(i, None, 0.0, None, Some(reason)));
+        }
+    }
+    for (i, k) in keys.iter().enumerate() {
+        if let (State::Done, Some(k)) = (state[i], k) {
+            summary.keys.insert(plan.nodes[i].name.clone(), k.clone());
+        }
+    }
+    if opts.publish {
+        publish(plan, &index, &produced, &mut memo, &mut summary);
+    }
+    if opts.write_lockfile
+        && summary.failed.is_empty()
+        && summary.skipped.is_empty()
+        && !summary.interrupted
+    {
+        let lock = Lockfile {
+            format: crate::lockfile::LOCKFILE_FORMAT,
+            nodes: plan
+                .nodes
+                .iter()
+                .zip(&manifests)
+                .filter_map(|(node, m)| {
+                    let m = m.as_ref()?;
+                    Some((
+                        node.name.clone(),
+                        LockedNode {
+                            kind: m.kind.clone(),
+                            key: m.key.clone(),
+                            outputs: m.outputs.clone(),
+                        },
+                    ))
+                })
+                .collect(),
+        };
+        let path = lockfile_path(&plan.recipe_path);
+        lock.write(&path)?;
+        summary.lockfile = Some(path);
+    }
+    journal.runner_pid = None;
+    save_journal(&journal, &journal_path);
+    summary.hashed_bytes = memo.hashed_bytes;
+    memo.save(&store.memo_path())
+        .map_err(EngineError::io("writing", store.memo_path()))?;
+    summary.wall_s = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+fn save_journal(journal: &Journal, path: &Path) {
+    if let Err(e) = journal.save(path) {
+        tracing::warn!("could not write the run journal {}: {e}", path.display());
+    }
+}
+
+/// Copies finished primary outputs to the recipe's `outputs` paths (skipping files that
+/// already hold the right bytes, per the hash memo).
+fn publish(
+    plan: &Plan,
+    index: &HashMap<&str, usize>,
+    produced: &[Option<Produced>],
+    memo: &mut FileHashMemo,
+    summary: &mut RunSummary,
+) {
+    for (name, dest) in &plan.outputs {
+        let Some(p) = index.get(name.as_str()).and_then(|&i| produced[i].as_ref()) else {
+            summary.publish_errors.push(format!(
+                "`{name}` did not finish, so {} was not published",
+                dest.display()
+            ));
+            continue;
+        };
+        if memo.lookup(dest) == Some(p.hash.as_str()) {
+            summary.published.push(dest.clone());
+            continue;
+        }
+        let result = fsutil::copy_atomic(&p.path, dest).and_then(|()| fs::metadata(dest));
+        match result {
+            Ok(meta) => {
+                memo.record(dest, &meta, p.hash.clone());
+                summary.published.push(dest.clone());
+            }
+            Err(e) => summary
+                .publish_errors
+                .push(format!("publishing `{name}` to {}: {e}", dest.display())),
+        }
+    }
+}
+
+/// Runs one node into a temp dir and commits it to the store.
+#[allow(clippy::too_many_arguments)]
+fn execute_node(
+    plan: &Plan,
+    i: usize,
+    exec: &dyn Executor,
+    store: &Store,
+    fp: Fingerprint,
+    inputs: &[(Input, PathBuf)],
+    opts: &RunOptions,
+    observer: &dyn Observer,
+) -> Outcome {
+    let node = &plan.nodes[i];
+    let Some(key) = fp.key.clone() else {
+        return Outcome::Failed("node has no key".into());
+    };
+    let log = match NodeLog::create(&store.log_path(&key)) {
+        Ok(l) => l,
+        Err(e) => return Outcome::Failed(format!("cannot open the node log: {e}")),
+    };
+    log.line(&format!(
+        "== slider-run: node `{}` ({}) key {key}",
+        node.name,
+        node.params.kind()
+    ));
+    let started_unix_s = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let t0 = Instant::now();
+    let dirs = (|| -> Result<(PathBuf, PathBuf, Option<PathBuf>), EngineError> {
+        let out = store.new_tmp_dir(&key)?;
+        let scratch = store.new_tmp_dir(&format!("{key}.scratch"))?;
+        let work = if exec.checkpoints() {
+            let w = store.work_dir(&key);
+            fs::create_dir_all(&w).map_err(EngineError::io("creating work dir", &w))?;
+            Some(w)
+        } else {
+            None
+        };
+        Ok((out, scratch, work))
+    })();
+    let (out_dir, scratch, work) = match dirs {
+        Ok(d) => d,
+        Err(e) => return Outcome::Failed(e.to_string()),
+    };
+    let progress = |p: Progress| {
+        observer.event(Event::Progress {
+            node: &node.name,
+            progress: &p,
+        })
+    };
+    let job = Job {
+        node: &node.name,
+        key: &key,
+        params: &node.params,
+        root: &plan.root,
+        inputs,
+        out_dir: &out_dir,
+        scratch_dir: &scratch,
+        work_dir: work.as_deref(),
+        log: &log,
+        cancel: &opts.cancel,
+        progress: &progress,
+    };
+    let result = exec.execute(&job);
+    let _ = fsutil::remove_any(&scratch);
+    let outcome = match result {
+        Ok(outputs) => {
+            let mut files = Vec::new();
+            for o in outputs {
+                let path = out_dir.join(&o.file);
+                match (fsutil::hash_file(&path), fs::metadata(&path)) {
+                    (Ok(hash), Ok(meta)) => files.push(OutputFile {
+                        name: o.name,
+                        file: o.file,
+                        hash,
+                        size: meta.len(),
+                    }),
+                    (Err(e), _) | (_, Err(e)) => {
+                        let _ = fsutil::remove_any(&out_dir);
+                        return Outcome::Failed(format!("reading output {}: {e}", path.display()));
+                    }
+                }
+            }
+            let manifest = Manifest {
+                format: MANIFEST_FORMAT,
+                key: key.clone(),
+                kind: node.params.kind().to_string(),
+                code_version: exec.code_version(),
+                outputs: files,
+                started_unix_s,
+                wall_s: t0.elapsed().as_secs_f64(),
+                backend: match exec.placement() {
+                    Placement::InProcess => "cpu".into(),
+                    Placement::Worker => format!("worker ({})", opts.devices.join(",")),
+                },
+                engine_version: env!("CARGO_PKG_VERSION").into(),
+                doc: fp.doc,
+                sources: fp.sources,
+            };
+            match store.commit(&out_dir, &manifest) {
+                Ok(()) => {
+                    if let Some(w) = &work {
+                        let _ = fsutil::remove_any(w);
+                    }
+                    log.line(&format!("== done in {:.3} s", manifest.wall_s));
+                    Outcome::Done(manifest)
+                }
+                Err(e) => Outcome::Failed(e.to_string()),
+            }
+        }
+        Err(ExecError::Cancelled) => Outcome::Cancelled,
+        Err(ExecError::Failed(msg)) => {
+            log.line(&format!("== failed: {msg}"));
+            Outcome::Failed(msg)
+        }
+    };
+    if !matches!(outcome, Outcome::Done(_)) {
+        let _ = fsutil::remove_any(&out_dir);
+    }
+    outcome
+}
