@@ -83,14 +83,21 @@ pub(crate) fn compile(
     };
     let section = |key: &str| top.iter().find(|e| e.key == key);
 
-    let env = read_vars(section("vars"), sources, diags);
+    let mut env = read_vars(section("vars"), sources, diags);
     let matrix = read_matrix(section("matrix"), &env, diags);
+    env.unbound = matrix.iter().map(|(m, _)| m.clone()).collect();
     let defaults = read_defaults(section("defaults"), diags);
     let base = section("base")
         .filter(|e| !matches!(e.value.value, Value::Null))
         .map(|e| substitute(&e.value, &env, sources, diags));
 
     let Some(nodes_entry) = section("nodes") else {
+        let misspelled = top
+            .iter()
+            .any(|e| e.key != "nodes" && closest(&e.key, TOP_KEYS) == Some("nodes"));
+        if misspelled {
+            return None;
+        }
         diags.push(
             Diag::new(
                 "recipe::missing_key",
@@ -955,8 +962,15 @@ fn check_types(
             Diag::new(
                 "recipe::type_mismatch",
                 format!(
-                    "`{}` of `{}` needs {needs}, but `{}` is a `{kind}` node, which makes {makes}",
-                    r.key, r.from, r.to
+                    "`{}` of `{}` needs {needs}, but `{}` is {} `{kind}` node, which makes {makes}",
+                    r.key,
+                    r.from,
+                    r.to,
+                    if kind.starts_with(['a', 'e', 'i', 'o', 'u', 'x']) {
+                        "an"
+                    } else {
+                        "a"
+                    }
                 ),
                 r.span,
                 format!("makes {makes}"),

@@ -139,6 +139,9 @@ pub(crate) fn collect_refs(y: &Yaml, sources: &Sources, out: &mut Vec<VarRef>) {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Env {
     pub values: Vec<(String, Yaml)>,
+    /// Names that exist but are not bound here (matrix variables a node does not use), for
+    /// "did you mean" only.
+    pub unbound: Vec<String>,
 }
 
 impl Env {
@@ -151,7 +154,10 @@ impl Env {
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.values.iter().map(|(n, _)| n.as_str())
+        self.values
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .chain(self.unbound.iter().map(String::as_str))
     }
 }
 
@@ -336,6 +342,7 @@ mod tests {
                 ("seed".into(), num(Value::Int(7))),
                 ("missing".into(), num(Value::Null)),
             ],
+            unbound: Vec::new(),
         }
     }
 
