@@ -65,8 +65,11 @@ fn dense_merge_time(
         };
         let k = wanted.min(first.in_dim).min(first.out_dim);
         let start = Instant::now();
-        dense::svd_merge_module_f32(&parts, k, opts.clamp_quantile)
-            .ok_or_else(|| LoraError::SvdFailed { module: name.clone() })?;
+        dense::svd_merge_module_f32(&parts, k, opts.clamp_quantile).ok_or_else(|| {
+            LoraError::SvdFailed {
+                module: name.clone(),
+            }
+        })?;
         total += start.elapsed() * (*count as u32);
     }
     Ok((total, sample.len()))
@@ -83,8 +86,11 @@ fn dense_resize_time(input: &Lora, opts: &ResizeOptions) -> Result<(Duration, us
             opts.new_rank
         };
         let start = Instant::now();
-        dense::resize_module_f32(m, max_rank, opts.dynamic)
-            .ok_or_else(|| LoraError::SvdFailed { module: name.clone() })?;
+        dense::resize_module_f32(m, max_rank, opts.dynamic).ok_or_else(|| {
+            LoraError::SvdFailed {
+                module: name.clone(),
+            }
+        })?;
         total += start.elapsed() * (*count as u32);
     }
     Ok((total, sample.len()))

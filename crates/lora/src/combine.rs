@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use faer::Mat;
 
-use crate::error::LoraError;
+use crate::error::{LayoutMismatch, LoraError};
 use crate::layout;
 use crate::module::Module;
 use crate::{Lora, linalg};
@@ -35,7 +35,9 @@ pub(crate) fn group_modules<'a>(
         )));
     }
     if let Some(r) = ratios.iter().find(|r| !r.is_finite()) {
-        return Err(LoraError::InvalidArgument(format!("ratio {r} is not finite")));
+        return Err(LoraError::InvalidArgument(format!(
+            "ratio {r} is not finite"
+        )));
     }
     check_layouts(models)?;
     let mut grouped: BTreeMap<&'a str, Vec<Contribution<'a>>> = BTreeMap::new();
@@ -86,7 +88,7 @@ fn check_layouts(models: &[&Lora]) -> Result<(), LoraError> {
                 };
                 let (first_module, first_shape) = example(models[j]);
                 let (second_module, second_shape) = example(lora);
-                return Err(LoraError::LayoutMismatch {
+                return Err(LoraError::LayoutMismatch(Box::new(LayoutMismatch {
                     first_input: j + 1,
                     first_layout: fl.label().into(),
                     first_module,
@@ -95,7 +97,7 @@ fn check_layouts(models: &[&Lora]) -> Result<(), LoraError> {
                     second_layout: l.label().into(),
                     second_module,
                     second_shape,
-                });
+                })));
             }
             Some(_) => {}
         }

@@ -4,10 +4,10 @@
 
 use faer::Mat;
 
+use crate::Lora;
 use crate::error::LoraError;
 use crate::linalg;
 use crate::module::Module;
-use crate::Lora;
 
 /// `||delta_a - delta_b||_F / ||delta_b||_F` over all modules together (`b` is the
 /// reference). A module present in only one LoRA counts against a zero delta. Shapes that
@@ -39,7 +39,10 @@ pub fn delta_relative_error(a: &Lora, b: &Lora) -> Result<f64, LoraError> {
 /// The relative delta error of one module against a reference module.
 pub fn module_delta_relative_error(a: &Module, reference: &Module) -> Result<f64, LoraError> {
     check_same_shape("<module>", a, reference)?;
-    Ok(relative(difference_norm(a, reference), reference.delta_norm()))
+    Ok(relative(
+        difference_norm(a, reference),
+        reference.delta_norm(),
+    ))
 }
 
 fn relative(diff: f64, reference: f64) -> f64 {
@@ -78,10 +81,12 @@ fn difference_norm(a: &Module, b: &Module) -> f64 {
     left.as_mut()
         .subcols_mut(a.rank, b.rank)
         .copy_from(linalg::mat_from_rows(&b.up, out, b.rank, sb));
-    right.as_mut()
+    right
+        .as_mut()
         .subrows_mut(0, a.rank)
         .copy_from(linalg::mat_from_rows(&a.down, a.rank, in_flat, 1.0));
-    right.as_mut()
+    right
+        .as_mut()
         .subrows_mut(a.rank, b.rank)
         .copy_from(linalg::mat_from_rows(&b.down, b.rank, in_flat, 1.0));
     if r >= out.min(in_flat) {

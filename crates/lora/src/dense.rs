@@ -41,15 +41,21 @@ pub fn svd_merge_dense(
     ratios: &[f64],
     opts: &SvdMergeOptions,
 ) -> Result<Lora, LoraError> {
-    svd_merge_with(models, ratios, opts, |name, contribs: &[Contribution<'_>]| {
-        let mut sum = Mat::<f64>::zeros(contribs[0].module.out_dim, contribs[0].module.in_flat());
-        for c in contribs {
-            sum += dense_delta_in::<f64>(c.module, c.ratio);
-        }
-        linalg::dense_svd(&sum).ok_or_else(|| LoraError::SvdFailed {
-            module: name.to_string(),
-        })
-    })
+    svd_merge_with(
+        models,
+        ratios,
+        opts,
+        |name, contribs: &[Contribution<'_>]| {
+            let mut sum =
+                Mat::<f64>::zeros(contribs[0].module.out_dim, contribs[0].module.in_flat());
+            for c in contribs {
+                sum += dense_delta_in::<f64>(c.module, c.ratio);
+            }
+            linalg::dense_svd(&sum).ok_or_else(|| LoraError::SvdFailed {
+                module: name.to_string(),
+            })
+        },
+    )
 }
 
 /// [`crate::resize`] through full f64 matrices: the reference.

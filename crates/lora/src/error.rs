@@ -94,25 +94,30 @@ pub enum LoraError {
         second_input: usize,
         second_shape: String,
     },
-    #[error(
-        "cannot combine a {first_layout} LoRA (input {first_input}, e.g. module `{first_module}` \
-         {first_shape}) with a {second_layout} LoRA (input {second_input}, e.g. module \
-         `{second_module}` {second_shape})"
-    )]
-    LayoutMismatch {
-        first_input: usize,
-        first_layout: String,
-        first_module: String,
-        first_shape: String,
-        second_input: usize,
-        second_layout: String,
-        second_module: String,
-        second_shape: String,
-    },
+    #[error("{0}")]
+    LayoutMismatch(Box<LayoutMismatch>),
     #[error("module `{module}`: {detail}")]
     BadModule { module: String, detail: String },
     #[error("module `{module}`: the SVD did not converge")]
     SvdFailed { module: String },
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+}
+
+/// Two inputs of one operation target different known base-model layouts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "cannot combine a {first_layout} LoRA (input {first_input}, e.g. module `{first_module}` \
+     {first_shape}) with a {second_layout} LoRA (input {second_input}, e.g. module \
+     `{second_module}` {second_shape})"
+)]
+pub struct LayoutMismatch {
+    pub first_input: usize,
+    pub first_layout: String,
+    pub first_module: String,
+    pub first_shape: String,
+    pub second_input: usize,
+    pub second_layout: String,
+    pub second_module: String,
+    pub second_shape: String,
 }

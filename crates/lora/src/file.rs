@@ -98,7 +98,9 @@ fn parse_tensors<'a>(
     n.copy_from_slice(len_bytes);
     let n = u64::from_le_bytes(n);
     if n > MAX_HEADER as u64 {
-        return Err(malformed(format!("header length {n} is over the 100 MB limit")));
+        return Err(malformed(format!(
+            "header length {n} is over the 100 MB limit"
+        )));
     }
     let n = n as usize;
     let Some(header) = bytes.get(8..8 + n) else {
@@ -125,10 +127,13 @@ fn parse_tensors<'a>(
             metadata.extend(map);
             continue;
         }
-        let info: RawInfo = serde_json::from_value(value)
-            .map_err(|e| malformed(format!("entry `{key}`: {e}")))?;
+        let info: RawInfo =
+            serde_json::from_value(value).map_err(|e| malformed(format!("entry `{key}`: {e}")))?;
         let (start, end) = info.data_offsets;
-        let elems = info.shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d));
+        let elems = info
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
         let width = dtype_width(&info.dtype);
         let expected = match (elems, width) {
             (Some(e), Some(w)) => e.checked_mul(w),
@@ -282,10 +287,15 @@ fn build_module(path: &Path, name: &str, parts: Parts<'_>) -> Result<Module, Lor
         shape: raw.shape.clone(),
         detail: detail.into(),
     };
-    let (kind, rank, in_dim) = match down.shape.as_slice() {
-        &[r, i] => (ModuleKind::Linear, r, i),
-        &[r, i, kh, kw] => (ModuleKind::Conv { kh, kw }, r, i),
-        _ => return Err(bad_shape(&down, "a down weight has 2 (linear) or 4 (conv) dims")),
+    let (kind, rank, in_dim) = match *down.shape.as_slice() {
+        [r, i] => (ModuleKind::Linear, r, i),
+        [r, i, kh, kw] => (ModuleKind::Conv { kh, kw }, r, i),
+        _ => {
+            return Err(bad_shape(
+                &down,
+                "a down weight has 2 (linear) or 4 (conv) dims",
+            ));
+        }
     };
     let (out_dim, up_rank) = match (kind, up.shape.as_slice()) {
         (ModuleKind::Linear, &[o, r]) => (o, r),
@@ -294,7 +304,10 @@ fn build_module(path: &Path, name: &str, parts: Parts<'_>) -> Result<Module, Lor
             return Err(bad_shape(&up, "a linear module's up weight is [out, rank]"));
         }
         (ModuleKind::Conv { .. }, _) => {
-            return Err(bad_shape(&up, "a conv module's up weight is [out, rank, 1, 1]"));
+            return Err(bad_shape(
+                &up,
+                "a conv module's up weight is [out, rank, 1, 1]",
+            ));
         }
     };
     if up_rank != rank {
@@ -399,9 +412,18 @@ fn decode_alpha(
     }
     let b = raw.bytes;
     let (value, storage) = match raw.dtype.as_str() {
-        "F32" => (f32::from_le_bytes([b[0], b[1], b[2], b[3]]), AlphaStorage::Float),
-        "F16" => (f16::from_le_bytes([b[0], b[1]]).to_f32(), AlphaStorage::Float),
-        "BF16" => (bf16::from_le_bytes([b[0], b[1]]).to_f32(), AlphaStorage::Float),
+        "F32" => (
+            f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            AlphaStorage::Float,
+        ),
+        "F16" => (
+            f16::from_le_bytes([b[0], b[1]]).to_f32(),
+            AlphaStorage::Float,
+        ),
+        "BF16" => (
+            bf16::from_le_bytes([b[0], b[1]]).to_f32(),
+            AlphaStorage::Float,
+        ),
         "F64" => {
             let mut a = [0u8; 8];
             a.copy_from_slice(&b[..8]);

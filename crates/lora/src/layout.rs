@@ -216,7 +216,11 @@ pub fn detect(lora: &Lora) -> LayoutReport {
         .filter(|(n, _)| n.starts_with("lora_unet_"))
         .collect();
     let mut text_encoders = Vec::new();
-    for (prefix, label) in [("lora_te_", "te"), ("lora_te1_", "te1"), ("lora_te2_", "te2")] {
+    for (prefix, label) in [
+        ("lora_te_", "te"),
+        ("lora_te1_", "te1"),
+        ("lora_te2_", "te2"),
+    ] {
         if lora.modules.keys().any(|n| n.starts_with(prefix)) {
             text_encoders.push(label.to_string());
         }
@@ -282,7 +286,13 @@ mod tests {
         };
         let conv1 = ModuleKind::Conv { kh: 1, kw: 1 };
         let cases = [
-            (Layout::Sd1, "lora_unet_down_blocks_0_attentions_0_proj_in", conv1, 320, 320),
+            (
+                Layout::Sd1,
+                "lora_unet_down_blocks_0_attentions_0_proj_in",
+                conv1,
+                320,
+                320,
+            ),
             (
                 Layout::Sd1,
                 "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_k",
@@ -311,11 +321,21 @@ mod tests {
                 1280,
                 5120,
             ),
-            (Layout::Sdxl, "lora_unet_output_blocks_5_1_proj_out", ModuleKind::Linear, 640, 640),
+            (
+                Layout::Sdxl,
+                "lora_unet_output_blocks_5_1_proj_out",
+                ModuleKind::Linear,
+                640,
+                640,
+            ),
         ];
         for (layout, name, kind, out_dim, in_dim) in cases {
             let m = find(layout, name);
-            assert_eq!((m.kind, m.out_dim, m.in_dim), (kind, out_dim, in_dim), "{name}");
+            assert_eq!(
+                (m.kind, m.out_dim, m.in_dim),
+                (kind, out_dim, in_dim),
+                "{name}"
+            );
         }
     }
 

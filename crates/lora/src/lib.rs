@@ -26,6 +26,7 @@ mod compare;
 pub mod dense;
 mod error;
 mod file;
+pub mod inspect;
 pub mod layout;
 mod linalg;
 mod merge;
@@ -39,14 +40,13 @@ use std::path::Path;
 use std::str::FromStr;
 
 pub use compare::{delta_relative_error, module_delta_relative_error};
-pub use error::LoraError;
+pub use error::{LayoutMismatch, LoraError};
 pub use file::kohya_hashes;
 pub use layout::{LayoutReport, UnetLayout, detect as detect_layout};
 pub use merge::merge;
 pub use module::{AlphaStorage, Module, ModuleKind, TensorDtype};
 pub use resize::{
-    DynamicMethod, ModuleResizeStats, ResizeOptions, new_rank_for_spectrum, resize,
-    resize_metadata,
+    DynamicMethod, ModuleResizeStats, ResizeOptions, new_rank_for_spectrum, resize, resize_metadata,
 };
 pub use svd_merge::{SvdMergeOptions, svd_merge};
 

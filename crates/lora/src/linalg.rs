@@ -170,7 +170,10 @@ mod tests {
         ];
         for &(values, q, want) in cases {
             let got = quantile(values, q);
-            assert!((got - want).abs() < 1e-12, "{values:?} q={q}: {got} != {want}");
+            assert!(
+                (got - want).abs() < 1e-12,
+                "{values:?} q={q}: {got} != {want}"
+            );
         }
     }
 
@@ -181,13 +184,20 @@ mod tests {
             let b = random_mat(r, n, 2);
             let exact = &a * &b;
             let sp = product_svd(a.as_ref(), b.as_ref()).expect("converges");
-            let s = Mat::from_fn(sp.s.len(), sp.s.len(), |i, j| if i == j { sp.s[i] } else { 0.0 });
+            let s = Mat::from_fn(
+                sp.s.len(),
+                sp.s.len(),
+                |i, j| if i == j { sp.s[i] } else { 0.0 },
+            );
             let back = &sp.u * &s * &sp.vt;
             let err = (&back - &exact).norm_l2() / exact.norm_l2();
             assert!(err < 1e-12, "{m}x{r}x{n}: {err}");
             for j in 0..sp.u.ncols() {
                 let col: Vec<f64> = (0..m).map(|i| sp.u[(i, j)]).collect();
-                let big = col.iter().copied().fold(0.0f64, |acc, x| if x.abs() > acc.abs() { x } else { acc });
+                let big = col
+                    .iter()
+                    .copied()
+                    .fold(0.0f64, |acc, x| if x.abs() > acc.abs() { x } else { acc });
                 assert!(big >= 0.0, "column {j} largest entry {big} is negative");
             }
         }

@@ -4,10 +4,10 @@
 
 use rayon::prelude::*;
 
+use crate::Lora;
 use crate::combine;
 use crate::error::LoraError;
 use crate::module::{AlphaStorage, Module, TensorDtype};
-use crate::Lora;
 
 /// Merges LoRAs exactly; each module's rank is the sum of its inputs' ranks, alpha = rank.
 pub fn merge(models: &[&Lora], ratios: &[f64]) -> Result<Lora, LoraError> {
@@ -57,4 +57,32 @@ pub fn merge(models: &[&Lora], ratios: &[f64]) -> Result<Lora, LoraError> {
         modules: modules.into_iter().collect(),
         metadata: combine::minimal_metadata(models, &dim, &dim, None),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dense::dense_delta;
+    use crate::synth::{self, Layout};
+
+    #[test]
+    fn merged_delta_is_the_weighted_sum_of_deltas() {
+        let a = synth::random_lora(Layout::Tiny, 4, 1.0, 1);
+        let mut b = synth::random_lora(Layout::Tiny, 2, 8.0, 2);
+        let only_a = b.modules.keys().next().cloned().expect("modules");
+        b.modules.remove(&only_a);
+        let merged = merge(&[&a, &b], &[1.5, -0.5]).expect("merges");
+        for (name, m) in &merged.modules {
+            let mut want = dense_delta(&a.modules[name]) * faer::Scale(1.5);
+            if let Some(mb) = b.modules.get(name) {
+                want += dense_delta(mb) * faer::Scale(-0.5);
+                assert_eq!(m.rank, 6);
+            } else {
+                assert_eq!(m.rank, 4);
+            }
+            let err = (&dense_delta(m) - &want).norm_l2() / want.norm_l2();
+            assert!(err < 1e-6, "{name}: {err}");
+        }
+        assert_eq!(merged.metadata["ss_network_dim"], "Dynamic");
+    }
 }

@@ -126,7 +126,10 @@ impl Module {
         match self.kind {
             ModuleKind::Linear => format!("linear [{}, {}]", self.out_dim, self.in_dim),
             ModuleKind::Conv { kh, kw } => {
-                format!("{} [{}, {}, {kh}, {kw}]", self.kind, self.out_dim, self.in_dim)
+                format!(
+                    "{} [{}, {}, {kh}, {kw}]",
+                    self.kind, self.out_dim, self.in_dim
+                )
             }
         }
     }

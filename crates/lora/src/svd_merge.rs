@@ -4,11 +4,11 @@
 
 use rayon::prelude::*;
 
+use crate::Lora;
 use crate::combine::{self, Contribution};
 use crate::error::LoraError;
 use crate::linalg::{self, Spectral};
 use crate::module::{AlphaStorage, Module, TensorDtype};
-use crate::Lora;
 
 /// kohya's `CLAMP_QUANTILE`.
 pub const DEFAULT_CLAMP_QUANTILE: f64 = 0.99;
@@ -123,7 +123,12 @@ pub(crate) const NOISE_FLOOR: f64 = 1e-10;
 
 /// `up = U[:, :k] diag(S[:k])` (out x k) and `down = Vt[:k]` (k x in_flat) as f32,
 /// zero-padded when fewer than `k` singular triplets exist above the noise floor.
-pub(crate) fn truncate(sp: &Spectral, k: usize, out: usize, in_flat: usize) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn truncate(
+    sp: &Spectral,
+    k: usize,
+    out: usize,
+    in_flat: usize,
+) -> (Vec<f32>, Vec<f32>) {
     let floor = sp.s.first().copied().unwrap_or(0.0) * NOISE_FLOOR;
     let avail = sp.s.iter().take(k).take_while(|&&s| s > floor).count();
     let mut up = vec![0f32; out * k];
@@ -151,3 +156,6 @@ pub(crate) fn clamp_to_quantile(up: &mut [f32], down: &mut [f32], q: f64) {
         *x = x.max(lo).min(hi);
     }
 }
+
+#[cfg(test)]
+mod tests;

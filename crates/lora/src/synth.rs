@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::Lora;
 pub use crate::layout::Layout;
 use crate::layout::ModuleSpec;
 use crate::module::{AlphaStorage, Module, TensorDtype};
-use crate::Lora;
 
 /// Half-width of the uniform distribution of `up` entries.
 const UP_BOUND: f32 = 0.05;

@@ -116,8 +116,15 @@ fn hashes_are_kohyas_over_the_ss_only_serialisation() {
     let views: Vec<(String, TensorView<'_>)> = outs
         .iter()
         .map(|t| {
-            let dtype = if t.dtype == "F16" { Dtype::F16 } else { Dtype::I64 };
-            (t.name.clone(), TensorView::new(dtype, t.shape.clone(), &t.bytes).expect("view"))
+            let dtype = if t.dtype == "F16" {
+                Dtype::F16
+            } else {
+                Dtype::I64
+            };
+            (
+                t.name.clone(),
+                TensorView::new(dtype, t.shape.clone(), &t.bytes).expect("view"),
+            )
         })
         .collect();
     let ss_only = HashMap::from([("ss_network_dim".to_string(), "4".to_string())]);
@@ -208,7 +215,11 @@ fn bad_inputs_give_messages_naming_file_and_key() {
         (
             "up without down",
             craft(vec![("m.lora_up.weight", "F32", vec![4, 2], up())]),
-            &["`x.safetensors`", "module `m`", "up weight `m.lora_up.weight` but no down"],
+            &[
+                "`x.safetensors`",
+                "module `m`",
+                "up weight `m.lora_up.weight` but no down",
+            ],
         ),
         (
             "down without up",
@@ -221,7 +232,11 @@ fn bad_inputs_give_messages_naming_file_and_key() {
                 ("m.lora_down.weight", "F32", vec![2, 3], down()),
                 ("m.lora_up.weight", "F32", vec![2, 4], up()),
             ]),
-            &["rank mismatch", "`m.lora_down.weight` has rank 2", "`m.lora_up.weight` has rank 4"],
+            &[
+                "rank mismatch",
+                "`m.lora_down.weight` has rank 2",
+                "`m.lora_up.weight` has rank 4",
+            ],
         ),
         (
             "non-finite",
@@ -229,20 +244,36 @@ fn bad_inputs_give_messages_naming_file_and_key() {
                 ("m.lora_down.weight", "F32", vec![2, 3], down()),
                 ("m.lora_up.weight", "F32", vec![4, 2], nan_up),
             ]),
-            &["module `m`", "tensor `m.lora_up.weight`", "non-finite value (NaN)", "index 3"],
+            &[
+                "module `m`",
+                "tensor `m.lora_up.weight`",
+                "non-finite value (NaN)",
+                "index 3",
+            ],
         ),
         (
             "truncated data",
             good_header[..good_header.len() - 5].to_vec(),
-            &["`x.safetensors` is truncated", "tensor `m.lora_up.weight` ends at byte"],
+            &[
+                "`x.safetensors` is truncated",
+                "tensor `m.lora_up.weight` ends at byte",
+            ],
         ),
-        ("truncated length", vec![1, 2, 3], &["is truncated", "3 bytes"]),
+        (
+            "truncated length",
+            vec![1, 2, 3],
+            &["is truncated", "3 bytes"],
+        ),
         (
             "header longer than the file",
             good_header[..20].to_vec(),
             &["is truncated", "the header needs"],
         ),
-        ("header over the limit", huge_header, &["malformed header", "100 MB"]),
+        (
+            "header over the limit",
+            huge_header,
+            &["malformed header", "100 MB"],
+        ),
         ("not JSON", bad_json, &["malformed header", "invalid JSON"]),
         (
             "unsupported dtype",
@@ -254,13 +285,22 @@ fn bad_inputs_give_messages_naming_file_and_key() {
         ),
         (
             "unknown tensor",
-            craft(vec![("m.hada_w1_a", "F32", vec![2], f32_bytes(&[1.0, 2.0]))]),
+            craft(vec![(
+                "m.hada_w1_a",
+                "F32",
+                vec![2],
+                f32_bytes(&[1.0, 2.0]),
+            )]),
             &["tensor `m.hada_w1_a` is not part of a LoRA"],
         ),
         (
             "size disagrees with shape",
             craft(vec![("m.lora_down.weight", "F32", vec![2, 4], down())]),
-            &["malformed header", "entry `m.lora_down.weight`", "needs 32 bytes"],
+            &[
+                "malformed header",
+                "entry `m.lora_down.weight`",
+                "needs 32 bytes",
+            ],
         ),
         (
             "conv up not 1x1",
@@ -274,7 +314,10 @@ fn bad_inputs_give_messages_naming_file_and_key() {
     for (what, bytes, needles) in cases {
         let message = error_of(&bytes);
         for needle in needles {
-            assert!(message.contains(needle), "{what}: `{message}` lacks `{needle}`");
+            assert!(
+                message.contains(needle),
+                "{what}: `{message}` lacks `{needle}`"
+            );
         }
     }
 }
@@ -282,5 +325,8 @@ fn bad_inputs_give_messages_naming_file_and_key() {
 #[test]
 fn loading_a_missing_file_names_it() {
     let err = Lora::load(Path::new("/nonexistent/dir/none.safetensors")).expect_err("fails");
-    assert!(err.to_string().contains("cannot read `/nonexistent/dir/none.safetensors`"));
+    assert!(
+        err.to_string()
+            .contains("cannot read `/nonexistent/dir/none.safetensors`")
+    );
 }
