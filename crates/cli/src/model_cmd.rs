@@ -1,12 +1,216 @@
 //! `model inspect` and `model forward`: base checkpoints, for users and parity checks.
 
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Subcommand;
+use miette::{IntoDiagnostic, WrapErr};
+use slider_worker::forward::{read_tensors, write_tensors};
+use slider_worker::weights::TensorSource;
+use slider_worker::{Checkpoint, ModelSpec, StableDiffusion, check_keys, open_device};
 
 #[derive(Subcommand, Debug)]
-pub enum ModelCommand {}
+pub enum ModelCommand {
+    /// Show a checkpoint's detected architecture, parameter counts, dtypes and any missing or
+    /// unexpected keys. Exits 1 when the checkpoint would not load.
+    Inspect {
+        /// A single-file `.safetensors` checkpoint (original SD1.x/SDXL layout).
+        checkpoint: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run the model parts that the input tensors' names call for and write their outputs.
+    /// Names (diffusers' argument names): `sample`+`timestep`+`encoder_hidden_states`
+    /// (+`text_embeds`+`time_ids` for SDXL) -> UNet `noise_pred`; `input_ids`/`input_ids_2` ->
+    /// text encoders; `image` -> VAE `latent_mean`/`latent_logvar`; `latents` -> `decoded`.
+    /// See docs/models.md.
+    Forward {
+        /// A single-file `.safetensors` checkpoint.
+        checkpoint: PathBuf,
+        /// Input tensors by name (safetensors; f32, f16, bf16 or integer ids).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Where to write the outputs (safetensors, f32).
+        #[arg(long)]
+        out: PathBuf,
+        /// Compute device: `cpu`, `wgpu:N` or `cuda:N` (GPU builds only).
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
 
 pub fn run(cmd: ModelCommand) -> miette::Result<ExitCode> {
-    match cmd {}
+    match cmd {
+        ModelCommand::Inspect { checkpoint, json } => inspect(&checkpoint, json),
+        ModelCommand::Forward {
+            checkpoint,
+            inputs,
+            out,
+            device,
+        } => forward(&checkpoint, &inputs, &out, &device),
+    }
+}
+
+fn inspect(path: &Path, json: bool) -> miette::Result<ExitCode> {
+    let ckpt = Checkpoint::open(path).into_diagnostic()?;
+    let spec = ModelSpec::detect(&ckpt).into_diagnostic()?;
+    let report = check_keys(&ckpt, &spec);
+
+    let prefixes = spec.part_prefixes();
+    let mut parts: Vec<serde_json::Value> = Vec::new();
+    for (part, prefix) in &prefixes {
+        let mut params = 0usize;
+        let mut tensors = 0usize;
+        let mut dtypes: BTreeMap<String, usize> = BTreeMap::new();
+        for key in ckpt.keys().filter(|k| k.starts_with(prefix)) {
+            tensors += 1;
+            params += ckpt
+                .shape_of(key)
+                .map(|s| s.iter().product::<usize>())
+                .unwrap_or(0);
+            *dtypes
+                .entry(ckpt.dtype(key).unwrap_or_default())
+                .or_default() += 1;
+        }
+        parts.push(serde_json::json!({
+            "part": part, "prefix": prefix, "parameters": params, "tensors": tensors, "dtypes": dtypes,
+        }));
+    }
+    let other: Vec<&str> = ckpt
+        .keys()
+        .filter(|k| !prefixes.iter().any(|(_, p)| k.starts_with(p)))
+        .collect();
+
+    if json {
+        let value = serde_json::json!({
+            "checkpoint": path,
+            "architecture": spec.name(),
+            "spec": spec,
+            "scaling_factor": spec.family.scaling_factor(),
+            "parts": parts,
+            "other_keys": other,
+            "keys": report,
+        });
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value).into_diagnostic()?
+        );
+    } else {
+        println!("checkpoint    {}", path.display());
+        println!("architecture  {} ({:?} family)", spec.name(), spec.family);
+        println!(
+            "unet          channels {} x {:?}, res blocks {}, transformer depth {:?} / middle {}, heads {:?}, context {}, {} projection{}",
+            spec.unet.model_channels,
+            spec.unet.channel_mult,
+            spec.unet.num_res_blocks,
+            spec.unet.transformer_depth,
+            spec.unet.transformer_depth_middle,
+            spec.unet.heads,
+            spec.unet.context_dim,
+            if spec.unet.use_linear_projection {
+                "linear"
+            } else {
+                "conv"
+            },
+            spec.unet
+                .adm_in_channels
+                .map(|a| format!(", added conditioning {a}"))
+                .unwrap_or_default()
+        );
+        println!("latent scale  {}", spec.family.scaling_factor());
+        println!();
+        println!(
+            "{:<8} {:>15} {:>8}  dtypes",
+            "part", "parameters", "tensors"
+        );
+        for p in &parts {
+            println!(
+                "{:<8} {:>15} {:>8}  {}",
+                p["part"].as_str().unwrap_or(""),
+                group_digits(p["parameters"].as_u64().unwrap_or(0)),
+                p["tensors"].as_u64().unwrap_or(0),
+                p["dtypes"]
+                    .as_object()
+                    .map(|m| m
+                        .iter()
+                        .map(|(k, v)| format!("{k} x{v}"))
+                        .collect::<Vec<_>>()
+                        .join(", "))
+                    .unwrap_or_default()
+            );
+        }
+        if spec.vae.is_none() {
+            println!("{:<8} absent (no first_stage_model.* keys)", "vae");
+        }
+        if spec.text_l.is_none() {
+            println!("{:<8} absent (no CLIP-L keys)", "text_l");
+        }
+        if !other.is_empty() {
+            println!(
+                "other    {} keys outside the model parts (not loaded), e.g. {}",
+                other.len(),
+                other.iter().take(3).cloned().collect::<Vec<_>>().join(", ")
+            );
+        }
+        println!();
+        if report.is_clean() {
+            println!("keys          all present, none unexpected");
+        } else {
+            println!("keys          the checkpoint does not load:");
+            print!("{report}");
+        }
+    }
+    Ok(if report.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn group_digits(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push('_');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn forward(path: &Path, inputs_path: &Path, out: &Path, device: &str) -> miette::Result<ExitCode> {
+    let device = open_device(device).into_diagnostic()?;
+    let inputs = read_tensors(inputs_path).into_diagnostic()?;
+    let spinner = spinner("loading checkpoint");
+    let ckpt = Checkpoint::open(path).into_diagnostic()?;
+    let model = StableDiffusion::load(&ckpt, &device).into_diagnostic()?;
+    spinner.set_message("running forward passes");
+    let outputs = model
+        .forward_named(&inputs, &device)
+        .into_diagnostic()
+        .wrap_err_with(|| format!("inputs from {}", inputs_path.display()))?;
+    spinner.finish_and_clear();
+    let names: Vec<String> = outputs.keys().cloned().collect();
+    write_tensors(out, outputs).into_diagnostic()?;
+    eprintln!(
+        "wrote {} output tensors to {}: {}",
+        names.len(),
+        out.display(),
+        names.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn spinner(message: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(message.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    bar
 }
