@@ -26,6 +26,7 @@ pub mod device;
 pub mod forward;
 pub mod layers;
 pub mod tokenizer;
+pub mod train;
 pub mod unet;
 pub mod vae;
 pub mod weights;
