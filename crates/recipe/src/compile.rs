@@ -639,14 +639,15 @@ fn expand_template(t: &Entry, cx: &Context<'_>, out: &mut Vec<Expanded>, diags: 
             entries.push(d.clone());
         }
     }
-    if let Some(base) = cx.base {
-        if KINDS_WITH_BASE.contains(&kind) && !entries.iter().any(|e| e.key == "base") {
-            entries.push(Entry {
-                key: "base".into(),
-                key_span: base.span,
-                value: base.clone(),
-            });
-        }
+    if let Some(base) = cx.base
+        && KINDS_WITH_BASE.contains(&kind)
+        && !entries.iter().any(|e| e.key == "base")
+    {
+        entries.push(Entry {
+            key: "base".into(),
+            key_span: base.span,
+            value: base.clone(),
+        });
     }
 
     let mut name_refs = expand::var_refs(&t.key, t.key_span, cx.sources.text(t.key_span.src));
@@ -1077,10 +1078,10 @@ fn topological_order(expanded: &[Expanded], refs: &[RefUse]) -> Vec<usize> {
     let mut consumers: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); expanded.len()];
     let mut pending = vec![0usize; expanded.len()];
     for r in refs {
-        if let (Some(&from), Some(&to)) = (index.get(r.from.as_str()), index.get(r.to.as_str())) {
-            if consumers[to].insert(from) {
-                pending[from] += 1;
-            }
+        if let (Some(&from), Some(&to)) = (index.get(r.from.as_str()), index.get(r.to.as_str()))
+            && consumers[to].insert(from)
+        {
+            pending[from] += 1;
         }
     }
     let mut ready: BTreeSet<usize> = (0..expanded.len()).filter(|&i| pending[i] == 0).collect();

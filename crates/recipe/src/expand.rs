@@ -316,7 +316,7 @@ pub(crate) fn bindings(used: &[(String, Vec<Yaml>)]) -> Vec<Vec<(String, Yaml)>>
 }
 
 /// Suggestion for an unknown name among `candidates`, or a list of them.
-pub(crate) fn suggest<'a>(word: &str, what: &str, candidates: &[&'a str]) -> String {
+pub(crate) fn suggest(word: &str, what: &str, candidates: &[&str]) -> String {
     did_you_mean(word, candidates.iter().copied()).unwrap_or_else(|| {
         if candidates.is_empty() {
             format!("there are no {what}")

@@ -533,19 +533,20 @@ fn models_and_ratios(f: &mut Fields<'_>) -> (Vec<Input>, Vec<f64>) {
     let models_span = f.get("models").map(|y| y.span);
     let ratios = match f.numbers("ratios") {
         Some((r, span)) => {
-            if let Some(ms) = models_span {
-                if !models.is_empty() && r.len() != models.len() {
-                    f.diags.push(
-                        Diag::new(
-                            "recipe::ratio_count",
-                            format!("{} models but {} ratios", models.len(), r.len()),
-                            span,
-                            format!("{} ratios", r.len()),
-                        )
-                        .with_label(ms, format!("{} models", models.len()))
-                        .help("give one ratio per model, in the same order"),
-                    );
-                }
+            if let Some(ms) = models_span
+                && !models.is_empty()
+                && r.len() != models.len()
+            {
+                f.diags.push(
+                    Diag::new(
+                        "recipe::ratio_count",
+                        format!("{} models but {} ratios", models.len(), r.len()),
+                        span,
+                        format!("{} ratios", r.len()),
+                    )
+                    .with_label(ms, format!("{} models", models.len()))
+                    .help("give one ratio per model, in the same order"),
+                );
             }
             r
         }
@@ -1060,15 +1061,15 @@ fn xy_plot(f: &mut Fields<'_>) -> XyPlotParams {
             );
         }
     }
-    if let (Some((xa, _)), Some((ya, yspan))) = (&x, &y) {
-        if axis_name(xa) == axis_name(ya) {
-            f.bad_value(
-                *yspan,
-                format!("`x` and `y` both vary `{}`", axis_name(ya)),
-                "same axis as `x`",
-                "vary something else on `y`, e.g. `{seed: [1, 2, 3]}`".into(),
-            );
-        }
+    if let (Some((xa, _)), Some((ya, yspan))) = (&x, &y)
+        && axis_name(xa) == axis_name(ya)
+    {
+        f.bad_value(
+            *yspan,
+            format!("`x` and `y` both vary `{}`", axis_name(ya)),
+            "same axis as `x`",
+            "vary something else on `y`, e.g. `{seed: [1, 2, 3]}`".into(),
+        );
     }
     let steps = f.count_or("steps", 20, 1);
     let cfg_scale = f.f64_or("cfg_scale", 7.0);
@@ -1076,7 +1077,7 @@ fn xy_plot(f: &mut Fields<'_>) -> XyPlotParams {
     let mut size = |key: &str| {
         let v = f.count_or(key, 512, 8);
         match f.get(key).map(|y| y.span) {
-            Some(span) if v % 8 != 0 => {
+            Some(span) if !v.is_multiple_of(8) => {
                 f.bad_value(
                     span,
                     format!("`{key}` must be a multiple of 8, found {v}"),

@@ -245,15 +245,15 @@ pub fn substitute_placeholders(
             rest = &tail[2..];
             continue;
         }
-        if tail.starts_with('{') {
-            let name_len = tail[1..]
+        if let Some(after) = tail.strip_prefix('{') {
+            let name_len = after
                 .bytes()
                 .take_while(|b| b.is_ascii_alphanumeric() || *b == b'_')
                 .count();
-            if name_len > 0 && tail[1 + name_len..].starts_with('}') {
-                let name = &tail[1..1 + name_len];
+            if let (true, Some(next)) = (name_len > 0, after[name_len..].strip_prefix('}')) {
+                let name = &after[..name_len];
                 out.push_str(&lookup(name).ok_or_else(|| name.to_owned())?);
-                rest = &tail[name_len + 2..];
+                rest = next;
                 continue;
             }
         }

@@ -1,8 +1,6 @@
 //! A YAML document tree in which every value and every mapping key keeps its byte span, so
 //! that any later error can point at the exact text. Built from `saphyr-parser` events.
 
-use std::borrow::Cow;
-
 use saphyr_parser::{Event, Parser, ScalarStyle, ScanError, Span as YamlSpan};
 
 use crate::diag::{Diag, SourceId, Span};
@@ -283,8 +281,7 @@ impl<'a> Builder<'a> {
 }
 
 /// YAML 1.2 core schema resolution of an unquoted scalar.
-fn resolve_plain(text: &Cow<'_, str>) -> Value {
-    let s = text.as_ref();
+fn resolve_plain(s: &str) -> Value {
     match s {
         "" | "~" | "null" | "Null" | "NULL" => return Value::Null,
         "true" | "True" | "TRUE" => return Value::Bool(true),
@@ -297,18 +294,20 @@ fn resolve_plain(text: &Cow<'_, str>) -> Value {
         _ => {}
     }
     let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
-    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
-        if let Ok(i) = s.parse::<i64>() {
-            return Value::Int(i);
-        }
+    if !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && let Ok(i) = s.parse::<i64>()
+    {
+        return Value::Int(i);
     }
     let numeric_chars = s
         .bytes()
         .all(|b| b.is_ascii_digit() || matches!(b, b'-' | b'+' | b'.' | b'e' | b'E'));
-    if numeric_chars && s.bytes().any(|b| b.is_ascii_digit()) {
-        if let Ok(f) = s.parse::<f64>() {
-            return Value::Float(f);
-        }
+    if numeric_chars
+        && s.bytes().any(|b| b.is_ascii_digit())
+        && let Ok(f) = s.parse::<f64>()
+    {
+        return Value::Float(f);
     }
     Value::Str(s.to_owned())
 }

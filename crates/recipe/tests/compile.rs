@@ -187,8 +187,14 @@ nodes:
 #[test]
 fn training_options_are_normalised_like_kohya() {
     let dir = Dir::new(FILES);
-    // (node parameters, expected scheduler, optimizer, optimizer_args)
-    let cases: &[(&str, &str, &str, &[(&str, &str)])] = &[
+    /// (node parameters, expected scheduler, optimizer, optimizer_args)
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+    );
+    let cases: &[Case] = &[
         ("lr_warmup_steps: 20", "constant_with_warmup", "AdamW", &[]),
         (
             "{lr_warmup_steps: 20, lr_scheduler: cosine}",
