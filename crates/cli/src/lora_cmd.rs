@@ -1,12 +1,408 @@
-//! `svd-merge`, `merge`, `resize`, `inspect`, `bench lora`: the LoRA tools standalone.
+//! `svd-merge`, `merge`, `resize`, `inspect`, `bench lora`: the LoRA tools standalone, with
+//! kohya-ss/sd-scripts' flag names (snake_case as kohya spells them; kebab-case accepted).
 
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Subcommand;
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use miette::{IntoDiagnostic, Result, WrapErr, miette};
+use slider_lora::{
+    DynamicMethod, Lora, ModuleResizeStats, Precision, ResizeOptions, SvdMergeOptions, inspect,
+};
 
 #[derive(Subcommand, Debug)]
-pub enum LoraCommand {}
+pub enum LoraCommand {
+    /// Merge LoRAs by SVD, as kohya's `networks/svd_merge_lora.py`, exactly and fast.
+    ///
+    /// delta = sum ratio_i * delta_i, re-factored to --new_rank (--new_conv_rank for 3x3
+    /// convs) by an exact SVD of the stacked factors, then kohya's 0.99-quantile clamp
+    /// (--no_clamp turns it off). alpha = rank.
+    #[command(name = "svd-merge")]
+    SvdMerge(SvdMergeArgs),
+    /// Merge LoRAs exactly: the result's delta is sum ratio_i * delta_i.
+    ///
+    /// Ranks are concatenated (rank = sum of the inputs' ranks) with each ratio and
+    /// alpha/rank folded into the factors, like kohya's `merge_lora.py --concat`. (Without
+    /// --concat kohya adds the factors themselves, which is not a sum of deltas.)
+    Merge(MergeArgs),
+    /// Change a LoRA's rank, as kohya's `networks/resize_lora.py` (exact SVD always).
+    ///
+    /// With --dynamic_method the rank of each module is chosen from its singular values
+    /// (at most --new_rank); alpha is rescaled so the kept delta is unchanged. The global
+    /// --verbose prints kohya's per-module table and the Frobenius retention statistics.
+    Resize(ResizeArgs),
+    /// Show a LoRA's layout, modules, ranks, alphas, dtypes, metadata and delta norms.
+    Inspect(InspectArgs),
+    /// Benchmarks of the fast paths against the dense path kohya takes.
+    Bench(BenchArgs),
+}
 
-pub fn run(cmd: LoraCommand, _verbose: bool) -> miette::Result<ExitCode> {
-    match cmd {}
+#[derive(Args, Debug)]
+pub struct SvdMergeArgs {
+    /// LoRA files to merge.
+    #[arg(long, num_args = 1.., required = true)]
+    models: Vec<PathBuf>,
+    /// One ratio per model (negative values subtract).
+    #[arg(long, num_args = 1.., required = true, allow_negative_numbers = true)]
+    ratios: Vec<f64>,
+    /// Rank of linear and 1x1-conv modules.
+    #[arg(long = "new_rank", visible_alias = "new-rank", default_value_t = 4)]
+    new_rank: usize,
+    /// Rank of 3x3-conv modules [default: --new_rank].
+    #[arg(long = "new_conv_rank", visible_alias = "new-conv-rank")]
+    new_conv_rank: Option<usize>,
+    /// Output file.
+    #[arg(long = "save_to", visible_alias = "save-to")]
+    save_to: PathBuf,
+    /// kohya's merge precision; computation is always f32/f64 here, so this only sets the
+    /// default of --save_precision.
+    #[arg(long, default_value = "float", value_parser = parse_precision)]
+    precision: Precision,
+    /// Precision of the saved weights: float, fp16 or bf16 [default: --precision].
+    #[arg(long = "save_precision", visible_alias = "save-precision", value_parser = parse_precision)]
+    save_precision: Option<Precision>,
+    /// Quantile of kohya's clamp of the new factors.
+    #[arg(long = "clamp_quantile", visible_alias = "clamp-quantile", default_value_t = 0.99)]
+    clamp_quantile: f64,
+    /// Keep the exact SVD factors (no clamp).
+    #[arg(long = "no_clamp", visible_alias = "no-clamp")]
+    no_clamp: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// LoRA files to merge.
+    #[arg(long, num_args = 1.., required = true)]
+    models: Vec<PathBuf>,
+    /// One ratio per model (negative values subtract).
+    #[arg(long, num_args = 1.., required = true, allow_negative_numbers = true)]
+    ratios: Vec<f64>,
+    /// Output file.
+    #[arg(long = "save_to", visible_alias = "save-to")]
+    save_to: PathBuf,
+    /// Sets the default of --save_precision (computation is always f32).
+    #[arg(long, default_value = "float", value_parser = parse_precision)]
+    precision: Precision,
+    /// Precision of the saved weights: float, fp16 or bf16 [default: --precision].
+    #[arg(long = "save_precision", visible_alias = "save-precision", value_parser = parse_precision)]
+    save_precision: Option<Precision>,
+}
+
+#[derive(Args, Debug)]
+pub struct ResizeArgs {
+    /// The LoRA file to resize.
+    #[arg(long)]
+    model: PathBuf,
+    /// Output file.
+    #[arg(long = "save_to", visible_alias = "save-to")]
+    save_to: PathBuf,
+    /// New rank of linear modules (the maximum with --dynamic_method).
+    #[arg(long = "new_rank", visible_alias = "new-rank", default_value_t = 4)]
+    new_rank: usize,
+    /// New rank of conv modules, 1x1 and 3x3 [default: --new_rank].
+    #[arg(long = "new_conv_rank", visible_alias = "new-conv-rank")]
+    new_conv_rank: Option<usize>,
+    /// Precision of the saved weights and alphas: float, fp16 or bf16.
+    #[arg(long = "save_precision", visible_alias = "save-precision", default_value = "float", value_parser = parse_precision)]
+    save_precision: Precision,
+    /// Choose each module's rank from its singular values.
+    #[arg(long = "dynamic_method", visible_alias = "dynamic-method", value_enum)]
+    dynamic_method: Option<DynamicName>,
+    /// Target of the dynamic method (e.g. 0.75 for sv_fro).
+    #[arg(long = "dynamic_param", visible_alias = "dynamic-param")]
+    dynamic_param: Option<f64>,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum DynamicName {
+    #[value(name = "sv_ratio")]
+    SvRatio,
+    #[value(name = "sv_fro")]
+    SvFro,
+    #[value(name = "sv_cumulative")]
+    SvCumulative,
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    /// The LoRA file.
+    file: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// What to benchmark.
+    #[arg(value_enum)]
+    target: BenchTarget,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum BenchTarget {
+    /// The method's merge chain on synthetic SDXL LoRAs, fast path vs dense path.
+    Lora,
+}
+
+fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
+    s.parse().map_err(|e: slider_lora::LoraError| e.to_string())
+}
+
+pub fn run(cmd: LoraCommand, verbose: bool) -> Result<ExitCode> {
+    match cmd {
+        LoraCommand::SvdMerge(args) => svd_merge(args),
+        LoraCommand::Merge(args) => merge(args),
+        LoraCommand::Resize(args) => resize(args, verbose),
+        LoraCommand::Inspect(args) => inspect(args),
+        LoraCommand::Bench(args) => match args.target {
+            BenchTarget::Lora => bench_lora(),
+        },
+    }
+}
+
+/// A spinner on stderr, drawn only when stderr is a terminal.
+fn spinner(message: &str) -> ProgressBar {
+    let bar = ProgressBar::new_spinner();
+    if std::io::stderr().is_terminal() {
+        bar.set_draw_target(ProgressDrawTarget::stderr());
+        bar.enable_steady_tick(Duration::from_millis(120));
+    } else {
+        bar.set_draw_target(ProgressDrawTarget::hidden());
+    }
+    if let Ok(style) = ProgressStyle::with_template("{spinner} {msg} [{elapsed}]") {
+        bar.set_style(style);
+    }
+    bar.set_message(message.to_string());
+    bar
+}
+
+fn load_all(paths: &[PathBuf], bar: &ProgressBar) -> Result<Vec<Lora>> {
+    paths
+        .iter()
+        .map(|p| {
+            bar.set_message(format!("reading {}", p.display()));
+            Lora::load(p).map_err(|e| miette!("{e}"))
+        })
+        .collect()
+}
+
+fn save(lora: &Lora, path: &Path, precision: Precision, bar: &ProgressBar) -> Result<()> {
+    bar.set_message(format!("writing {}", path.display()));
+    lora.save(path, precision).map_err(|e| miette!("{e}"))?;
+    bar.finish_and_clear();
+    println!(
+        "wrote {} ({} modules, {precision})",
+        path.display(),
+        lora.modules.len()
+    );
+    Ok(())
+}
+
+fn svd_merge(args: SvdMergeArgs) -> Result<ExitCode> {
+    let bar = spinner("svd-merge");
+    let loras = load_all(&args.models, &bar)?;
+    let refs: Vec<&Lora> = loras.iter().collect();
+    let opts = SvdMergeOptions {
+        new_rank: args.new_rank,
+        new_conv_rank: args.new_conv_rank.unwrap_or(args.new_rank),
+        clamp_quantile: (!args.no_clamp).then_some(args.clamp_quantile),
+    };
+    bar.set_message("merging");
+    let merged = slider_lora::svd_merge(&refs, &args.ratios, &opts).map_err(|e| miette!("{e}"))?;
+    tracing::info!(modules = merged.modules.len(), "svd-merged");
+    let precision = args.save_precision.unwrap_or(args.precision);
+    save(&merged, &args.save_to, precision, &bar)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn merge(args: MergeArgs) -> Result<ExitCode> {
+    let bar = spinner("merge");
+    let loras = load_all(&args.models, &bar)?;
+    let refs: Vec<&Lora> = loras.iter().collect();
+    bar.set_message("merging");
+    let merged = slider_lora::merge(&refs, &args.ratios).map_err(|e| miette!("{e}"))?;
+    let precision = args.save_precision.unwrap_or(args.precision);
+    save(&merged, &args.save_to, precision, &bar)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resize(args: ResizeArgs, verbose: bool) -> Result<ExitCode> {
+    let dynamic = match (args.dynamic_method, args.dynamic_param) {
+        (None, _) => None,
+        (Some(_), None) => {
+            return Err(miette!(
+                "--dynamic_method needs --dynamic_param (e.g. --dynamic_param 0.75 for sv_fro)"
+            ));
+        }
+        (Some(DynamicName::SvRatio), Some(p)) => Some(DynamicMethod::SvRatio(p)),
+        (Some(DynamicName::SvFro), Some(p)) => Some(DynamicMethod::SvFro(p)),
+        (Some(DynamicName::SvCumulative), Some(p)) => Some(DynamicMethod::SvCumulative(p)),
+    };
+    let bar = spinner("resize");
+    let lora = load_all(std::slice::from_ref(&args.model), &bar)?
+        .pop()
+        .ok_or_else(|| miette!("nothing loaded"))?;
+    let opts = ResizeOptions {
+        new_rank: args.new_rank,
+        new_conv_rank: args.new_conv_rank.unwrap_or(args.new_rank),
+        dynamic,
+    };
+    bar.set_message("resizing");
+    let (resized, stats) = slider_lora::resize(&lora, &opts).map_err(|e| miette!("{e}"))?;
+    if verbose {
+        bar.suspend(|| print_resize_table(&stats, dynamic.is_some()));
+    }
+    save(&resized, &args.save_to, args.save_precision, &bar)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// kohya's `--verbose` output of `resize_lora.py`.
+fn print_resize_table(stats: &[ModuleResizeStats], dynamic: bool) {
+    let pct = |x: f64| format!("{:.1}%", x * 100.0);
+    for s in stats {
+        let mut line = format!(
+            "{:75} | sum(S) retained: {}, fro retained: {}, max(S) ratio: {:.1}",
+            s.name,
+            pct(s.sum_retained),
+            pct(s.fro_retained),
+            s.max_ratio
+        );
+        if dynamic {
+            line.push_str(&format!(
+                ", dynamic | dim: {}, alpha: {}",
+                s.new_rank,
+                python_float(f64::from(s.new_alpha))
+            ));
+        }
+        println!("{line}");
+    }
+    let fro: Vec<f64> = stats
+        .iter()
+        .map(|s| s.fro_retained)
+        .filter(|x| !x.is_nan())
+        .collect();
+    let n = fro.len().max(1) as f64;
+    let mean = fro.iter().sum::<f64>() / n;
+    let std = (fro.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n).sqrt();
+    println!(
+        "Average Frobenius norm retention: {:.2}% | std: {std:.3}",
+        mean * 100.0
+    );
+}
+
+/// Python's `str(float)` for the values kohya prints (alphas): `.0` on integers.
+fn python_float(x: f64) -> String {
+    if x.fract() == 0.0 && x.abs() < 1e16 {
+        format!("{x:.1}")
+    } else {
+        format!("{x}")
+    }
+}
+
+fn inspect(args: InspectArgs) -> Result<ExitCode> {
+    let bar = spinner(&format!("reading {}", args.file.display()));
+    let lora = Lora::load(&args.file).map_err(|e| miette!("{e}"))?;
+    bar.set_message("computing delta norms");
+    let summary = inspect::summarize(&lora);
+    bar.finish_and_clear();
+    if args.json {
+        let mut value = serde_json::to_value(&summary).into_diagnostic()?;
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert(
+                "file".into(),
+                serde_json::Value::String(args.file.display().to_string()),
+            );
+        }
+        let text = serde_json::to_string_pretty(&value)
+            .into_diagnostic()
+            .wrap_err("serialising the summary")?;
+        println!("{text}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let counts = |m: &std::collections::BTreeMap<String, usize>| {
+        m.iter()
+            .map(|(k, v)| format!("{k} x{v}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!("file:     {}", args.file.display());
+    let te = if summary.text_encoders.is_empty() {
+        String::new()
+    } else {
+        format!(" + text encoders {}", summary.text_encoders.join(", "))
+    };
+    println!("layout:   {}{te}", summary.layout);
+    println!(
+        "modules:  {} ({})",
+        summary.module_count,
+        counts(&summary.kinds)
+    );
+    let ranks: std::collections::BTreeMap<String, usize> = summary
+        .ranks
+        .iter()
+        .map(|(k, v)| (k.to_string(), *v))
+        .collect();
+    println!("ranks:    {}", counts(&ranks));
+    println!("alphas:   {}", counts(&summary.alphas));
+    println!("dtypes:   {}", counts(&summary.dtypes));
+    println!("metadata: {} keys", summary.metadata.len());
+    for (k, v) in &summary.metadata {
+        let shown: String = v.chars().take(120).collect();
+        let more = if v.chars().count() > 120 { "…" } else { "" };
+        println!("  {k} = {shown}{more}");
+    }
+    println!();
+    println!(
+        "{:<80} {:<8} {:>12} {:>5} {:>8} {:>12}",
+        "module", "kind", "out x in", "rank", "alpha", "|delta|_F"
+    );
+    for m in &summary.modules {
+        println!(
+            "{:<80} {:<8} {:>12} {:>5} {:>8} {:>12.6}",
+            m.name,
+            m.kind,
+            format!("{}x{}", m.out_dim, m.in_dim),
+            m.rank,
+            m.alpha,
+            m.delta_norm
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bench_lora() -> Result<ExitCode> {
+    let bar = spinner("bench lora");
+    let rows = slider_lora::bench::run_lora_bench(&mut |step: &str| {
+        tracing::info!("{step}");
+        bar.set_message(step.to_string());
+    })
+    .map_err(|e| miette!("{e}"))?;
+    bar.finish_and_clear();
+    println!(
+        "| {:<44} | {:>13} | {:>14} | {:>7} |",
+        "operation", "fast path (s)", "dense path (s)", "ratio"
+    );
+    println!("|{:-<46}|{:->15}|{:->16}|{:->9}|", "", "", "", "");
+    for r in &rows {
+        println!(
+            "| {:<44} | {:>13.3} | {:>14.1} | {:>6.0}x |",
+            r.operation,
+            r.fast.as_secs_f64(),
+            r.dense.as_secs_f64(),
+            r.ratio()
+        );
+    }
+    if let Some(first) = rows.first() {
+        println!(
+            "\n{} modules per LoRA (SDXL layout, rank 4, alpha 1). Dense path (kohya's: full \
+             out x in f32 delta, thin SVD) timed on one module per shape class \
+             ({} classes) and extrapolated by class size; fast path timed on every module.",
+            first.modules, first.dense_modules_timed
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
