@@ -1,1 +1,156 @@
-//! End-to-end tests of the `lora_tools` commands.
+//! End-to-end tests of the LoRA tools: `svd-merge`, `merge`, `resize`, `inspect` run as a
+//! user runs them, on the demo LoRAs in `assets/loras` and on generated real-layout files.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use slider_lora::synth::{self, Layout};
+use slider_lora::{Lora, Precision, SvdMergeOptions};
+
+use crate::slider_run;
+
+fn asset(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../assets/loras")
+        .join(name)
+}
+
+fn run(args: &[&str]) -> Output {
+    slider_run().args(args).output().expect("binary runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fails(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(!out.status.success(), "{args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+#[test]
+fn the_methods_svd_merge_matches_the_library_bit_for_bit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = dir.path().join("slider_front.safetensors");
+    let (big, small) = (asset("big_front.safetensors"), asset("small_front.safetensors"));
+    // kohya's spelling and the kebab-case spelling of the same flags.
+    ok(&[
+        "svd-merge", "--models", s(&big), s(&small), "--ratios", "1.5", "-1.5",
+        "--new_rank", "8", "--save_to", s(&out),
+    ]);
+    let kebab = dir.path().join("kebab.safetensors");
+    ok(&[
+        "svd-merge", "--models", s(&big), s(&small), "--ratios", "1.5", "-1.5",
+        "--new-rank", "8", "--save-to", s(&kebab),
+    ]);
+    let written = std::fs::read(&out).expect("written");
+    assert_eq!(written, std::fs::read(&kebab).expect("written"));
+
+    let inputs = [Lora::load(&big).expect("big"), Lora::load(&small).expect("small")];
+    let opts = SvdMergeOptions { new_rank: 8, new_conv_rank: 8, clamp_quantile: Some(0.99) };
+    let want = slider_lora::svd_merge(&[&inputs[0], &inputs[1]], &[1.5, -1.5], &opts)
+        .expect("merges");
+    assert_eq!(written, want.to_bytes(Precision::F32));
+}
+
+#[test]
+fn merge_resize_and_inspect_chain() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let merged = dir.path().join("merged.safetensors");
+    let resized = dir.path().join("resized.safetensors");
+    let (big, small) = (asset("big_side.safetensors"), asset("small_side.safetensors"));
+    ok(&[
+        "merge", "--models", s(&big), s(&small), "--ratios", "1", "-1", "--save_to", s(&merged),
+    ]);
+    let exact = Lora::load(&merged).expect("loads");
+    assert!(exact.modules.values().all(|m| m.rank == 8));
+
+    let table = ok(&[
+        "resize", "--model", s(&merged), "--save_to", s(&resized), "--new_rank", "4",
+        "--dynamic_method", "sv_fro", "--dynamic_param", "0.75", "--save_precision", "fp16",
+        "--verbose",
+    ]);
+    assert!(table.contains("lora_unet_mid_block_attentions_0_proj_in"), "{table}");
+    assert!(table.contains("sum(S) retained: "), "{table}");
+    assert!(table.contains(", dynamic | dim: "), "{table}");
+    assert!(table.contains("Average Frobenius norm retention: "), "{table}");
+
+    let json = ok(&["inspect", s(&resized), "--json"]);
+    let v: serde_json::Value = serde_json::from_str(&json).expect("json");
+    assert_eq!(v["layout"], "tiny test UNet");
+    assert_eq!(v["module_count"], 38);
+    assert_eq!(v["dtypes"]["F16"], 38);
+    assert_eq!(v["metadata"]["ss_network_dim"], "Dynamic");
+    let ranks = v["modules"]
+        .as_array()
+        .expect("modules")
+        .iter()
+        .map(|m| m["rank"].as_u64().expect("rank"));
+    assert!(ranks.into_iter().all(|r| (1..=4).contains(&r)));
+
+    let text = ok(&["inspect", s(&resized)]);
+    for needle in ["layout:   tiny test UNet", "modules:  38", "dtypes:   F16 x38", "|delta|_F"] {
+        assert!(text.contains(needle), "`{needle}` missing from\n{text}");
+    }
+}
+
+#[test]
+fn real_layout_files_are_detected() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("sd1.safetensors");
+    synth::random_lora(Layout::Sd1, 1, 1.0, 3)
+        .save(&path, Precision::F16)
+        .expect("saves");
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", "--json", s(&path)])).expect("json");
+    assert_eq!(v["layout"], "SD1.x UNet");
+    assert_eq!(v["module_count"], 192);
+    assert_eq!(v["kinds"]["conv1x1"], 32);
+}
+
+#[test]
+fn user_errors_are_reported_with_their_cause() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sd1 = dir.path().join("sd1.safetensors");
+    synth::random_lora(Layout::Sd1, 1, 1.0, 1).save(&sd1, Precision::F16).expect("saves");
+    let broken = dir.path().join("broken.safetensors");
+    let bytes = std::fs::read(asset("big_front.safetensors")).expect("asset");
+    std::fs::write(&broken, &bytes[..bytes.len() / 2]).expect("writes");
+    let out = dir.path().join("out.safetensors");
+    let tiny = asset("big_front.safetensors");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["svd-merge", "--models", s(&sd1), s(&tiny), "--ratios", "1", "1", "--save_to", s(&out)],
+            "cannot combine a SD1.x UNet LoRA (input 1",
+        ),
+        (
+            vec!["merge", "--models", s(&tiny), "--ratios", "1", "2", "--save_to", s(&out)],
+            "1 models but 2 ratios",
+        ),
+        (vec!["inspect", s(&broken)], "is truncated"),
+        (
+            vec!["resize", "--model", s(&tiny), "--save_to", s(&out), "--dynamic_method", "sv_fro"],
+            "--dynamic_method needs --dynamic_param",
+        ),
+        (
+            vec!["resize", "--model", s(&tiny), "--save_to", s(&out), "--save_precision", "fp8"],
+            "unknown precision `fp8`",
+        ),
+    ];
+    for (args, needle) in cases {
+        let stderr = fails(&args);
+        assert!(stderr.contains(needle), "{args:?}: `{needle}` missing from\n{stderr}");
+    }
+    assert!(!out.exists(), "a failed command left an output behind");
+}
