@@ -11,7 +11,12 @@ use clap::{Parser, Subcommand};
 
 /// Declarative, cached, resumable slider-LoRA pipelines.
 #[derive(Parser, Debug)]
-#[command(name = "slider-run", version, about, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "slider-run",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     /// Increase log detail (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -42,7 +47,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
-        Some(Command::Pipeline(cmd)) => pipeline_cmd::run(cmd),
+        Some(Command::Pipeline(cmd)) => pipeline_cmd::run(cmd, cli.quiet),
         Some(Command::Lora(cmd)) => lora_cmd::run(cmd, cli.verbose > 0),
         Some(Command::Model(cmd)) => model_cmd::run(cmd),
         None => pipeline_cmd::run_recipe(cli.run, cli.quiet),

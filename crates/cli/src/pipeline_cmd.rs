@@ -1,32 +1,463 @@
 //! Running recipes: run (the default), status, explain, verify, gc, and the worker process.
 
-use std::path::PathBuf;
+#[path = "pipeline/progress.rs"]
+mod progress;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
+use miette::{IntoDiagnostic, WrapErr};
+use serde_json::json;
+use slider_engine::inspect::{self, Freshness};
+use slider_engine::protocol::{self, WorkerKind};
+use slider_engine::verify::{self, Verdict};
+use slider_engine::{CancelToken, Lockfile, RunOptions, RunSummary, Store, lockfile_path};
+use slider_recipe::Plan;
+
+/// The node kinds this build's worker (`slider-run worker`) executes, with their code
+/// versions. The one place the worker crate extends when it gains a trainer or sampler.
+pub fn worker_kinds() -> Vec<WorkerKind> {
+    Vec::new()
+}
 
 /// Arguments of the default command: `slider-run RECIPE`.
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// The recipe to run.
     pub recipe: Option<PathBuf>,
+    /// Show what would run and why; execute nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    #[command(flatten)]
+    pub plan: PlanArgs,
+    #[command(flatten)]
+    pub exec: ExecArgs,
+    /// Print one JSON object on stdout at the end (`ran`, `cached`, `failed`, `wall_s`, ...).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How a recipe is loaded and where its store is.
+#[derive(Args, Debug, Clone)]
+pub struct PlanArgs {
+    /// Override a recipe value, e.g. `--set train.max_train_steps=10` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// The store directory (default: `.slider/` next to the recipe).
+    #[arg(long, value_name = "DIR")]
+    pub store: Option<PathBuf>,
+}
+
+/// How nodes are executed.
+#[derive(Args, Debug, Clone)]
+pub struct ExecArgs {
+    /// In-process nodes (merges, resizes, commands) run at once [default: CPU count].
+    #[arg(long, short = 'j')]
+    pub jobs: Option<usize>,
+    /// Devices for GPU nodes, one worker each: `cpu`, `cuda:0,cuda:1`.
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    pub devices: Vec<String>,
+    /// Stop starting nodes after the first failure (default: independent branches go on).
+    #[arg(long)]
+    pub no_keep_going: bool,
+    /// Keep running independent branches after a failure (the default).
+    #[arg(long, overrides_with = "no_keep_going")]
+    pub keep_going: bool,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum PipelineCommand {}
-
-pub fn run(cmd: PipelineCommand) -> miette::Result<ExitCode> {
-    match cmd {}
+pub enum PipelineCommand {
+    /// Every node of a recipe: fresh / stale / failed / running.
+    Status {
+        recipe: PathBuf,
+        #[command(flatten)]
+        plan: PlanArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Why a node is (not) up to date: what changed since its last successful run.
+    Explain {
+        recipe: PathBuf,
+        node: String,
+        #[command(flatten)]
+        plan: PlanArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-execute a recipe without the store and compare with its lockfile (CI).
+    Verify {
+        recipe: PathBuf,
+        /// Only these nodes (and what they read); comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// Accept LoRA outputs whose deltas differ by at most this relative Frobenius error.
+        #[arg(long)]
+        tolerance: Option<f64>,
+        #[command(flatten)]
+        plan: PlanArgs,
+        #[command(flatten)]
+        exec: ExecArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Drop store entries that none of the given recipes' lockfiles (or lockfiles) reference.
+    Gc {
+        /// Recipes (their `.lock` files) or lockfiles whose results to keep.
+        #[arg(required = true)]
+        keep: Vec<PathBuf>,
+        /// The store (default: `.slider/` next to the first recipe).
+        #[arg(long)]
+        store: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve GPU nodes over JSON lines on stdin/stdout (started by the engine).
+    #[command(hide = true)]
+    Worker {
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
 }
 
-pub fn run_recipe(args: RunArgs, _quiet: bool) -> miette::Result<ExitCode> {
-    match args.recipe {
-        Some(recipe) => Err(miette::miette!(
-            "running recipes is not built yet ({})",
-            recipe.display()
-        )),
-        None => Err(miette::miette!(
-            "no recipe given; try `slider-run recipes/eyesize.yaml` or `slider-run --help`"
-        )),
+pub fn run(cmd: PipelineCommand, quiet: bool) -> miette::Result<ExitCode> {
+    match cmd {
+        PipelineCommand::Status { recipe, plan, json } => status(&recipe, &plan, json),
+        PipelineCommand::Explain {
+            recipe,
+            node,
+            plan,
+            json,
+        } => explain(&recipe, &node, &plan, json),
+        PipelineCommand::Verify {
+            recipe,
+            nodes,
+            tolerance,
+            plan,
+            exec,
+            json,
+        } => verify(&recipe, &nodes, tolerance, &plan, &exec, json, quiet),
+        PipelineCommand::Gc { keep, store, json } => gc(&keep, store, json),
+        PipelineCommand::Worker { device } => worker(&device),
     }
+}
+
+pub fn run_recipe(args: RunArgs, quiet: bool) -> miette::Result<ExitCode> {
+    let Some(recipe) = args.recipe else {
+        return Err(miette::miette!(
+            "no recipe given; try `slider-run recipes/eyesize.yaml` or `slider-run --help`"
+        ));
+    };
+    let plan = load(&recipe, &args.plan)?;
+    let store = store_root(&plan, &args.plan);
+    if args.dry_run {
+        return dry_run(&plan, &store, args.json);
+    }
+    let opts = run_options(&args.exec)?;
+    let bars = progress::Bars::new(quiet);
+    let summary = slider_engine::run(&plan, &store, &opts, &bars).into_diagnostic();
+    bars.finish();
+    let summary = summary?;
+    if args.json {
+        println!("{}", summary_json(&summary));
+    } else if !quiet {
+        print!("{}", summary_text(&summary));
+    } else {
+        eprint!("{}", failures_text(&summary));
+    }
+    Ok(if summary.interrupted {
+        ExitCode::from(130)
+    } else if summary.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn load(recipe: &Path, args: &PlanArgs) -> miette::Result<Plan> {
+    slider_recipe::load(recipe, &args.set).map_err(miette::Report::new)
+}
+
+fn store_root(plan: &Plan, args: &PlanArgs) -> PathBuf {
+    args.store
+        .clone()
+        .unwrap_or_else(|| Store::default_root(&plan.recipe_path))
+}
+
+fn run_options(exec: &ExecArgs) -> miette::Result<RunOptions> {
+    let cancel = CancelToken::new();
+    cancel
+        .cancel_on_signals()
+        .map_err(|e| miette::miette!("{e}"))?;
+    let exe = std::env::current_exe()
+        .into_diagnostic()
+        .wrap_err("locating the slider-run binary")?;
+    let defaults = RunOptions::default();
+    Ok(RunOptions {
+        jobs: exec.jobs.unwrap_or(defaults.jobs).max(1),
+        keep_going: !exec.no_keep_going,
+        devices: exec.devices.clone(),
+        worker_command: vec![exe.display().to_string(), "worker".into()],
+        worker_kinds: worker_kinds(),
+        cancel,
+        ..defaults
+    })
+}
+
+fn names(reports: &[slider_engine::NodeReport]) -> Vec<&str> {
+    reports.iter().map(|r| r.name.as_str()).collect()
+}
+
+fn summary_json(s: &RunSummary) -> serde_json::Value {
+    json!({
+        "ran": names(&s.ran),
+        "cached": names(&s.cached),
+        "failed": names(&s.failed),
+        "skipped": names(&s.skipped),
+        "interrupted": s.interrupted,
+        "wall_s": s.wall_s,
+        "hashed_bytes": s.hashed_bytes,
+        "published": s.published,
+        "publish_errors": s.publish_errors,
+        "lockfile": s.lockfile,
+        "store": s.store,
+        "nodes": {
+            "ran": s.ran,
+            "cached": s.cached,
+            "failed": s.failed,
+            "skipped": s.skipped,
+        },
+    })
+}
+
+fn summary_text(s: &RunSummary) -> String {
+    let mut out = String::new();
+    for r in &s.ran {
+        out.push_str(&format!(
+            "  ran     {:<24} {:>8.2} s  {}\n",
+            r.name,
+            r.wall_s,
+            r.log
+                .as_deref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default()
+        ));
+    }
+    out.push_str(&failures_text(s));
+    out.push_str(&format!(
+        "{} ran, {} cached, {} failed{} in {:.2} s\n",
+        s.ran.len(),
+        s.cached.len(),
+        s.failed.len(),
+        if s.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(", {} not run", s.skipped.len())
+        },
+        s.wall_s
+    ));
+    for p in &s.published {
+        out.push_str(&format!("output: {}\n", p.display()));
+    }
+    if s.interrupted {
+        out.push_str("interrupted: finished nodes are kept; run again to resume\n");
+    }
+    out
+}
+
+fn failures_text(s: &RunSummary) -> String {
+    let mut out = String::new();
+    for r in &s.failed {
+        out.push_str(&format!(
+            "  FAILED  {:<24} {:>8.2} s  {}\n          {}\n",
+            r.name,
+            r.wall_s,
+            r.log
+                .as_deref()
+                .map(|p| format!("log: {}", p.display()))
+                .unwrap_or_default(),
+            r.error.as_deref().unwrap_or("")
+        ));
+    }
+    for r in &s.skipped {
+        out.push_str(&format!(
+            "  not run {:<24} {}\n",
+            r.name,
+            r.error.as_deref().unwrap_or("")
+        ));
+    }
+    for e in &s.publish_errors {
+        out.push_str(&format!("  not published: {e}\n"));
+    }
+    out
+}
+
+fn dry_run(plan: &Plan, store: &Path, json: bool) -> miette::Result<ExitCode> {
+    slider_engine::check_supported(plan, &worker_kinds()).into_diagnostic()?;
+    let st = inspect::status(plan, store, &worker_kinds()).into_diagnostic()?;
+    let (fresh, stale): (Vec<_>, Vec<_>) = st.iter().partition(|s| s.state == Freshness::Fresh);
+    if json {
+        let would_run: Vec<_> = stale
+            .iter()
+            .map(|s| json!({"node": s.name, "why": s.changes.iter().map(|c| c.summary()).collect::<Vec<_>>()}))
+            .collect();
+        println!(
+            "{}",
+            json!({"would_run": would_run, "fresh": fresh.iter().map(|s| &s.name).collect::<Vec<_>>()})
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    for s in &stale {
+        let why: Vec<String> = s.changes.iter().map(|c| c.summary()).collect();
+        println!("would run  {:<24} {}", s.name, why.join("; "));
+    }
+    println!(
+        "{} would run, {} fresh (nothing was executed)",
+        stale.len(),
+        fresh.len()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status(recipe: &Path, args: &PlanArgs, json: bool) -> miette::Result<ExitCode> {
+    let plan = load(recipe, args)?;
+    let st = inspect::status(&plan, &store_root(&plan, args), &worker_kinds()).into_diagnostic()?;
+    if json {
+        println!("{}", serde_json::to_string(&st).into_diagnostic()?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for s in &st {
+        let why: Vec<String> = s.changes.iter().map(|c| c.summary()).collect();
+        let detail = match s.state {
+            Freshness::Failed => s.error.clone().unwrap_or_default(),
+            Freshness::Fresh => s
+                .key
+                .as_deref()
+                .map(|k| format!("key {}", &k[..12]))
+                .unwrap_or_default(),
+            _ => why.join("; "),
+        };
+        println!(
+            "{:<8} {:<24} {:<10} {}",
+            s.state.to_string(),
+            s.name,
+            s.kind,
+            detail
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn explain(recipe: &Path, node: &str, args: &PlanArgs, json: bool) -> miette::Result<ExitCode> {
+    let plan = load(recipe, args)?;
+    let st = inspect::explain(&plan, &store_root(&plan, args), node, &worker_kinds())
+        .into_diagnostic()?;
+    if json {
+        println!("{}", serde_json::to_string(&st).into_diagnostic()?);
+    } else {
+        print!("{}", st.explanation());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn verify(
+    recipe: &Path,
+    nodes: &[String],
+    tolerance: Option<f64>,
+    args: &PlanArgs,
+    exec: &ExecArgs,
+    json: bool,
+    quiet: bool,
+) -> miette::Result<ExitCode> {
+    let plan = load(recipe, args)?;
+    let opts = run_options(exec)?;
+    let bars = progress::Bars::new(quiet);
+    let comparer = slider_engine::lora_delta_error;
+    let tol = tolerance.map(|t| (t, &comparer as &verify::LoraComparer));
+    let report =
+        verify::verify(&plan, &store_root(&plan, args), nodes, tol, &opts, &bars).into_diagnostic();
+    bars.finish();
+    let report = report?;
+    if json {
+        println!(
+            "{}",
+            json!({"ok": report.ok(), "rows": report.rows, "wall_s": report.wall_s})
+        );
+    } else {
+        for r in &report.rows {
+            let text = match &r.verdict {
+                Verdict::Identical => "identical".to_string(),
+                Verdict::WithinTolerance { max_error } => {
+                    format!("within tolerance (max relative delta error {max_error:.3e})")
+                }
+                Verdict::Differs { detail } => format!("DIFFERS: {detail}"),
+                Verdict::KeyChanged { locked, now } => format!(
+                    "KEY CHANGED: {} in the lockfile, {} now (the recipe or an input changed since it was locked)",
+                    &locked[..12.min(locked.len())],
+                    &now[..12.min(now.len())]
+                ),
+                Verdict::NotInLockfile => "NOT IN LOCKFILE".to_string(),
+                Verdict::Failed { error } => format!("FAILED: {error}"),
+            };
+            println!("{:<24} {text}", r.node);
+        }
+        println!(
+            "{} ({} nodes re-executed in {:.2} s)",
+            if report.ok() {
+                "verified"
+            } else {
+                "verification FAILED"
+            },
+            report.rows.len(),
+            report.wall_s
+        );
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn gc(keep: &[PathBuf], store: Option<PathBuf>, json: bool) -> miette::Result<ExitCode> {
+    let mut keys = BTreeSet::new();
+    for path in keep {
+        let lock_path = if path.extension().is_some_and(|e| e == "lock") {
+            path.clone()
+        } else {
+            lockfile_path(path)
+        };
+        let lock = Lockfile::read(&lock_path).into_diagnostic()?;
+        keys.extend(lock.keys().map(str::to_string));
+    }
+    let store = match store {
+        Some(s) => s,
+        None => Store::default_root(&std::path::absolute(&keep[0]).into_diagnostic()?),
+    };
+    let report = slider_engine::gc(&store, &keys).into_diagnostic()?;
+    if json {
+        println!("{}", serde_json::to_string(&report).into_diagnostic()?);
+    } else {
+        println!(
+            "removed {} entries ({:.1} MB), kept {} in {}",
+            report.removed_objects,
+            report.removed_bytes as f64 / 1e6,
+            report.kept_objects,
+            store.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn worker(device: &str) -> miette::Result<ExitCode> {
+    let kinds: Vec<String> = worker_kinds().into_iter().map(|k| k.kind).collect();
+    let stdin = std::io::stdin().lock();
+    let stdout = std::io::stdout().lock();
+    protocol::serve_worker(device, &kinds, stdin, stdout, |req, _progress| {
+        Err(format!("no executor for `{}` in this build", req.kind))
+    })
+    .into_diagnostic()?;
+    Ok(ExitCode::SUCCESS)
 }

@@ -1,13 +1,14 @@
 //! The `command` kind: runs an external program (any trainer, converter or script) with
 //! `{name}` placeholders replaced by the paths of its declared inputs and outputs. The
 //! program runs in a scratch dir; every declared output must exist when it exits 0.
+//! `{{` and `}}` are literal braces (`slider_recipe::substitute_placeholders`).
 
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use slider_recipe::{CommandParams, NodeParams};
+use slider_recipe::{CommandParams, NodeParams, substitute_placeholders};
 
 use crate::child;
 use crate::executor::{ExecError, Executor, Job, Produced};
@@ -37,7 +38,14 @@ impl Executor for CommandExecutor {
                 fs::create_dir_all(parent).map_err(|e| failed("creating", parent, e))?;
             }
         }
-        let argv: Vec<String> = p.run.iter().map(|a| substitute(a, &places)).collect();
+        let argv = p
+            .run
+            .iter()
+            .map(|a| substitute_placeholders(a, |n| places.get(n).cloned()))
+            .collect::<Result<Vec<String>, String>>()
+            .map_err(|name| {
+                ExecError::Failed(format!("unknown placeholder `{{{name}}}` in `run`"))
+            })?;
         let Some((program, args)) = argv.split_first() else {
             return Err(ExecError::Failed("`run` is empty".into()));
         };
@@ -118,55 +126,4 @@ fn placeholders(p: &CommandParams, job: &Job) -> Result<BTreeMap<String, String>
         map.insert(name.clone(), job.out_dir.join(file).display().to_string());
     }
     Ok(map)
-}
-
-/// Replaces `{name}` for known names; any other braces are left as written.
-pub fn substitute(arg: &str, places: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(arg.len());
-    let mut rest = arg;
-    while let Some(open) = rest.find('{') {
-        out.push_str(&rest[..open]);
-        let after = &rest[open + 1..];
-        match after
-            .find('}')
-            .and_then(|close| places.get(&after[..close]).map(|v| (close, v)))
-        {
-            Some((close, value)) => {
-                out.push_str(value);
-                rest = &after[close + 1..];
-            }
-            None => {
-                out.push('{');
-                rest = after;
-            }
-        }
-    }
-    out.push_str(rest);
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn placeholders_are_replaced_only_when_declared() {
-        let places: BTreeMap<String, String> = [
-            ("in".to_string(), "/a/in.txt".to_string()),
-            ("out".to_string(), "/o/x".to_string()),
-        ]
-        .into();
-        let cases = [
-            ("{in}", "/a/in.txt"),
-            ("--from={in} --to={out}", "--from=/a/in.txt --to=/o/x"),
-            ("{unknown}", "{unknown}"),
-            ("{\"json\": {in}}", "{\"json\": /a/in.txt}"),
-            ("{{in}}", "{/a/in.txt}"),
-            ("no braces", "no braces"),
-            ("{in", "{in"),
-        ];
-        for (arg, want) in cases {
-            assert_eq!(substitute(arg, &places), want, "{arg}");
-        }
-    }
 }

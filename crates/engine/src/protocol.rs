@@ -382,6 +382,69 @@ impl Slot {
     }
 }
 
+/// The worker side of the protocol: says hello, then serves requests from `input` until
+/// it closes or asks to shut down. `handler` runs one request (reporting progress through
+/// its callback) and returns the output files or an error message.
+pub fn serve_worker(
+    device: &str,
+    kinds: &[String],
+    input: impl BufRead,
+    mut output: impl Write,
+    mut handler: impl FnMut(&Request, &mut dyn FnMut(Progress)) -> Result<Vec<WorkerOutput>, String>,
+) -> std::io::Result<()> {
+    let send = |out: &mut dyn Write, msg: &WorkerMessage| -> std::io::Result<()> {
+        let line = serde_json::to_string(msg).map_err(std::io::Error::other)?;
+        writeln!(out, "{line}")?;
+        out.flush()
+    };
+    send(
+        &mut output,
+        &WorkerMessage::Hello {
+            kinds: kinds.to_vec(),
+            device: device.to_string(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        },
+    )?;
+    for line in input.lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let reply = match serde_json::from_str::<EngineMessage>(&line) {
+            Ok(EngineMessage::Shutdown) => return Ok(()),
+            Ok(EngineMessage::Run(req)) => {
+                let result = if kinds.contains(&req.kind) {
+                    let out = &mut output;
+                    // A failed progress write shows up again when the reply is sent.
+                    let mut report = |p: Progress| {
+                        let _ = send(out, &WorkerMessage::Progress(p));
+                    };
+                    handler(&req, &mut report)
+                } else {
+                    Err(format!(
+                        "this build of slider-run's worker cannot run `{}` nodes (it supports: {})",
+                        req.kind,
+                        if kinds.is_empty() {
+                            "nothing yet".to_string()
+                        } else {
+                            kinds.join(", ")
+                        }
+                    ))
+                };
+                match result {
+                    Ok(outputs) => WorkerMessage::Result { outputs },
+                    Err(message) => WorkerMessage::Error { message },
+                }
+            }
+            Err(e) => WorkerMessage::Error {
+                message: format!("malformed request: {e}"),
+            },
+        };
+        send(&mut output, &reply)?;
+    }
+    Ok(())
+}
+
 fn json_line(msg: &EngineMessage) -> String {
     serde_json::to_string(msg).unwrap_or_else(|_| "{\"type\":\"shutdown\"}".into())
 }

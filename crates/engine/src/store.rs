@@ -227,13 +227,29 @@ impl StoreLock {
             .truncate(false)
             .open(&path)
             .map_err(EngineError::io("opening store lock", &path))?;
-        // SAFETY: flock on a valid, owned file descriptor.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        // A child forked by another thread of this process holds a copy of every fd until
+        // it execs (CLOEXEC acts only then), so a just-released lock may look held for a
+        // moment: retry briefly before calling it busy.
+        let mut locked: std::io::Result<()> = Ok(());
+        for _ in 0..40 {
+            // SAFETY: flock on a valid, owned file descriptor.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            locked = if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            };
+            match &locked {
+                Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                _ => break,
+            }
+        }
         let mut previous = String::new();
         let _ = file.read_to_string(&mut previous);
         let previous = previous.trim().to_string();
-        if rc != 0 {
-            let err = std::io::Error::last_os_error();
+        if let Err(err) = locked {
             if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 let pid = if previous.is_empty() {
                     "unknown".to_string()

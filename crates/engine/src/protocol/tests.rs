@@ -113,3 +113,54 @@ fn messages_round_trip_as_json_lines() {
         assert_eq!(serde_json::to_string(&msg).unwrap(), line);
     }
 }
+
+#[test]
+fn serve_worker_says_hello_answers_requests_and_refuses_unknown_kinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |kind: &str| json_line(&EngineMessage::Run(request("n", kind, dir.path())));
+    let input = format!(
+        "{}\n{}\n{}\n{}\n",
+        run("train"),
+        run("xy_plot"),
+        "not json",
+        json_line(&EngineMessage::Shutdown)
+    );
+    let mut out = Vec::new();
+    serve_worker(
+        "cpu",
+        &["train".to_string()],
+        input.as_bytes(),
+        &mut out,
+        |req, progress| {
+            progress(Progress {
+                step: Some(1),
+                total: Some(1),
+                ..Progress::default()
+            });
+            Ok(vec![WorkerOutput {
+                name: "lora".into(),
+                file: format!("{}.safetensors", req.node),
+            }])
+        },
+    )
+    .unwrap();
+    let replies: Vec<WorkerMessage> = String::from_utf8(out)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = replies
+        .iter()
+        .map(|m| match m {
+            WorkerMessage::Hello { .. } => "hello",
+            WorkerMessage::Progress(_) => "progress",
+            WorkerMessage::Result { .. } => "result",
+            WorkerMessage::Error { .. } => "error",
+        })
+        .collect();
+    assert_eq!(kinds, ["hello", "progress", "result", "error", "error"]);
+    let WorkerMessage::Error { message } = &replies[3] else {
+        unreachable!()
+    };
+    assert!(message.contains("cannot run `xy_plot`"), "{message}");
+}
