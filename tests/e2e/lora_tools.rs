@@ -43,24 +43,52 @@ fn s(p: &Path) -> &str {
 fn the_methods_svd_merge_matches_the_library_bit_for_bit() {
     let dir = tempfile::tempdir().expect("tempdir");
     let out = dir.path().join("slider_front.safetensors");
-    let (big, small) = (asset("big_front.safetensors"), asset("small_front.safetensors"));
+    let (big, small) = (
+        asset("big_front.safetensors"),
+        asset("small_front.safetensors"),
+    );
     // kohya's spelling and the kebab-case spelling of the same flags.
     ok(&[
-        "svd-merge", "--models", s(&big), s(&small), "--ratios", "1.5", "-1.5",
-        "--new_rank", "8", "--save_to", s(&out),
+        "svd-merge",
+        "--models",
+        s(&big),
+        s(&small),
+        "--ratios",
+        "1.5",
+        "-1.5",
+        "--new_rank",
+        "8",
+        "--save_to",
+        s(&out),
     ]);
     let kebab = dir.path().join("kebab.safetensors");
     ok(&[
-        "svd-merge", "--models", s(&big), s(&small), "--ratios", "1.5", "-1.5",
-        "--new-rank", "8", "--save-to", s(&kebab),
+        "svd-merge",
+        "--models",
+        s(&big),
+        s(&small),
+        "--ratios",
+        "1.5",
+        "-1.5",
+        "--new-rank",
+        "8",
+        "--save-to",
+        s(&kebab),
     ]);
     let written = std::fs::read(&out).expect("written");
     assert_eq!(written, std::fs::read(&kebab).expect("written"));
 
-    let inputs = [Lora::load(&big).expect("big"), Lora::load(&small).expect("small")];
-    let opts = SvdMergeOptions { new_rank: 8, new_conv_rank: 8, clamp_quantile: Some(0.99) };
-    let want = slider_lora::svd_merge(&[&inputs[0], &inputs[1]], &[1.5, -1.5], &opts)
-        .expect("merges");
+    let inputs = [
+        Lora::load(&big).expect("big"),
+        Lora::load(&small).expect("small"),
+    ];
+    let opts = SvdMergeOptions {
+        new_rank: 8,
+        new_conv_rank: 8,
+        clamp_quantile: Some(0.99),
+    };
+    let want =
+        slider_lora::svd_merge(&[&inputs[0], &inputs[1]], &[1.5, -1.5], &opts).expect("merges");
     assert_eq!(written, want.to_bytes(Precision::F32));
 }
 
@@ -69,22 +97,50 @@ fn merge_resize_and_inspect_chain() {
     let dir = tempfile::tempdir().expect("tempdir");
     let merged = dir.path().join("merged.safetensors");
     let resized = dir.path().join("resized.safetensors");
-    let (big, small) = (asset("big_side.safetensors"), asset("small_side.safetensors"));
+    let (big, small) = (
+        asset("big_side.safetensors"),
+        asset("small_side.safetensors"),
+    );
     ok(&[
-        "merge", "--models", s(&big), s(&small), "--ratios", "1", "-1", "--save_to", s(&merged),
+        "merge",
+        "--models",
+        s(&big),
+        s(&small),
+        "--ratios",
+        "1",
+        "-1",
+        "--save_to",
+        s(&merged),
     ]);
     let exact = Lora::load(&merged).expect("loads");
     assert!(exact.modules.values().all(|m| m.rank == 8));
 
     let table = ok(&[
-        "resize", "--model", s(&merged), "--save_to", s(&resized), "--new_rank", "4",
-        "--dynamic_method", "sv_fro", "--dynamic_param", "0.75", "--save_precision", "fp16",
+        "resize",
+        "--model",
+        s(&merged),
+        "--save_to",
+        s(&resized),
+        "--new_rank",
+        "4",
+        "--dynamic_method",
+        "sv_fro",
+        "--dynamic_param",
+        "0.75",
+        "--save_precision",
+        "fp16",
         "--verbose",
     ]);
-    assert!(table.contains("lora_unet_mid_block_attentions_0_proj_in"), "{table}");
+    assert!(
+        table.contains("lora_unet_mid_block_attentions_0_proj_in"),
+        "{table}"
+    );
     assert!(table.contains("sum(S) retained: "), "{table}");
     assert!(table.contains(", dynamic | dim: "), "{table}");
-    assert!(table.contains("Average Frobenius norm retention: "), "{table}");
+    assert!(
+        table.contains("Average Frobenius norm retention: "),
+        "{table}"
+    );
 
     let json = ok(&["inspect", s(&resized), "--json"]);
     let v: serde_json::Value = serde_json::from_str(&json).expect("json");
@@ -100,7 +156,12 @@ fn merge_resize_and_inspect_chain() {
     assert!(ranks.into_iter().all(|r| (1..=4).contains(&r)));
 
     let text = ok(&["inspect", s(&resized)]);
-    for needle in ["layout:   tiny test UNet", "modules:  38", "dtypes:   F16 x38", "|delta|_F"] {
+    for needle in [
+        "layout:   tiny test UNet",
+        "modules:  38",
+        "dtypes:   F16 x38",
+        "|delta|_F",
+    ] {
         assert!(text.contains(needle), "`{needle}` missing from\n{text}");
     }
 }
@@ -123,7 +184,9 @@ fn real_layout_files_are_detected() {
 fn user_errors_are_reported_with_their_cause() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sd1 = dir.path().join("sd1.safetensors");
-    synth::random_lora(Layout::Sd1, 1, 1.0, 1).save(&sd1, Precision::F16).expect("saves");
+    synth::random_lora(Layout::Sd1, 1, 1.0, 1)
+        .save(&sd1, Precision::F16)
+        .expect("saves");
     let broken = dir.path().join("broken.safetensors");
     let bytes = std::fs::read(asset("big_front.safetensors")).expect("asset");
     std::fs::write(&broken, &bytes[..bytes.len() / 2]).expect("writes");
@@ -131,26 +194,64 @@ fn user_errors_are_reported_with_their_cause() {
     let tiny = asset("big_front.safetensors");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
-            vec!["svd-merge", "--models", s(&sd1), s(&tiny), "--ratios", "1", "1", "--save_to", s(&out)],
+            vec![
+                "svd-merge",
+                "--models",
+                s(&sd1),
+                s(&tiny),
+                "--ratios",
+                "1",
+                "1",
+                "--save_to",
+                s(&out),
+            ],
             "cannot combine a SD1.x UNet LoRA (input 1",
         ),
         (
-            vec!["merge", "--models", s(&tiny), "--ratios", "1", "2", "--save_to", s(&out)],
+            vec![
+                "merge",
+                "--models",
+                s(&tiny),
+                "--ratios",
+                "1",
+                "2",
+                "--save_to",
+                s(&out),
+            ],
             "1 models but 2 ratios",
         ),
         (vec!["inspect", s(&broken)], "is truncated"),
         (
-            vec!["resize", "--model", s(&tiny), "--save_to", s(&out), "--dynamic_method", "sv_fro"],
+            vec![
+                "resize",
+                "--model",
+                s(&tiny),
+                "--save_to",
+                s(&out),
+                "--dynamic_method",
+                "sv_fro",
+            ],
             "--dynamic_method needs --dynamic_param",
         ),
         (
-            vec!["resize", "--model", s(&tiny), "--save_to", s(&out), "--save_precision", "fp8"],
+            vec![
+                "resize",
+                "--model",
+                s(&tiny),
+                "--save_to",
+                s(&out),
+                "--save_precision",
+                "fp8",
+            ],
             "unknown precision `fp8`",
         ),
     ];
     for (args, needle) in cases {
         let stderr = fails(&args);
-        assert!(stderr.contains(needle), "{args:?}: `{needle}` missing from\n{stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: `{needle}` missing from\n{stderr}"
+        );
     }
     assert!(!out.exists(), "a failed command left an output behind");
 }

@@ -65,7 +65,11 @@ pub struct SvdMergeArgs {
     #[arg(long = "save_precision", visible_alias = "save-precision", value_parser = parse_precision)]
     save_precision: Option<Precision>,
     /// Quantile of kohya's clamp of the new factors.
-    #[arg(long = "clamp_quantile", visible_alias = "clamp-quantile", default_value_t = 0.99)]
+    #[arg(
+        long = "clamp_quantile",
+        visible_alias = "clamp-quantile",
+        default_value_t = 0.99
+    )]
     clamp_quantile: f64,
     /// Keep the exact SVD factors (no clamp).
     #[arg(long = "no_clamp", visible_alias = "no-clamp")]
@@ -119,11 +123,11 @@ pub struct ResizeArgs {
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum DynamicName {
     #[value(name = "sv_ratio")]
-    SvRatio,
+    Ratio,
     #[value(name = "sv_fro")]
-    SvFro,
+    Fro,
     #[value(name = "sv_cumulative")]
-    SvCumulative,
+    Cumulative,
 }
 
 #[derive(Args, Debug)]
@@ -238,9 +242,9 @@ fn resize(args: ResizeArgs, verbose: bool) -> Result<ExitCode> {
                 "--dynamic_method needs --dynamic_param (e.g. --dynamic_param 0.75 for sv_fro)"
             ));
         }
-        (Some(DynamicName::SvRatio), Some(p)) => Some(DynamicMethod::SvRatio(p)),
-        (Some(DynamicName::SvFro), Some(p)) => Some(DynamicMethod::SvFro(p)),
-        (Some(DynamicName::SvCumulative), Some(p)) => Some(DynamicMethod::SvCumulative(p)),
+        (Some(DynamicName::Ratio), Some(p)) => Some(DynamicMethod::SvRatio(p)),
+        (Some(DynamicName::Fro), Some(p)) => Some(DynamicMethod::SvFro(p)),
+        (Some(DynamicName::Cumulative), Some(p)) => Some(DynamicMethod::SvCumulative(p)),
     };
     let bar = spinner("resize");
     let lora = load_all(std::slice::from_ref(&args.model), &bar)?

@@ -51,10 +51,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "ss_training_comment".into(),
                 format!("synthetic demo LoRA: {kind} eyes, {angle} view (make_demo_loras)"),
             );
-            lora.metadata.insert("ss_output_name".into(), format!("{kind}_{angle}"));
+            lora.metadata
+                .insert("ss_output_name".into(), format!("{kind}_{angle}"));
             let path = out_dir.join(format!("{kind}_{angle}.safetensors"));
             lora.save(&path, Precision::F32)?;
-            println!("wrote {} ({} bytes)", path.display(), std::fs::metadata(&path)?.len());
+            println!(
+                "wrote {} ({} bytes)",
+                path.display(),
+                std::fs::metadata(&path)?.len()
+            );
         }
     }
     Ok(())
