@@ -113,6 +113,15 @@ impl Optimizer {
         }
     }
 
+    /// The class kohya records in `ss_optimizer` (`<module>.<class>`, followed there by
+    /// `(key=value,...)` when optimizer_args were given).
+    pub fn kohya_class(&self) -> &'static str {
+        match self {
+            Self::Came(_) => "came_pytorch.CAME.CAME",
+            Self::AdamW(_) => "torch.optim.adamw.AdamW",
+        }
+    }
+
     /// Steps taken for `name`.
     pub fn steps_of(&self, name: &str) -> u64 {
         match self {
@@ -137,17 +146,22 @@ mod tests {
     #[test]
     fn optimizer_types_like_kohya() {
         let none = BTreeMap::new();
+        let came = Some(("CAME", "came_pytorch.CAME.CAME"));
+        let adamw = Some(("AdamW", "torch.optim.adamw.AdamW"));
         let cases = [
-            ("CAME", Some("CAME")),
-            ("came", Some("CAME")),
-            ("came_pytorch.CAME", Some("CAME")),
-            ("AdamW", Some("AdamW")),
-            ("adamw", Some("AdamW")),
+            ("CAME", came),
+            ("came", came),
+            ("came_pytorch.CAME", came),
+            ("AdamW", adamw),
+            ("adamw", adamw),
+            ("torch.optim.AdamW", adamw),
             ("AdamW8bit", None),
             ("Lion", None),
         ];
         for (name, want) in cases {
-            let got = Optimizer::from_kohya(name, &none).ok().map(|o| o.name());
+            let got = Optimizer::from_kohya(name, &none)
+                .ok()
+                .map(|o| (o.name(), o.kohya_class()));
             assert_eq!(got, want, "{name}");
         }
     }
