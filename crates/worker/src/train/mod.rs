@@ -166,6 +166,33 @@ mod tests {
         }
     }
 
+    /// The trainer's loop: a tracked parameter, its gradient from `backward`, a step that
+    /// returns a plain tensor, tracked again for the next forward pass.
+    #[test]
+    fn steps_parameters_from_an_autodiff_graph() {
+        let device = reference::device().autodiff();
+        let none = BTreeMap::new();
+        for kind in ["CAME", "AdamW"] {
+            let mut optimizer = Optimizer::from_kohya(kind, &none).unwrap();
+            let mut p = Tensor::<2>::from_floats([[1.0, -2.0], [3.0, 0.5]], &device).require_grad();
+            let mut losses = Vec::new();
+            for _ in 0..3 {
+                let loss = p.clone().square().sum();
+                let grads = loss.backward();
+                losses.push(loss.into_scalar::<f32>());
+                let grad = p.grad(&grads).unwrap();
+                let next = optimizer.step("p", 0.01, p.clone(), grad).unwrap();
+                assert!(!next.is_autodiff(), "{kind}");
+                p = next.autodiff().require_grad();
+            }
+            assert!(
+                losses[2] < losses[1] && losses[1] < losses[0],
+                "{kind}: {losses:?}"
+            );
+            assert_eq!(optimizer.steps_of("p"), 3);
+        }
+    }
+
     #[test]
     fn state_refuses_other_settings_and_shapes() {
         let device = reference::device();

@@ -168,7 +168,19 @@ pub(crate) fn rel_error(a: &[f32], b: &[f32]) -> f64 {
     (num / den.max(f64::MIN_POSITIVE)).sqrt()
 }
 
-/// Tolerances: parameters after each step (f32, relative Frobenius), the step itself
+/// `max |a - b| / max |b|`.
+pub(crate) fn max_error(a: &[f32], b: &[f32]) -> f64 {
+    let max_abs = |v: &mut dyn Iterator<Item = f64>| v.fold(0.0f64, f64::max);
+    let diff = max_abs(
+        &mut a
+            .iter()
+            .zip(b)
+            .map(|(&x, &y)| (f64::from(x) - f64::from(y)).abs()),
+    );
+    diff / max_abs(&mut b.iter().map(|&y| f64::from(y).abs())).max(f64::MIN_POSITIVE)
+}
+
+/// Tolerances: parameters after each step (f32, relative Frobenius and largest element), the step itself
 /// (`p_k - p_{k-1}`, whose rounding is relative to the much larger parameter), final state.
 const PARAM_TOL: f64 = 1e-6;
 const UPDATE_TOL: f64 = 1e-4;
@@ -186,7 +198,8 @@ pub(crate) fn check_against(opt: &mut Optimizer, case: &Case, label: &str) {
             let after = step_host(opt, p, lr, before, &step_grads[p]);
             let want = &case.expected[&format!("step{k}.{p}")];
             assert_eq!(after.shape, want.shape);
-            let param_err = rel_error(&after.values, &want.values);
+            let param_err =
+                rel_error(&after.values, &want.values).max(max_error(&after.values, &want.values));
             let delta = |t: &HostTensor| -> Vec<f32> {
                 t.values
                     .iter()
