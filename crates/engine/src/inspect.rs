@@ -157,7 +157,17 @@ pub fn status(
                 vec![Change::ObjectMissing { key: k.clone() }]
             }
             (Some(m), _) => diff(&m.doc, &fp),
-            (None, _) => vec![Change::NoPreviousRun],
+            (None, _) => std::iter::once(Change::NoPreviousRun)
+                .chain(fp.sources.iter().filter(|s| s.hash.is_none()).filter_map(
+                    |s| match &s.origin {
+                        InputOrigin::Node(n) => Some(Change::InputWaiting {
+                            at: s.at.strip_prefix("params.").unwrap_or(&s.at).to_string(),
+                            node: n.clone(),
+                        }),
+                        InputOrigin::File(_) => None,
+                    },
+                ))
+                .collect(),
         };
         st.manifest = previous;
         if let Some(e) = entry {

@@ -636,7 +636,9 @@ pub fn run(
         summary.lockfile = Some(path);
     }
     journal.runner_pid = None;
-    save_journal(&journal, &journal_path);
+    if journal_dirty {
+        save_journal(&journal, &journal_path);
+    }
     summary.hashed_bytes = memo.hashed_bytes;
     memo.save(&store.memo_path())
         .map_err(EngineError::io("writing", store.memo_path()))?;

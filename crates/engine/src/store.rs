@@ -275,8 +275,9 @@ impl StoreLock {
         let write = (|| {
             file.set_len(0)?;
             file.rewind()?;
-            writeln!(file, "{}", std::process::id())?;
-            file.sync_all()
+            // Not fsynced: after a crash the flock is gone anyway, and the pid is only for
+            // the message a refused second runner prints.
+            writeln!(file, "{}", std::process::id())
         })();
         write.map_err(EngineError::io("writing store lock", &path))?;
         Ok(StoreLock { _file: file })
