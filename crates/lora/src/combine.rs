@@ -105,25 +105,30 @@ fn check_layouts(models: &[&Lora]) -> Result<(), LoraError> {
     Ok(())
 }
 
-/// `A = [ratio_i * scale_i * up_i]` (out x R) and `B = [down_i]` (R x in_flat), in f64,
-/// so that the merged delta is `A @ B`.
+/// `A = [ratio_i * scale_i * up_i]` (out x R) and `B^T = [down_i]^T` (in_flat x R), in
+/// f64, so that the merged delta is `A @ B`.
 pub(crate) fn stacked_factors(contribs: &[Contribution<'_>]) -> (Mat<f64>, Mat<f64>) {
     let first = contribs[0].module;
     let (out, in_flat) = (first.out_dim, first.in_flat());
     let total: usize = contribs.iter().map(|c| c.module.rank).sum();
     let mut a = Mat::<f64>::zeros(out, total);
-    let mut b = Mat::<f64>::zeros(total, in_flat);
+    let mut bt = Mat::<f64>::zeros(in_flat, total);
     let mut col = 0;
     for c in contribs {
         let m = c.module;
         let s = c.ratio * f64::from(m.scale());
-        let up = linalg::mat_from_rows(&m.up, out, m.rank, s);
-        let down = linalg::mat_from_rows(&m.down, m.rank, in_flat, 1.0);
-        a.as_mut().subcols_mut(col, m.rank).copy_from(&up);
-        b.as_mut().subrows_mut(col, m.rank).copy_from(&down);
+        for j in 0..m.rank {
+            for (i, x) in a.col_as_slice_mut(col + j).iter_mut().enumerate() {
+                *x = f64::from(m.up[i * m.rank + j]) * s;
+            }
+            let row = &m.down[j * in_flat..(j + 1) * in_flat];
+            for (x, &y) in bt.col_as_slice_mut(col + j).iter_mut().zip(row) {
+                *x = f64::from(y);
+            }
+        }
         col += m.rank;
     }
-    (a, b)
+    (a, bt)
 }
 
 /// kohya's `build_minimum_network_metadata`: module, dim and alpha, plus `ss_v2` and

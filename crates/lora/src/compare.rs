@@ -72,7 +72,7 @@ fn difference_norm(a: &Module, b: &Module) -> f64 {
     let (out, in_flat) = (a.out_dim, a.in_flat());
     let r = a.rank + b.rank;
     let mut left = Mat::<f64>::zeros(out, r);
-    let mut right = Mat::<f64>::zeros(r, in_flat);
+    let mut right_t = Mat::<f64>::zeros(in_flat, r);
     let sa = f64::from(a.scale());
     let sb = -f64::from(b.scale());
     left.as_mut()
@@ -81,16 +81,16 @@ fn difference_norm(a: &Module, b: &Module) -> f64 {
     left.as_mut()
         .subcols_mut(a.rank, b.rank)
         .copy_from(linalg::mat_from_rows(&b.up, out, b.rank, sb));
-    right
+    right_t
         .as_mut()
-        .subrows_mut(0, a.rank)
-        .copy_from(linalg::mat_from_rows(&a.down, a.rank, in_flat, 1.0));
-    right
+        .subcols_mut(0, a.rank)
+        .copy_from(linalg::mat_from_rows_transposed(&a.down, a.rank, in_flat));
+    right_t
         .as_mut()
-        .subrows_mut(a.rank, b.rank)
-        .copy_from(linalg::mat_from_rows(&b.down, b.rank, in_flat, 1.0));
+        .subcols_mut(a.rank, b.rank)
+        .copy_from(linalg::mat_from_rows_transposed(&b.down, b.rank, in_flat));
     if r >= out.min(in_flat) {
-        return (&left * &right).norm_l2();
+        return (&left * right_t.transpose()).norm_l2();
     }
-    linalg::low_rank_norm(left.as_ref(), right.as_ref())
+    linalg::low_rank_norm(left.as_ref(), right_t.as_ref())
 }

@@ -84,8 +84,8 @@ pub fn svd_merge_module_f32(
     for &(m, ratio) in parts {
         sum += dense_delta_in::<f32>(m, ratio);
     }
-    let (u, s, vt) = linalg::dense_svd_in::<f32>(&sum)?;
-    let sp = linalg::with_sign_convention(u, s, vt);
+    let (u, s, v) = linalg::dense_svd_in::<f32>(&sum)?;
+    let sp = linalg::with_sign_convention(u, s, v);
     let (mut up, mut down) = truncate(&sp, k, first.out_dim, first.in_flat());
     if let Some(q) = clamp_quantile {
         clamp_to_quantile(&mut up, &mut down, q);
@@ -101,8 +101,8 @@ pub fn resize_module_f32(
     dynamic: Option<DynamicMethod>,
 ) -> Option<(Vec<f32>, Vec<f32>, usize)> {
     let w = product_in::<f32>(m, 1.0);
-    let (u, s, vt) = linalg::dense_svd_in::<f32>(&w)?;
-    let sp = linalg::with_sign_convention(u, s, vt);
+    let (u, s, v) = linalg::dense_svd_in::<f32>(&w)?;
+    let sp = linalg::with_sign_convention(u, s, v);
     let k = new_rank_for_spectrum(&sp.s, max_rank, dynamic);
     let (up, down) = truncate(&sp, k, m.out_dim, m.in_flat());
     Some((up, down, k))

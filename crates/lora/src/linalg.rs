@@ -16,8 +16,9 @@ pub struct Spectral {
     pub u: Mat<f64>,
     /// `k` non-negative values, non-increasing.
     pub s: Vec<f64>,
-    /// `k x n`, orthonormal rows.
-    pub vt: Mat<f64>,
+    /// `n x k`, orthonormal columns (the rows of `Vt`, stored as columns so each is
+    /// contiguous).
+    pub v: Mat<f64>,
 }
 
 /// Element types the dense path runs in: f64 for the test reference, f32 for what kohya does.
@@ -46,69 +47,84 @@ impl DenseScalar for f64 {
 
 /// A row-major f32 buffer as an f64 matrix, each entry multiplied by `scale`.
 pub fn mat_from_rows(data: &[f32], rows: usize, cols: usize, scale: f64) -> Mat<f64> {
-    Mat::from_fn(rows, cols, |i, j| f64::from(data[i * cols + j]) * scale)
+    let mut m = Mat::<f64>::zeros(rows, cols);
+    for j in 0..cols {
+        let col = m.col_as_slice_mut(j);
+        for (i, x) in col.iter_mut().enumerate() {
+            *x = f64::from(data[i * cols + j]) * scale;
+        }
+    }
+    m
 }
 
-/// The exact SVD of `a @ b` (`a`: m x R, `b`: R x n), truncated to its at most
+/// The transpose of a row-major f32 buffer (`rows x cols`) as an f64 `cols x rows` matrix:
+/// each row becomes a contiguous column.
+pub fn mat_from_rows_transposed(data: &[f32], rows: usize, cols: usize) -> Mat<f64> {
+    let mut m = Mat::<f64>::zeros(cols, rows);
+    for (j, row) in data.chunks_exact(cols.max(1)).take(rows).enumerate() {
+        for (x, &y) in m.col_as_slice_mut(j).iter_mut().zip(row) {
+            *x = f64::from(y);
+        }
+    }
+    m
+}
+
+/// The exact SVD of `a @ bt^T` (`a`: m x R, `bt`: n x R), truncated to its at most
 /// `min(m, n, R)` possibly non-zero singular values. When `R` is smaller than both `m` and
-/// `n` the `m x n` product is never formed: `a = Qa Ra`, `b^T = Qb Rb`, and the SVD of the
+/// `n` the `m x n` product is never formed: `a = Qa Ra`, `bt = Qb Rb`, and the SVD of the
 /// small core `Ra Rb^T = Uc S Vc^T` gives `U = Qa Uc`, `V = Qb Vc`. Returns `None` when the
 /// SVD does not converge.
-pub fn product_svd(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> Option<Spectral> {
-    let (m, r, n) = (a.nrows(), a.ncols(), b.ncols());
+pub fn product_svd(a: MatRef<'_, f64>, bt: MatRef<'_, f64>) -> Option<Spectral> {
+    let (m, r, n) = (a.nrows(), a.ncols(), bt.nrows());
     if r >= m.min(n) {
-        return dense_svd(&(a * b));
+        return dense_svd(&(a * bt.transpose()));
     }
     let qa = a.qr();
-    let qb = b.transpose().qr();
+    let qb = bt.qr();
     let core = qa.thin_R() * qb.thin_R().transpose();
     let svd = core.thin_svd().ok()?;
     let u = qa.compute_thin_Q() * svd.U();
     let v = qb.compute_thin_Q() * svd.V();
     let s: Vec<f64> = svd.S().column_vector().iter().copied().collect();
-    Some(with_sign_convention(u, s, v.transpose().to_owned()))
+    Some(with_sign_convention(u, s, v))
 }
 
 /// The thin SVD of a dense matrix, sign convention applied, in f64.
 pub fn dense_svd(m: &Mat<f64>) -> Option<Spectral> {
-    let (u, s, vt) = dense_svd_in::<f64>(m)?;
-    Some(with_sign_convention(u, s, vt))
+    let (u, s, v) = dense_svd_in::<f64>(m)?;
+    Some(with_sign_convention(u, s, v))
 }
 
-/// The thin SVD of a dense matrix in `T`, results widened to f64 (signs not yet fixed).
+/// The thin SVD of a dense matrix in `T` as `(U, S, V)`, widened to f64 (signs not yet
+/// fixed).
 pub fn dense_svd_in<T: DenseScalar>(m: &Mat<T>) -> Option<(Mat<f64>, Vec<f64>, Mat<f64>)> {
     let svd = m.thin_svd().ok()?;
     let u = svd.U();
     let v = svd.V();
     let k = u.ncols();
     let u64 = Mat::from_fn(u.nrows(), k, |i, j| u[(i, j)].to_f64());
-    let vt64 = Mat::from_fn(k, v.nrows(), |i, j| v[(j, i)].to_f64());
+    let v64 = Mat::from_fn(v.nrows(), k, |i, j| v[(i, j)].to_f64());
     let s = svd.S().column_vector().iter().map(|x| x.to_f64()).collect();
-    Some((u64, s, vt64))
+    Some((u64, s, v64))
 }
 
-/// Applies the crate's sign convention (see the module docs) to an SVD.
-pub fn with_sign_convention(mut u: Mat<f64>, s: Vec<f64>, mut vt: Mat<f64>) -> Spectral {
+/// Applies the crate's sign convention (see the module docs) to an SVD `(U, S, V)`.
+pub fn with_sign_convention(mut u: Mat<f64>, s: Vec<f64>, mut v: Mat<f64>) -> Spectral {
     for j in 0..u.ncols() {
         let mut best = 0.0f64;
         let mut best_value = 0.0f64;
-        for i in 0..u.nrows() {
-            let x = u[(i, j)];
+        for &x in u.col_as_slice(j) {
             if x.abs() > best {
                 best = x.abs();
                 best_value = x;
             }
         }
         if best_value < 0.0 {
-            for i in 0..u.nrows() {
-                u[(i, j)] = -u[(i, j)];
-            }
-            for c in 0..vt.ncols() {
-                vt[(j, c)] = -vt[(j, c)];
-            }
+            u.col_as_slice_mut(j).iter_mut().for_each(|x| *x = -*x);
+            v.col_as_slice_mut(j).iter_mut().for_each(|x| *x = -*x);
         }
     }
-    Spectral { u, s, vt }
+    Spectral { u, s, v }
 }
 
 /// `||a @ b||_F` for row-major f32 factors `a` (m x r) and `b` (r x n), exactly and without
@@ -118,17 +134,17 @@ pub fn product_frobenius_norm(a: &[f32], b: &[f32], m: usize, r: usize, n: usize
         return 0.0;
     }
     let a = mat_from_rows(a, m, r, 1.0);
-    let b = mat_from_rows(b, r, n, 1.0);
-    low_rank_norm(a.as_ref(), b.as_ref())
+    let bt = mat_from_rows_transposed(b, r, n);
+    low_rank_norm(a.as_ref(), bt.as_ref())
 }
 
-/// `||a @ b||_F` for f64 factors, through the triangular factors of their QRs.
-pub fn low_rank_norm(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> f64 {
+/// `||a @ bt^T||_F` for f64 factors, through the triangular factors of their QRs.
+pub fn low_rank_norm(a: MatRef<'_, f64>, bt: MatRef<'_, f64>) -> f64 {
     if a.ncols() == 0 {
         return 0.0;
     }
     let ra = a.qr();
-    let rb = b.transpose().qr();
+    let rb = bt.qr();
     let core = ra.thin_R() * rb.thin_R().transpose();
     core.norm_l2()
 }
@@ -136,16 +152,21 @@ pub fn low_rank_norm(a: MatRef<'_, f64>, b: MatRef<'_, f64>) -> f64 {
 /// kohya's clamp threshold: `torch.quantile(values, q)` with linear interpolation between
 /// the two nearest order statistics of the *signed* values.
 pub fn quantile(values: &[f32], q: f64) -> f64 {
-    let mut sorted: Vec<f64> = values.iter().map(|&x| f64::from(x)).collect();
-    if sorted.is_empty() {
+    if values.is_empty() {
         return 0.0;
     }
-    sorted.sort_by(f64::total_cmp);
-    let pos = q.clamp(0.0, 1.0) * (sorted.len() - 1) as f64;
+    let mut v = values.to_vec();
+    let pos = q.clamp(0.0, 1.0) * (v.len() - 1) as f64;
     let lo = pos.floor() as usize;
-    let hi = pos.ceil() as usize;
+    // Two order statistics by selection, O(n): the lo-th, then the smallest above it.
+    let (_, &mut at_lo, above) = v.select_nth_unstable_by(lo, f32::total_cmp);
+    let at_lo = f64::from(at_lo);
     let frac = pos - lo as f64;
-    sorted[lo] + (sorted[hi] - sorted[lo]) * frac
+    if frac == 0.0 || above.is_empty() {
+        return at_lo;
+    }
+    let next = above.iter().copied().fold(f32::INFINITY, f32::min);
+    at_lo + (f64::from(next) - at_lo) * frac
 }
 
 #[cfg(test)]
@@ -181,15 +202,15 @@ mod tests {
     fn product_svd_reconstructs_and_follows_the_sign_convention() {
         for &(m, r, n) in &[(40, 3, 25), (10, 12, 8), (5, 5, 5), (64, 8, 9)] {
             let a = random_mat(m, r, 1);
-            let b = random_mat(r, n, 2);
-            let exact = &a * &b;
-            let sp = product_svd(a.as_ref(), b.as_ref()).expect("converges");
+            let bt = random_mat(n, r, 2);
+            let exact = &a * bt.transpose();
+            let sp = product_svd(a.as_ref(), bt.as_ref()).expect("converges");
             let s = Mat::from_fn(
                 sp.s.len(),
                 sp.s.len(),
                 |i, j| if i == j { sp.s[i] } else { 0.0 },
             );
-            let back = &sp.u * &s * &sp.vt;
+            let back = &sp.u * &s * sp.v.transpose();
             let err = (&back - &exact).norm_l2() / exact.norm_l2();
             assert!(err < 1e-12, "{m}x{r}x{n}: {err}");
             for j in 0..sp.u.ncols() {
@@ -206,8 +227,8 @@ mod tests {
     #[test]
     fn low_rank_norm_equals_dense_norm() {
         let a = random_mat(30, 4, 3);
-        let b = random_mat(4, 17, 4);
-        let dense = (&a * &b).norm_l2();
-        assert!((low_rank_norm(a.as_ref(), b.as_ref()) - dense).abs() < 1e-12 * dense);
+        let bt = random_mat(17, 4, 4);
+        let dense = (&a * bt.transpose()).norm_l2();
+        assert!((low_rank_norm(a.as_ref(), bt.as_ref()) - dense).abs() < 1e-12 * dense);
     }
 }

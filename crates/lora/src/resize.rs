@@ -156,8 +156,8 @@ pub fn resize(
 ) -> Result<(Lora, Vec<ModuleResizeStats>), LoraError> {
     resize_with(model, opts, |name, m| {
         let a = linalg::mat_from_rows(&m.up, m.out_dim, m.rank, 1.0);
-        let b = linalg::mat_from_rows(&m.down, m.rank, m.in_flat(), 1.0);
-        linalg::product_svd(a.as_ref(), b.as_ref()).ok_or_else(|| LoraError::SvdFailed {
+        let bt = linalg::mat_from_rows_transposed(&m.down, m.rank, m.in_flat());
+        linalg::product_svd(a.as_ref(), bt.as_ref()).ok_or_else(|| LoraError::SvdFailed {
             module: name.to_string(),
         })
     })

@@ -46,8 +46,8 @@ pub fn svd_merge(
     opts: &SvdMergeOptions,
 ) -> Result<Lora, LoraError> {
     svd_merge_with(models, ratios, opts, |name, contribs| {
-        let (a, b) = combine::stacked_factors(contribs);
-        linalg::product_svd(a.as_ref(), b.as_ref()).ok_or_else(|| LoraError::SvdFailed {
+        let (a, bt) = combine::stacked_factors(contribs);
+        linalg::product_svd(a.as_ref(), bt.as_ref()).ok_or_else(|| LoraError::SvdFailed {
             module: name.to_string(),
         })
     })
@@ -132,15 +132,16 @@ pub(crate) fn truncate(
     let floor = sp.s.first().copied().unwrap_or(0.0) * NOISE_FLOOR;
     let avail = sp.s.iter().take(k).take_while(|&&s| s > floor).count();
     let mut up = vec![0f32; out * k];
-    for i in 0..out {
-        for j in 0..avail {
-            up[i * k + j] = (sp.u[(i, j)] * sp.s[j]) as f32;
+    for j in 0..avail {
+        let sj = sp.s[j];
+        for (i, &x) in sp.u.col_as_slice(j).iter().enumerate() {
+            up[i * k + j] = (x * sj) as f32;
         }
     }
     let mut down = vec![0f32; k * in_flat];
-    for j in 0..avail {
-        for c in 0..in_flat {
-            down[j * in_flat + c] = sp.vt[(j, c)] as f32;
+    for (j, row) in down.chunks_exact_mut(in_flat.max(1)).take(avail).enumerate() {
+        for (y, &x) in row.iter_mut().zip(sp.v.col_as_slice(j)) {
+            *y = x as f32;
         }
     }
     (up, down)
