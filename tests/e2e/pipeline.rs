@@ -369,6 +369,7 @@ nodes:
         std::thread::sleep(Duration::from_millis(5));
     }
     let out = p.output(&["recipe.yaml"]);
+    let status = p.output(&["status", "recipe.yaml"]);
     first.kill().unwrap();
     first.wait().unwrap();
     assert!(!out.status.success());
@@ -381,6 +382,66 @@ nodes:
         "{}",
         text(&out)
     );
+    let status_text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status_text.starts_with("running  slow"),
+        "{}",
+        text(&status)
+    );
+}
+
+#[test]
+fn ctrl_c_stops_cleanly_and_the_next_run_resumes() {
+    let p = Project::new();
+    p.recipe(
+        r#"
+nodes:
+  quick:
+    kind: command
+    run: [sh, -c, "echo quick > {out}"]
+    outputs: {out: q.txt}
+  slow:
+    kind: command
+    run: [sh, -c, "echo half > {out}; sleep 30; echo rest >> {out}"]
+    inputs: {q: quick}
+    outputs: {out: s.txt}
+"#,
+    );
+    let child = p.spawn_run();
+    let t0 = Instant::now();
+    while !p.store_state().0.iter().any(|d| d.join("s.txt").is_file()) {
+        assert!(t0.elapsed() < Duration::from_secs(30), "slow never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let sent = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+    assert!(
+        t0.elapsed() < Duration::from_secs(20),
+        "the running command was stopped"
+    );
+    let s = Summary::parse(&out);
+    assert_eq!((s.ran, s.failed), (set(&["quick"]), set(&[])));
+    assert!(
+        p.store_state().0.is_empty(),
+        "nothing half-written is left in the store"
+    );
+    assert_eq!(
+        p.store_state().1.len(),
+        1,
+        "only the finished node is in the store"
+    );
+    // The next run resumes: only the interrupted node runs.
+    p.recipe(
+        &fs::read_to_string(p.path("recipe.yaml"))
+            .unwrap()
+            .replace("sleep 30; ", ""),
+    );
+    assert_eq!(p.run().ran, set(&["slow"]));
 }
 
 #[test]

@@ -29,9 +29,17 @@ struct Case {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let bin = args.iter().position(|a| a == "--bin").and_then(|i| args.get(i + 1)).map(PathBuf::from);
+    let bin = args
+        .iter()
+        .position(|a| a == "--bin")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
     let dir = tempfile::Builder::new().prefix("slider-bench-").tempdir()?;
-    let cases = vec![eyesize(&dir.path().join("eyesize"))?, thousand(&dir.path().join("thousand"))?, big_input(&dir.path().join("big"))?];
+    let cases = vec![
+        eyesize(&dir.path().join("eyesize"))?,
+        thousand(&dir.path().join("thousand"))?,
+        big_input(&dir.path().join("big"))?,
+    ];
     let mut table = String::from(
         "| recipe | nodes | first run | no-op re-run, in-process (median / min) | no-op re-run, `slider-run` binary (median) | bytes re-hashed | goal |\n|---|---|---|---|---|---|---|\n",
     );
@@ -40,14 +48,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t0 = Instant::now();
         let first = run_once(&case.recipe)?;
         let first_s = t0.elapsed().as_secs_f64();
-        assert_eq!(first.ran.len(), case.nodes, "{}: first run executes everything", case.name);
+        assert_eq!(
+            first.ran.len(),
+            case.nodes,
+            "{}: first run executes everything",
+            case.name
+        );
         let mut times = Vec::new();
         let mut rehashed = 0;
         for _ in 0..REPEATS {
             let t = Instant::now();
             let s = run_once(&case.recipe)?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
-            assert!(s.ran.is_empty() && s.cached.len() == case.nodes, "{}: a no-op re-run", case.name);
+            assert!(
+                s.ran.is_empty() && s.cached.len() == case.nodes,
+                "{}: a no-op re-run",
+                case.name
+            );
             rehashed += s.hashed_bytes;
         }
         let bin_ms = match &bin {
@@ -57,7 +74,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     let t0 = Instant::now();
                     let out = Command::new(b).arg(&case.recipe).arg("-q").output()?;
                     t.push(t0.elapsed().as_secs_f64() * 1e3);
-                    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+                    assert!(
+                        out.status.success(),
+                        "{}",
+                        String::from_utf8_lossy(&out.stderr)
+                    );
                 }
                 format!("{:.1} ms", median(&mut t))
             }
@@ -84,7 +105,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 fn run_once(recipe: &Path) -> Result<slider_engine::RunSummary, Box<dyn std::error::Error>> {
     let plan = slider_recipe::load(recipe, &[])?;
     let store = Store::default_root(&plan.recipe_path);
-    Ok(slider_engine::run(&plan, &store, &RunOptions::default(), &Silent)?)
+    Ok(slider_engine::run(
+        &plan,
+        &store,
+        &RunOptions::default(),
+        &Silent,
+    )?)
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -98,8 +124,10 @@ fn eyesize(dir: &Path) -> Result<Case, Box<dyn std::error::Error>> {
     fs::create_dir_all(dir)?;
     for (i, angle) in ["front", "45deg", "side"].iter().enumerate() {
         for (j, size) in ["big", "small"].iter().enumerate() {
-            random_lora(Layout::Sd1, 4, 1.0, (10 * i + j) as u64)
-                .save(&dir.join(format!("{size}_{angle}.safetensors")), slider_lora::Precision::F32)?;
+            random_lora(Layout::Sd1, 4, 1.0, (10 * i + j) as u64).save(
+                &dir.join(format!("{size}_{angle}.safetensors")),
+                slider_lora::Precision::F32,
+            )?;
         }
     }
     let recipe = dir.join("eyesize.yaml");
@@ -130,7 +158,12 @@ outputs:
   eyesize: out/eyesize.safetensors
 "#,
     )?;
-    Ok(Case { name: "eyesize-sized (merge-only shapes, SD1.5 LoRAs)", goal_ms: 50.0, recipe, nodes: 5 })
+    Ok(Case {
+        name: "eyesize-sized (merge-only shapes, SD1.5 LoRAs)",
+        goal_ms: 50.0,
+        recipe,
+        nodes: 5,
+    })
 }
 
 /// 1000 `command` nodes: 10 chains of 100, each node copying its predecessor plus a line.
@@ -140,7 +173,11 @@ fn thousand(dir: &Path) -> Result<Case, Box<dyn std::error::Error>> {
     let mut text = String::from("nodes:\n");
     for chain in 0..10 {
         for i in 0..100 {
-            let input = if i == 0 { "seed.txt".to_string() } else { format!("n{chain}_{}", i - 1) };
+            let input = if i == 0 {
+                "seed.txt".to_string()
+            } else {
+                format!("n{chain}_{}", i - 1)
+            };
             writeln!(
                 text,
                 "  n{chain}_{i}:\n    kind: command\n    run: [sh, -c, \"cat {{x}} > {{out}}; echo {chain}.{i} >> {{out}}\"]\n    inputs: {{x: {input}}}\n    outputs: {{out: o.txt}}"
@@ -149,7 +186,12 @@ fn thousand(dir: &Path) -> Result<Case, Box<dyn std::error::Error>> {
     }
     let recipe = dir.join("thousand.yaml");
     fs::write(&recipe, text)?;
-    Ok(Case { name: "1000 `command` nodes (10 chains of 100)", goal_ms: 200.0, recipe, nodes: 1000 })
+    Ok(Case {
+        name: "1000 `command` nodes (10 chains of 100)",
+        goal_ms: 200.0,
+        recipe,
+        nodes: 1000,
+    })
 }
 
 /// One node reading a 4 GiB input (a sparse file, deleted with the temp dir).
@@ -162,5 +204,10 @@ fn big_input(dir: &Path) -> Result<Case, Box<dyn std::error::Error>> {
         &recipe,
         "nodes:\n  reads_base:\n    kind: command\n    run: [sh, -c, \"ls -l {base} > {out}\"]\n    inputs: {base: base.safetensors}\n    outputs: {out: o.txt}\n",
     )?;
-    Ok(Case { name: "a 4 GiB input file", goal_ms: 50.0, recipe, nodes: 1 })
+    Ok(Case {
+        name: "a 4 GiB input file",
+        goal_ms: 50.0,
+        recipe,
+        nodes: 1,
+    })
 }

@@ -565,3 +565,60 @@ fn verify_reports_a_nondeterministic_node() {
     .unwrap();
     assert!(only.ok() && only.rows.len() == 1);
 }
+
+#[test]
+fn verify_tolerance_accepts_small_lora_delta_differences_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = lora_file(dir.path(), "a.safetensors", 1);
+    let b = lora_file(dir.path(), "b.safetensors", 2);
+    let p = plan(
+        dir.path(),
+        vec![(
+            "sum",
+            NodeParams::Merge(MergeParams {
+                models: vec![Input::File(a), Input::File(b)],
+                ratios: vec![1.0, -1.0],
+                save_precision: Precision::Float,
+            }),
+        )],
+        &[],
+    );
+    let store = dir.path().join(".slider");
+    let key = go(&p, &store).keys["sum"].clone();
+    // Pretend the locked result came from another backend: every `up` scaled by 1 + 1e-4.
+    let locked_file = Store::at(&store).object_dir(&key).join(crate::LORA_FILE);
+    let mut other = slider_lora::Lora::load(&locked_file).unwrap();
+    for m in other.modules.values_mut() {
+        m.up.iter_mut().for_each(|x| *x *= 1.0 + 1e-4);
+    }
+    other
+        .save(&locked_file, slider_lora::Precision::F32)
+        .unwrap();
+    let lock_path = lockfile_path(&p.recipe_path);
+    let mut lock = crate::Lockfile::read(&lock_path).unwrap();
+    lock.nodes.get_mut("sum").unwrap().outputs[0].hash =
+        crate::fsutil::hash_file(&locked_file).unwrap();
+    lock.write(&lock_path).unwrap();
+
+    let comparer = crate::lora_delta_error;
+    // (tolerance, accepted?)
+    let cases = [(None, false), (Some(1e-3), true), (Some(1e-6), false)];
+    for (tol, accepted) in cases {
+        let tol = tol.map(|t| (t, &comparer as &crate::verify::LoraComparer));
+        let report =
+            crate::verify::verify(&p, &store, &[], tol, &RunOptions::default(), &Silent).unwrap();
+        assert_eq!(
+            report.ok(),
+            accepted,
+            "{tol:?}: {report:?}",
+            tol = tol.map(|t| t.0)
+        );
+        if accepted {
+            let crate::verify::Verdict::WithinTolerance { max_error } = report.rows[0].verdict
+            else {
+                panic!()
+            };
+            assert!((max_error - 1e-4).abs() < 2e-5, "{max_error}");
+        }
+    }
+}
