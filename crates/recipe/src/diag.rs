@@ -77,17 +77,27 @@ impl Diag {
 #[derive(Debug, Clone)]
 pub(crate) struct Sources {
     items: Vec<(String, Arc<String>)>,
+    /// Byte offset of each line's start, per source (for line:column without rescanning).
+    line_starts: Vec<Vec<usize>>,
+}
+
+fn line_starts(text: &str) -> Vec<usize> {
+    std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+        .collect()
 }
 
 impl Sources {
     pub fn new(recipe_name: String, text: &str) -> Self {
         Sources {
             items: vec![(recipe_name, Arc::new(text.to_owned()))],
+            line_starts: vec![line_starts(text)],
         }
     }
 
     pub fn add(&mut self, name: String, text: &str) -> SourceId {
         self.items.push((name, Arc::new(text.to_owned())));
+        self.line_starts.push(line_starts(text));
         self.items.len() - 1
     }
 
@@ -98,9 +108,13 @@ impl Sources {
     /// 1-based line and column of a byte offset.
     pub fn line_col(&self, span: Span) -> (usize, usize) {
         let text = self.text(span.src);
-        let before = &text[..span.start.min(text.len())];
-        let line = before.matches('\n').count() + 1;
-        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        let at = span.start.min(text.len());
+        let starts = &self.line_starts[span.src];
+        let line = starts.partition_point(|&s| s <= at).max(1);
+        let col = text
+            .get(starts[line - 1]..at)
+            .map_or(0, |l| l.chars().count())
+            + 1;
         (line, col)
     }
 
