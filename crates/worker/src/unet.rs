@@ -577,6 +577,8 @@ mod tests {
         for (name, config, params, blocks) in [
             ("sd15", UNetConfig::sd15(), 859_520_964usize, 16usize),
             ("sdxl", UNetConfig::sdxl(), 2_567_463_684, 70),
+            // diffusers' UNet2DConditionModel with the same hyper-parameters.
+            ("tiny", UNetConfig::tiny(), 6_826_244, 7),
         ] {
             let unet = config.init(&device);
             let keys = param_keys(&unet);
