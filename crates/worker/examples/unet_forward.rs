@@ -64,8 +64,14 @@ fn kernels(device: &Device) {
     }
     // fwd + two backward matmuls: 3 * 2 n^3 flops.
     let gflops = 6.0 * (n as f64).powi(3) / median(mm.clone()) / 1e9;
-    println!("conv2d 64->64 3x3 on 1x64x64x64 fwd+bwd: median {:.1} ms", median(conv));
-    println!("matmul 1024^2 fwd+bwd: median {:.1} ms, {gflops:.1} GFLOP/s", median(mm) * 1e3);
+    println!(
+        "conv2d 64->64 3x3 on 1x64x64x64 fwd+bwd: median {:.1} ms",
+        median(conv)
+    );
+    println!(
+        "matmul 1024^2 fwd+bwd: median {:.1} ms, {gflops:.1} GFLOP/s",
+        median(mm) * 1e3
+    );
 }
 
 fn main() {
