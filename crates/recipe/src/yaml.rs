@@ -185,7 +185,31 @@ impl<'a> Builder<'a> {
                 Event::StreamEnd => {
                     return Ok(Yaml::new(Value::Null, self.span(span)));
                 }
-                other => return self.value(other, span),
+                other => {
+                    let doc = self.value(other, span)?;
+                    self.expect_end()?;
+                    return Ok(doc);
+                }
+            }
+        }
+    }
+
+    /// A recipe is one document: a second one (after `---`) would be silently ignored.
+    fn expect_end(&mut self) -> Result<(), Diag> {
+        loop {
+            let (ev, span) = self.next()?;
+            match ev {
+                Event::DocumentEnd | Event::Nothing => continue,
+                Event::StreamEnd => return Ok(()),
+                _ => {
+                    return Err(Diag::new(
+                        "recipe::yaml",
+                        "a recipe is a single YAML document",
+                        self.span(span),
+                        "a second document starts here",
+                    )
+                    .help("remove the `---` line and merge the documents"));
+                }
             }
         }
     }
@@ -366,6 +390,9 @@ mod tests {
         assert_eq!(e.code, "recipe::duplicate_key");
         let e = parse("a: [1, 2\n", 0, 0).unwrap_err();
         assert_eq!(e.code, "recipe::yaml");
+        let e = parse("a: 1\n---\nb: 2\n", 0, 0).unwrap_err();
+        assert_eq!(e.message, "a recipe is a single YAML document");
+        assert!(parse("a: 1\n...\n", 0, 0).is_ok());
     }
 
     #[test]
