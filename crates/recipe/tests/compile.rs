@@ -454,3 +454,10 @@ fn load_reads_the_file_and_reports_unreadable_ones() {
     assert!(matches!(err, slider_recipe::RecipeError::Read { .. }));
     assert!(err.problems().is_empty());
 }
+
+#[test]
+fn recipe_errors_can_cross_threads_and_render_with_miette() {
+    fn assert_error<T: std::error::Error + miette::Diagnostic + Send + Sync + 'static>() {}
+    assert_error::<slider_recipe::RecipeError>();
+    assert_error::<slider_recipe::Problem>();
+}
