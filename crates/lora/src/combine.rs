@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 
 use faer::Mat;
 
+use crate::Lora;
 use crate::error::{LayoutMismatch, LoraError};
 use crate::layout;
 use crate::module::Module;
-use crate::{Lora, linalg};
 
 /// One input's share of a module: `ratio * scale * up @ down`.
 pub(crate) struct Contribution<'a> {

@@ -45,7 +45,7 @@ pub fn svd_merge_dense(
         models,
         ratios,
         opts,
-        |name, contribs: &[Contribution<'_>]| {
+        |name, contribs: &[Contribution<'_>], _k| {
             let mut sum =
                 Mat::<f64>::zeros(contribs[0].module.out_dim, contribs[0].module.in_flat());
             for c in contribs {

@@ -455,29 +455,25 @@ struct Out {
 }
 
 fn encode(values: &[f32], precision: Precision) -> (&'static str, u8, Vec<u8>) {
+    let width = if precision == Precision::F32 { 4 } else { 2 };
+    let mut out = Vec::with_capacity(values.len() * width);
     match precision {
-        Precision::F32 => (
-            "F32",
-            15,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ),
-        Precision::Bf16 => (
-            "BF16",
-            12,
-            values
-                .iter()
-                .flat_map(|&v| bf16::from_f32(v).to_le_bytes())
-                .collect(),
-        ),
-        Precision::F16 => (
-            "F16",
-            11,
-            values
-                .iter()
-                .flat_map(|&v| f16::from_f32(v).to_le_bytes())
-                .collect(),
-        ),
+        Precision::F32 => values
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        Precision::Bf16 => values
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
+        Precision::F16 => values
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
     }
+    let (name, order) = match precision {
+        Precision::F32 => ("F32", 15),
+        Precision::Bf16 => ("BF16", 12),
+        Precision::F16 => ("F16", 11),
+    };
+    (name, order, out)
 }
 
 fn tensors(lora: &Lora, precision: Precision) -> Vec<Out> {

@@ -69,12 +69,18 @@ pub fn mat_from_rows_transposed(data: &[f32], rows: usize, cols: usize) -> Mat<f
     m
 }
 
-/// The exact SVD of `a @ bt^T` (`a`: m x R, `bt`: n x R), truncated to its at most
-/// `min(m, n, R)` possibly non-zero singular values. When `R` is smaller than both `m` and
-/// `n` the `m x n` product is never formed: `a = Qa Ra`, `bt = Qb Rb`, and the SVD of the
-/// small core `Ra Rb^T = Uc S Vc^T` gives `U = Qa Uc`, `V = Qb Vc`. Returns `None` when the
-/// SVD does not converge.
-pub fn product_svd(a: MatRef<'_, f64>, bt: MatRef<'_, f64>) -> Option<Spectral> {
+/// The exact SVD of `a @ bt^T` (`a`: m x R, `bt`: n x R): all its at most `min(m, n, R)`
+/// possibly non-zero singular values, and the singular vectors of the first
+/// `choose_k(&s)` of them. When `R` is smaller than both `m` and `n` the `m x n` product is
+/// never formed: `a = Qa Ra`, `bt = Qb Rb`, and the SVD of the small core
+/// `Ra Rb^T = Uc S Vc^T` gives `U = Qa Uc`, `V = Qb Vc` (the Householder reflectors of `Qa`,
+/// `Qb` are applied to the `k` wanted columns only). Returns `None` when the SVD does not
+/// converge.
+pub fn product_svd(
+    a: MatRef<'_, f64>,
+    bt: MatRef<'_, f64>,
+    choose_k: impl FnOnce(&[f64]) -> usize,
+) -> Option<Spectral> {
     let (m, r, n) = (a.nrows(), a.ncols(), bt.nrows());
     if r >= m.min(n) {
         return dense_svd(&(a * bt.transpose()));
@@ -83,10 +89,38 @@ pub fn product_svd(a: MatRef<'_, f64>, bt: MatRef<'_, f64>) -> Option<Spectral> 
     let qb = bt.qr();
     let core = qa.thin_R() * qb.thin_R().transpose();
     let svd = core.thin_svd().ok()?;
-    let u = qa.compute_thin_Q() * svd.U();
-    let v = qb.compute_thin_Q() * svd.V();
     let s: Vec<f64> = svd.S().column_vector().iter().copied().collect();
+    let k = choose_k(&s).min(s.len());
+    let u = apply_q(&qa, svd.U().subcols(0, k), m);
+    let v = apply_q(&qb, svd.V().subcols(0, k), n);
     Some(with_sign_convention(u, s, v))
+}
+
+/// `Q @ [small; 0]` for the thin `Q` of a QR, by applying its Householder reflectors.
+fn apply_q(qr: &faer::linalg::solvers::Qr<f64>, small: MatRef<'_, f64>, m: usize) -> Mat<f64> {
+    use faer::dyn_stack::{MemBuffer, MemStack};
+    use faer::linalg::householder;
+    let k = small.ncols();
+    let mut out = Mat::<f64>::zeros(m, k);
+    out.as_mut().subrows_mut(0, small.nrows()).copy_from(small);
+    let basis = qr.Q_basis();
+    let coeff = qr.Q_coeff();
+    let mut mem = MemBuffer::new(
+        householder::apply_block_householder_sequence_on_the_left_in_place_scratch::<f64>(
+            m,
+            coeff.nrows(),
+            k,
+        ),
+    );
+    householder::apply_block_householder_sequence_on_the_left_in_place_with_conj(
+        basis,
+        coeff,
+        faer::Conj::No,
+        out.as_mut(),
+        faer::Par::Seq,
+        MemStack::new(&mut mem),
+    );
+    out
 }
 
 /// The thin SVD of a dense matrix, sign convention applied, in f64.
@@ -204,7 +238,7 @@ mod tests {
             let a = random_mat(m, r, 1);
             let bt = random_mat(n, r, 2);
             let exact = &a * bt.transpose();
-            let sp = product_svd(a.as_ref(), bt.as_ref()).expect("converges");
+            let sp = product_svd(a.as_ref(), bt.as_ref(), |s| s.len()).expect("converges");
             let s = Mat::from_fn(
                 sp.s.len(),
                 sp.s.len(),

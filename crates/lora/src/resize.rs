@@ -157,10 +157,31 @@ pub fn resize(
     resize_with(model, opts, |name, m| {
         let a = linalg::mat_from_rows(&m.up, m.out_dim, m.rank, 1.0);
         let bt = linalg::mat_from_rows_transposed(&m.down, m.rank, m.in_flat());
-        linalg::product_svd(a.as_ref(), bt.as_ref()).ok_or_else(|| LoraError::SvdFailed {
+        let max_rank = max_rank_of(m, opts);
+        let full_len = m.out_dim.min(m.in_flat());
+        linalg::product_svd(a.as_ref(), bt.as_ref(), |s| {
+            new_rank_for_spectrum(&padded(s, full_len), max_rank, opts.dynamic)
+        })
+        .ok_or_else(|| LoraError::SvdFailed {
             module: name.to_string(),
         })
     })
+}
+
+/// kohya's rank limit of a module: `--new_conv_rank` for every conv, else `--new_rank`.
+fn max_rank_of(m: &Module, opts: &ResizeOptions) -> usize {
+    if m.kind.is_conv() {
+        opts.new_conv_rank
+    } else {
+        opts.new_rank
+    }
+}
+
+/// The full spectrum of length `min(out, in * kh * kw)`: computed values, then zeros.
+fn padded(s: &[f64], full_len: usize) -> Vec<f64> {
+    let mut s = s.to_vec();
+    s.resize(full_len.max(s.len()), 0.0);
+    s
 }
 
 /// The skeleton shared with the dense reference: `svd` gives the spectral factors of one
@@ -188,15 +209,8 @@ pub(crate) fn resize_with(
         .par_iter()
         .map(|(name, m)| {
             let sp = svd(name, m)?;
-            let full_len = m.out_dim.min(m.in_flat());
-            let mut s = sp.s.clone();
-            s.resize(full_len.max(s.len()), 0.0);
-            let max_rank = if m.kind.is_conv() {
-                opts.new_conv_rank
-            } else {
-                opts.new_rank
-            };
-            let k = new_rank_for_spectrum(&s, max_rank, opts.dynamic);
+            let s = padded(&sp.s, m.out_dim.min(m.in_flat()));
+            let k = new_rank_for_spectrum(&s, max_rank_of(m, opts), opts.dynamic);
             let new_alpha = m.scale() * k as f32;
             let (up, down) = truncate(&sp, k, m.out_dim, m.in_flat());
             let total: f64 = s.iter().map(|x| x.abs()).sum();

@@ -45,21 +45,21 @@ pub fn svd_merge(
     ratios: &[f64],
     opts: &SvdMergeOptions,
 ) -> Result<Lora, LoraError> {
-    svd_merge_with(models, ratios, opts, |name, contribs| {
+    svd_merge_with(models, ratios, opts, |name, contribs, k| {
         let (a, bt) = combine::stacked_factors(contribs);
-        linalg::product_svd(a.as_ref(), bt.as_ref()).ok_or_else(|| LoraError::SvdFailed {
+        linalg::product_svd(a.as_ref(), bt.as_ref(), |_| k).ok_or_else(|| LoraError::SvdFailed {
             module: name.to_string(),
         })
     })
 }
 
 /// The skeleton shared with the dense reference: `svd` computes the spectral factors of one
-/// module's merged delta, the rest (rank choice, clamp, alpha, metadata) is common.
+/// module's merged delta (singular vectors needed for the first `k` values), the rest (rank choice, clamp, alpha, metadata) is common.
 pub(crate) fn svd_merge_with(
     models: &[&Lora],
     ratios: &[f64],
     opts: &SvdMergeOptions,
-    svd: impl Fn(&str, &[Contribution<'_>]) -> Result<Spectral, LoraError> + Sync,
+    svd: impl Fn(&str, &[Contribution<'_>], usize) -> Result<Spectral, LoraError> + Sync,
 ) -> Result<Lora, LoraError> {
     validate(opts)?;
     let grouped = combine::group_modules(models, ratios)?;
@@ -73,7 +73,7 @@ pub(crate) fn svd_merge_with(
                 opts.new_rank
             };
             let k = wanted.min(first.in_dim).min(first.out_dim);
-            let sp = svd(name, contribs)?;
+            let sp = svd(name, contribs, k)?;
             let (mut up, mut down) = truncate(&sp, k, first.out_dim, first.in_flat());
             if let Some(q) = opts.clamp_quantile {
                 clamp_to_quantile(&mut up, &mut down, q);
@@ -139,7 +139,11 @@ pub(crate) fn truncate(
         }
     }
     let mut down = vec![0f32; k * in_flat];
-    for (j, row) in down.chunks_exact_mut(in_flat.max(1)).take(avail).enumerate() {
+    for (j, row) in down
+        .chunks_exact_mut(in_flat.max(1))
+        .take(avail)
+        .enumerate()
+    {
         for (y, &x) in row.iter_mut().zip(sp.v.col_as_slice(j)) {
             *y = x as f32;
         }
