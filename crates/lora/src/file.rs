@@ -455,25 +455,38 @@ struct Out {
 }
 
 fn encode(values: &[f32], precision: Precision) -> (&'static str, u8, Vec<u8>) {
-    let width = if precision == Precision::F32 { 4 } else { 2 };
-    let mut out = Vec::with_capacity(values.len() * width);
-    match precision {
-        Precision::F32 => values
-            .iter()
-            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        Precision::Bf16 => values
-            .iter()
-            .for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_le_bytes())),
-        Precision::F16 => values
-            .iter()
-            .for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_le_bytes())),
-    }
+    use half::slice::HalfFloatSliceExt;
+    let bytes = match precision {
+        Precision::F32 => little_endian_bytes(values),
+        Precision::Bf16 => {
+            let mut h = vec![bf16::ZERO; values.len()];
+            h.convert_from_f32_slice(values);
+            little_endian_bytes(&h)
+        }
+        Precision::F16 => {
+            // The slice conversion detects F16C once and converts in bulk.
+            let mut h = vec![f16::ZERO; values.len()];
+            h.convert_from_f32_slice(values);
+            little_endian_bytes(&h)
+        }
+    };
     let (name, order) = match precision {
         Precision::F32 => ("F32", 15),
         Precision::Bf16 => ("BF16", 12),
         Precision::F16 => ("F16", 11),
     };
-    (name, order, out)
+    (name, order, bytes)
+}
+
+/// safetensors data is little-endian, which is the memory order on every target we build.
+fn little_endian_bytes<T: bytemuck::Pod>(values: &[T]) -> Vec<u8> {
+    const {
+        assert!(
+            cfg!(target_endian = "little"),
+            "safetensors data is little-endian"
+        )
+    };
+    bytemuck::cast_slice(values).to_vec()
 }
 
 fn tensors(lora: &Lora, precision: Precision) -> Vec<Out> {
