@@ -369,7 +369,14 @@ nodes:
         std::thread::sleep(Duration::from_millis(5));
     }
     let out = p.output(&["recipe.yaml"]);
-    let status = p.output(&["status", "recipe.yaml"]);
+    // The journal says `slow` is running as soon as it starts.
+    let mut status = p.output(&["status", "recipe.yaml"]);
+    while !String::from_utf8_lossy(&status.stdout).starts_with("running")
+        && t0.elapsed() < Duration::from_secs(4)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+        status = p.output(&["status", "recipe.yaml"]);
+    }
     first.kill().unwrap();
     first.wait().unwrap();
     assert!(!out.status.success());

@@ -139,7 +139,9 @@ matrix:
 nodes:
   slider_${angle}:
     kind: svd_merge
-    models: [big_${angle}.safetensors, small_${angle}.safetensors]
+    models:
+      - big_${angle}.safetensors
+      - small_${angle}.safetensors
     ratios: [1.5, -1.5]
     new_rank: 8
   slider:

@@ -325,7 +325,11 @@ pub fn run(
     };
     let mut stop = false;
     let mut journal_dirty = false;
-    let mut journal_saved = Instant::now();
+    // Throttles journal writes for plans with many quick nodes; the first one is immediate
+    // so `status` sees a running node at once.
+    let mut journal_saved = Instant::now()
+        .checked_sub(Duration::from_secs(1))
+        .unwrap_or_else(Instant::now);
     observer.event(Event::Planned { nodes: n });
     let report =
         |i: usize, key: Option<&str>, wall_s: f64, log: Option<PathBuf>, error: Option<String>| {
