@@ -363,24 +363,28 @@ fn decode_weight(
                 .collect(),
             TensorDtype::F32,
         ),
-        "F16" => (
-            raw.bytes
-                .chunks_exact(2)
-                .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            TensorDtype::F16,
-        ),
-        "BF16" => (
-            raw.bytes
-                .chunks_exact(2)
-                .map(|c| bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            TensorDtype::Bf16,
-        ),
+        "F16" => (half_to_f32::<f16>(raw.bytes), TensorDtype::F16),
+        "BF16" => (half_to_f32::<bf16>(raw.bytes), TensorDtype::Bf16),
         _ => return Err(unsupported(path, raw)),
     };
     check_finite(path, module, &raw.key, &values)?;
     Ok((values, dtype))
+}
+
+/// Little-endian 16-bit floats to f32, converted in bulk (F16C when the CPU has it).
+fn half_to_f32<H>(bytes: &[u8]) -> Vec<f32>
+where
+    H: bytemuck::Pod + Default,
+    [H]: half::slice::HalfFloatSliceExt,
+{
+    use half::slice::HalfFloatSliceExt;
+    let n = bytes.len() / 2;
+    let mut h = vec![H::default(); n];
+    // The mapped bytes may be unaligned for 2-byte values: copy them into place.
+    bytemuck::cast_slice_mut::<H, u8>(&mut h).copy_from_slice(&bytes[..n * 2]);
+    let mut out = vec![0f32; h.len()];
+    h.convert_to_f32_slice(&mut out);
+    out
 }
 
 fn check_finite(path: &Path, module: &str, key: &str, values: &[f32]) -> Result<(), LoraError> {
