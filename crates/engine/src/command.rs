@@ -78,9 +78,15 @@ impl Executor for CommandExecutor {
             return Err(ExecError::Cancelled);
         };
         if !status.success() {
+            let tail = log_tail(job.log.path(), 3);
             return Err(ExecError::Failed(format!(
-                "`{}` failed ({status})",
-                program.display()
+                "`{}` failed ({status}){}",
+                program.display(),
+                if tail.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {tail}")
+                }
             )));
         }
         let mut produced = Vec::new();
@@ -126,4 +132,14 @@ fn placeholders(p: &CommandParams, job: &Job) -> Result<BTreeMap<String, String>
         map.insert(name.clone(), job.out_dir.join(file).display().to_string());
     }
     Ok(map)
+}
+
+/// The last `n` non-empty lines the program printed, for the error message.
+fn log_tail(log: &Path, n: usize) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with("== ") && !l.starts_with("$ "))
+        .collect();
+    lines[lines.len().saturating_sub(n)..].join(" | ")
 }

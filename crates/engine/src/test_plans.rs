@@ -225,6 +225,13 @@ fn a_failure_stops_its_dependents_only_unless_no_keep_going() {
     assert_eq!(names(&s.ran), set(&["good"]));
     let bad = s.failed.iter().find(|r| r.name == "bad").unwrap();
     assert!(
+        bad.error
+            .as_ref()
+            .unwrap()
+            .ends_with("(exit status: 3): oops"),
+        "{bad:?}"
+    );
+    assert!(
         fs::read_to_string(bad.log.as_ref().unwrap())
             .unwrap()
             .contains("oops")
