@@ -25,6 +25,7 @@ pub mod clip;
 pub mod device;
 pub mod forward;
 pub mod layers;
+pub mod lora;
 pub mod tokenizer;
 pub mod train;
 pub mod unet;
@@ -39,6 +40,7 @@ pub use checkpoint::{
 pub use clip::{ClipTextModel, OpenClipText, TextConfig, TextOutput};
 pub use device::{DeviceError, open_device, parse_device};
 pub use forward::{ForwardError, HostTensor};
+pub use lora::{AdapterError, LoraNetwork, lora_targets};
 pub use tokenizer::{Padding, Tokenizer};
 pub use unet::{Heads, UNet, UNetConfig};
 pub use vae::{Vae, VaeConfig};

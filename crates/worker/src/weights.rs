@@ -215,6 +215,42 @@ pub fn fill<M: burn::module::Module, S: TensorSource>(
     (module, filler.report)
 }
 
+/// Adds `deltas[key]` (flattened to 2-D, in our layout: linear weights `[in, out]`) to the
+/// parameter stored under `key`, reshaped to the parameter's shape. The sum keeps the delta's
+/// autodiff graph, so gradients flow into whatever the delta was computed from while the base
+/// stays a constant. Returns the keys of `deltas` that no parameter has.
+pub fn add_to_params<M: burn::module::Module>(
+    module: M,
+    mut deltas: BTreeMap<String, Tensor<2>>,
+) -> (M, Vec<String>) {
+    struct Adder {
+        path: PathTracker,
+        deltas: BTreeMap<String, Tensor<2>>,
+    }
+    impl ModuleMapper for Adder {
+        fn enter_module(&mut self, name: &str, container_type: &str) {
+            self.path.enter(name, container_type);
+        }
+        fn exit_module(&mut self, _name: &str, _container_type: &str) {
+            self.path.exit();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+            let Some(delta) = self.deltas.remove(&self.path.key().key) else {
+                return param;
+            };
+            let base = param.val();
+            let dims: [usize; D] = base.dims();
+            Param::initialized(param.id, base + delta.reshape(dims))
+        }
+    }
+    let mut adder = Adder {
+        path: PathTracker::default(),
+        deltas: std::mem::take(&mut deltas),
+    };
+    let module = module.map(&mut adder);
+    (module, adder.deltas.into_keys().collect())
+}
+
 /// Row-major `[rows, cols]` -> `[cols, rows]`.
 pub fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; values.len()];

@@ -1,0 +1,571 @@
+//! LoRA adapters on the UNet: kohya's `networks.lora` target modules and names, trainable
+//! low-rank factors, and the same adapters applied at any weight for inference.
+//!
+//! kohya adapts, in every spatial transformer, `proj_in`, `proj_out` and each transformer
+//! block's `attn{1,2}.to_{q,k,v}`, `attn{1,2}.to_out.0`, `ff.net.0.proj` and `ff.net.2`. Names
+//! are `lora_unet_` followed by the module path with `.` replaced by `_`: the original
+//! (LDM/SGM) path for SDXL (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), the
+//! diffusers path for SD1-family UNets (`lora_unet_down_blocks_0_attentions_0_proj_in`), which
+//! [`lora_targets`] derives from our original-layout modules.
+//!
+//! The adapted forward pass is `W x + multiplier * alpha / rank * up(down(x))`. We add the
+//! low-rank delta to the frozen weight (the way ComfyUI and A1111 apply a LoRA) instead of
+//! running a second branch: the base weights stay constants of the autodiff graph, only the
+//! factors are tracked, and the gradients equal the branch form's.
+
+use std::collections::BTreeMap;
+
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use slider_lora::{AlphaStorage, Lora, Module as FileModule, ModuleKind, TensorDtype};
+
+use crate::unet::{Layer, UNet};
+use crate::weights::{add_to_params, param_keys};
+
+/// Why an adapter cannot be built or applied.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// A LoRA names a module this UNet does not have (another architecture, or a text
+    /// encoder module).
+    #[error("the LoRA adapts `{0}`, which this UNet does not have")]
+    UnknownModule(String),
+    /// A LoRA module's shape differs from the UNet's.
+    #[error("LoRA module `{name}` is {found}; this UNet's is {expected}")]
+    Shape {
+        /// The module.
+        name: String,
+        /// What the LoRA holds.
+        found: String,
+        /// What the UNet has.
+        expected: String,
+    },
+    /// `network_dim` 0.
+    #[error("network_dim must be at least 1")]
+    ZeroRank,
+    /// A tensor could not be read back from the device.
+    #[error("cannot read LoRA tensor `{0}` from the device")]
+    Readback(String),
+}
+
+/// One module kohya adapts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    /// kohya's name, `lora_unet_...`.
+    pub name: String,
+    /// The checkpoint key of its weight, `input_blocks.1.1.proj_in.weight`.
+    pub key: String,
+    /// Linear or 1x1 convolution.
+    pub kind: ModuleKind,
+    /// Output features.
+    pub out_dim: usize,
+    /// Input features (channels for a convolution).
+    pub in_dim: usize,
+}
+
+/// The modules kohya's `networks.lora` adapts in `unet`, sorted by name.
+pub fn lora_targets(unet: &UNet) -> Vec<Target> {
+    let diffusers_names = !unet.takes_added_conditioning();
+    let out_blocks = unet.output_blocks.len();
+    let downsamplers = unet
+        .input_blocks
+        .iter()
+        .filter(|block| matches!(block.first(), Some(Layer::Down(_))))
+        .count();
+    let levels = downsamplers + 1;
+    let per_level = (out_blocks / levels).max(1);
+    let mut targets: Vec<Target> = param_keys(unet)
+        .into_iter()
+        .filter_map(|(key, shape)| {
+            let path = key.key.strip_suffix(".weight")?;
+            if !is_target(path) {
+                return None;
+            }
+            let (kind, out_dim, in_dim) = match shape.as_slice() {
+                [i, o] => (ModuleKind::Linear, *o, *i),
+                [o, i, kh, kw] => (ModuleKind::Conv { kh: *kh, kw: *kw }, *o, *i),
+                _ => return None,
+            };
+            let named = if diffusers_names {
+                diffusers_path(path, per_level)?
+            } else {
+                path.to_owned()
+            };
+            Some(Target {
+                name: format!("lora_unet_{}", named.replace('.', "_")),
+                key: key.key.clone(),
+                kind,
+                out_dim,
+                in_dim,
+            })
+        })
+        .collect();
+    targets.sort_by(|a, b| a.name.cmp(&b.name));
+    targets
+}
+
+/// Whether a module path inside the UNet is one of kohya's targets.
+fn is_target(path: &str) -> bool {
+    const BLOCK_LEAVES: [&str; 10] = [
+        "attn1.to_q",
+        "attn1.to_k",
+        "attn1.to_v",
+        "attn1.to_out.0",
+        "attn2.to_q",
+        "attn2.to_k",
+        "attn2.to_v",
+        "attn2.to_out.0",
+        "ff.net.0.proj",
+        "ff.net.2",
+    ];
+    if path.contains(".transformer_blocks.") {
+        return BLOCK_LEAVES.iter().any(|leaf| path.ends_with(leaf));
+    }
+    path.ends_with(".proj_in") || path.ends_with(".proj_out")
+}
+
+/// The diffusers path of a spatial transformer's module: `input_blocks.N.1` is
+/// `down_blocks.{level}.attentions.{i}`, `middle_block.1` is `mid_block.attentions.0`,
+/// `output_blocks.N.1` is `up_blocks.{level}.attentions.{i}`; `per_level` is
+/// `num_res_blocks + 1`.
+fn diffusers_path(path: &str, per_level: usize) -> Option<String> {
+    let parts: Vec<&str> = path.split('.').collect();
+    let (head, rest) = match parts.as_slice() {
+        ["input_blocks", n, "1", rest @ ..] => {
+            let p = n.parse::<usize>().ok()?.checked_sub(1)?;
+            (
+                format!("down_blocks.{}.attentions.{}", p / per_level, p % per_level),
+                rest,
+            )
+        }
+        ["middle_block", "1", rest @ ..] => ("mid_block.attentions.0".to_owned(), rest),
+        ["output_blocks", n, "1", rest @ ..] => {
+            let n = n.parse::<usize>().ok()?;
+            (
+                format!("up_blocks.{}.attentions.{}", n / per_level, n % per_level),
+                rest,
+            )
+        }
+        _ => return None,
+    };
+    Some(format!("{head}.{}", rest.join(".")))
+}
+
+/// A low-rank factor in kohya's tensor shape: `[rank, in]`/`[out, rank]` for linear modules,
+/// `[rank, in, kh, kw]`/`[out, rank, 1, 1]` for convolutions (the optimizer sees the same
+/// shapes as kohya's, which matters for CAME's factored moments).
+#[derive(Debug, Clone)]
+pub enum Factor {
+    /// Of a linear module.
+    Linear(Tensor<2>),
+    /// Of a convolution.
+    Conv(Tensor<4>),
+}
+
+impl Factor {
+    fn from_values(values: Vec<f32>, shape: &[usize], device: &Device) -> Self {
+        match *shape {
+            [a, b, c, d] => Self::Conv(Tensor::from_data(
+                TensorData::new(values, [a, b, c, d]),
+                device,
+            )),
+            [a, b] => Self::Linear(Tensor::from_data(TensorData::new(values, [a, b]), device)),
+            _ => {
+                let n = values.len();
+                Self::Linear(Tensor::from_data(TensorData::new(values, [1, n]), device))
+            }
+        }
+    }
+
+    /// The factor as a matrix (`[rows, rest]`).
+    pub fn matrix(&self) -> Tensor<2> {
+        match self {
+            Self::Linear(t) => t.clone(),
+            Self::Conv(t) => {
+                let [a, b, c, d] = t.dims();
+                t.clone().reshape([a, b * c * d])
+            }
+        }
+    }
+
+    /// Its shape.
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            Self::Linear(t) => t.dims().to_vec(),
+            Self::Conv(t) => t.dims().to_vec(),
+        }
+    }
+
+    /// The values on the host, row-major.
+    pub fn to_host(&self) -> Option<Vec<f32>> {
+        let data = match self {
+            Self::Linear(t) => t.clone().into_data(),
+            Self::Conv(t) => t.clone().into_data(),
+        };
+        data.convert::<f32>().try_to_vec::<f32>().ok()
+    }
+
+    /// Marks the factor as a tracked autodiff leaf.
+    pub fn tracked(self) -> Self {
+        match self {
+            Self::Linear(t) => Self::Linear(t.autodiff().require_grad()),
+            Self::Conv(t) => Self::Conv(t.autodiff().require_grad()),
+        }
+    }
+
+    /// The factor without autodiff.
+    pub fn untracked(self) -> Self {
+        match self {
+            Self::Linear(t) => Self::Linear(t.without_autodiff()),
+            Self::Conv(t) => Self::Conv(t.without_autodiff()),
+        }
+    }
+}
+
+/// The trainable (or loaded) factors of one adapted module.
+#[derive(Debug, Clone)]
+pub struct AdapterModule {
+    /// The module it adapts.
+    pub target: Target,
+    /// `network_dim`.
+    pub rank: usize,
+    /// `network_alpha`; the delta is scaled by `alpha / rank`.
+    pub alpha: f32,
+    /// `lora_down.weight`.
+    pub down: Factor,
+    /// `lora_up.weight`.
+    pub up: Factor,
+}
+
+impl AdapterModule {
+    /// `multiplier * alpha / rank * up @ down` in our layout of the base weight, flattened to
+    /// 2-D (linear `[in, out]`, convolution `[out, in * kh * kw]`).
+    fn delta(&self, multiplier: f64) -> Tensor<2> {
+        let scale = multiplier * f64::from(self.alpha) / self.rank as f64;
+        let (up, down) = (self.up.matrix(), self.down.matrix());
+        match self.target.kind {
+            ModuleKind::Linear => down.transpose().matmul(up.transpose()).mul_scalar(scale),
+            ModuleKind::Conv { .. } => up.matmul(down).mul_scalar(scale),
+        }
+    }
+}
+
+/// A set of adapters on one UNet: kohya's LoRA network.
+#[derive(Debug, Clone)]
+pub struct LoraNetwork {
+    /// By kohya name.
+    pub modules: BTreeMap<String, AdapterModule>,
+}
+
+impl LoraNetwork {
+    /// A fresh network on every target of `unet` as kohya initialises it: `lora_down`
+    /// kaiming-uniform with `a = sqrt(5)` (uniform in +-1/sqrt(fan_in)), `lora_up` zeros.
+    /// The values come from `seed` (ChaCha8), module by module in name order.
+    pub fn init(
+        unet: &UNet,
+        rank: usize,
+        alpha: f32,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self, AdapterError> {
+        if rank == 0 {
+            return Err(AdapterError::ZeroRank);
+        }
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let mut modules = BTreeMap::new();
+        for target in lora_targets(unet) {
+            let window = target.kind.window();
+            let fan_in = target.in_dim * window;
+            let bound = 1.0 / (fan_in as f32).sqrt();
+            let down: Vec<f32> = (0..rank * fan_in)
+                .map(|_| (2.0 * rng.random::<f32>() - 1.0) * bound)
+                .collect();
+            let (down_shape, up_shape) = factor_shapes(&target, rank);
+            let module = AdapterModule {
+                down: Factor::from_values(down, &down_shape, device),
+                up: Factor::from_values(vec![0.0; target.out_dim * rank], &up_shape, device),
+                rank,
+                alpha,
+                target,
+            };
+            modules.insert(module.target.name.clone(), module);
+        }
+        Ok(Self { modules })
+    }
+
+    /// The adapters of a LoRA file, checked against `unet`'s targets.
+    pub fn from_lora(lora: &Lora, unet: &UNet, device: &Device) -> Result<Self, AdapterError> {
+        let targets: BTreeMap<String, Target> = lora_targets(unet)
+            .into_iter()
+            .map(|t| (t.name.clone(), t))
+            .collect();
+        let mut modules = BTreeMap::new();
+        for (name, m) in &lora.modules {
+            let target = targets
+                .get(name)
+                .ok_or_else(|| AdapterError::UnknownModule(name.clone()))?;
+            if m.kind != target.kind || m.out_dim != target.out_dim || m.in_dim != target.in_dim {
+                return Err(AdapterError::Shape {
+                    name: name.clone(),
+                    found: format!("{} {}x{}", m.kind, m.out_dim, m.in_dim),
+                    expected: format!("{} {}x{}", target.kind, target.out_dim, target.in_dim),
+                });
+            }
+            let (down_shape, up_shape) = factor_shapes(target, m.rank);
+            modules.insert(
+                name.clone(),
+                AdapterModule {
+                    target: target.clone(),
+                    rank: m.rank,
+                    alpha: m.alpha,
+                    down: Factor::from_values(m.down.clone(), &down_shape, device),
+                    up: Factor::from_values(m.up.clone(), &up_shape, device),
+                },
+            );
+        }
+        Ok(Self { modules })
+    }
+
+    /// The network as a kohya LoRA (f32 factors, float alphas, no metadata).
+    pub fn to_lora(&self) -> Result<Lora, AdapterError> {
+        let mut lora = Lora::default();
+        for (name, m) in &self.modules {
+            let read = |f: &Factor, what: &str| {
+                f.to_host()
+                    .ok_or_else(|| AdapterError::Readback(format!("{name}.{what}")))
+            };
+            lora.modules.insert(
+                name.clone(),
+                FileModule {
+                    kind: m.target.kind,
+                    out_dim: m.target.out_dim,
+                    in_dim: m.target.in_dim,
+                    rank: m.rank,
+                    up: read(&m.up, "lora_up.weight")?,
+                    down: read(&m.down, "lora_down.weight")?,
+                    alpha: m.alpha,
+                    alpha_storage: AlphaStorage::Float,
+                    dtype: TensorDtype::F32,
+                },
+            );
+        }
+        Ok(lora)
+    }
+
+    /// `unet` with every adapter added at `multiplier` (1 for training; any weight, negative
+    /// included, for sampling). Tracked factors make the result's weights tracked.
+    pub fn apply(&self, unet: &UNet, multiplier: f64) -> Result<UNet, AdapterError> {
+        let deltas: BTreeMap<String, Tensor<2>> = self
+            .modules
+            .values()
+            .map(|m| (m.target.key.clone(), m.delta(multiplier)))
+            .collect();
+        let (patched, unused) = add_to_params(unet.clone(), deltas);
+        match unused.into_iter().next() {
+            Some(key) => Err(AdapterError::UnknownModule(key)),
+            None => Ok(patched),
+        }
+    }
+}
+
+/// Shapes of `lora_down.weight` and `lora_up.weight` as kohya stores them.
+fn factor_shapes(target: &Target, rank: usize) -> (Vec<usize>, Vec<usize>) {
+    match target.kind {
+        ModuleKind::Linear => (vec![rank, target.in_dim], vec![target.out_dim, rank]),
+        ModuleKind::Conv { kh, kw } => (
+            vec![rank, target.in_dim, kh, kw],
+            vec![target.out_dim, rank, 1, 1],
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::unet::UNetConfig;
+    use slider_lora::layout::Layout;
+
+    /// (UNet, kohya's module count, the layout list our names must equal).
+    #[test]
+    fn targets_are_kohyas_modules_and_names() {
+        let device = Device::flex();
+        for (label, config, count, layout) in [
+            ("sd15", UNetConfig::sd15(), 192, Layout::Sd1),
+            ("sdxl", UNetConfig::sdxl(), 722, Layout::Sdxl),
+        ] {
+            let unet = config.init(&device);
+            let targets = lora_targets(&unet);
+            assert_eq!(targets.len(), count, "{label}");
+            let ours: Vec<_> = targets
+                .iter()
+                .map(|t| (t.name.clone(), t.kind, t.out_dim, t.in_dim))
+                .collect();
+            let want: Vec<_> = layout
+                .modules()
+                .into_iter()
+                .map(|m| (m.name, m.kind, m.out_dim, m.in_dim))
+                .collect();
+            assert_eq!(ours, want, "{label}");
+        }
+    }
+
+    #[test]
+    fn sd1_family_names_map_original_blocks_to_diffusers_blocks() {
+        // (original path, num_res_blocks + 1, diffusers path)
+        let cases = [
+            (
+                "input_blocks.1.1.proj_in",
+                3,
+                Some("down_blocks.0.attentions.0.proj_in"),
+            ),
+            (
+                "input_blocks.2.1.proj_in",
+                3,
+                Some("down_blocks.0.attentions.1.proj_in"),
+            ),
+            (
+                "input_blocks.4.1.proj_out",
+                3,
+                Some("down_blocks.1.attentions.0.proj_out"),
+            ),
+            (
+                "input_blocks.8.1.x",
+                3,
+                Some("down_blocks.2.attentions.1.x"),
+            ),
+            (
+                "input_blocks.3.1.x",
+                2,
+                Some("down_blocks.1.attentions.0.x"),
+            ),
+            (
+                "middle_block.1.transformer_blocks.0.attn1.to_q",
+                3,
+                Some("mid_block.attentions.0.transformer_blocks.0.attn1.to_q"),
+            ),
+            ("output_blocks.3.1.x", 3, Some("up_blocks.1.attentions.0.x")),
+            (
+                "output_blocks.11.1.x",
+                3,
+                Some("up_blocks.3.attentions.2.x"),
+            ),
+            ("output_blocks.5.1.x", 2, Some("up_blocks.2.attentions.1.x")),
+            ("input_blocks.0.0", 3, None),
+            ("out.2", 3, None),
+        ];
+        for (path, per_level, want) in cases {
+            assert_eq!(diffusers_path(path, per_level).as_deref(), want, "{path}");
+        }
+    }
+
+    #[test]
+    fn tiny_unet_follows_sd1_naming() {
+        let unet = UNetConfig::tiny().init(&Device::flex());
+        let targets = lora_targets(&unet);
+        // 2 down, 1 middle and 4 up spatial transformers, one block each: 12 modules apiece.
+        assert_eq!(targets.len(), 7 * 12);
+        for want in [
+            "lora_unet_down_blocks_0_attentions_0_proj_in",
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k",
+            "lora_unet_mid_block_attentions_0_proj_out",
+            "lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_ff_net_2",
+            "lora_unet_up_blocks_2_attentions_0_transformer_blocks_0_attn1_to_out_0",
+        ] {
+            assert!(targets.iter().any(|t| t.name == want), "missing {want}");
+        }
+    }
+
+    fn small_unet(device: &Device) -> UNet {
+        UNetConfig {
+            model_channels: 32,
+            context_dim: 16,
+            ..UNetConfig::tiny()
+        }
+        .init(device)
+    }
+
+    #[test]
+    fn init_is_kohyas_and_changes_nothing_until_trained() {
+        let device = Device::flex();
+        let unet = small_unet(&device);
+        let net = LoraNetwork::init(&unet, 4, 1.0, 7, &device).unwrap();
+        for m in net.modules.values() {
+            let bound = 1.0 / ((m.target.in_dim * m.target.kind.window()) as f32).sqrt();
+            let down = m.down.to_host().unwrap();
+            assert!(down.iter().all(|v| v.abs() <= bound), "{}", m.target.name);
+            assert!(down.iter().any(|v| *v != 0.0));
+            assert!(m.up.to_host().unwrap().iter().all(|v| *v == 0.0));
+        }
+        let again = LoraNetwork::init(&unet, 4, 1.0, 7, &device).unwrap();
+        let other = LoraNetwork::init(&unet, 4, 1.0, 8, &device).unwrap();
+        let first = |n: &LoraNetwork| n.modules.values().next().unwrap().down.to_host();
+        assert_eq!(first(&net), first(&again));
+        assert_ne!(first(&net), first(&other));
+        assert!(LoraNetwork::init(&unet, 0, 1.0, 7, &device).is_err());
+    }
+
+    /// The patched weight equals `W + multiplier * alpha / rank * up @ down` in the
+    /// checkpoint's `[out, in]` layout, for linear and 1x1-conv modules and several weights.
+    #[test]
+    fn applying_adds_the_scaled_delta_to_the_weights() {
+        let device = Device::flex();
+        let unet = small_unet(&device);
+        let mut net = LoraNetwork::init(&unet, 2, 1.0, 3, &device).unwrap();
+        for m in net.modules.values_mut() {
+            let n = m.target.out_dim * m.rank;
+            let up: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.01 - 0.03).collect();
+            m.up = Factor::from_values(up, &m.up.shape(), &device);
+        }
+        let lora = net.to_lora().unwrap();
+        let base = crate::weights::param_values(&unet);
+        for w in [1.0, -0.5, 2.0] {
+            let patched = crate::weights::param_values(&net.apply(&unet, w).unwrap());
+            for ((key, _, before), (_, _, after)) in base.iter().zip(&patched) {
+                let Some((name, m)) = lora
+                    .modules
+                    .iter()
+                    .find(|(n, _)| net.modules[*n].target.key == *key)
+                else {
+                    assert_eq!(before, after, "{key} is not adapted");
+                    continue;
+                };
+                let scale = w as f32 * m.alpha / m.rank as f32;
+                let k = m.in_flat();
+                for o in 0..m.out_dim {
+                    for i in 0..k {
+                        let d: f32 = (0..m.rank)
+                            .map(|r| m.up[o * m.rank + r] * m.down[r * k + i])
+                            .sum();
+                        let want = before[o * k + i] + scale * d;
+                        let got = after[o * k + i];
+                        assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{name}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_saved_lora_loads_back_and_foreign_modules_are_refused() {
+        let device = Device::flex();
+        let unet = small_unet(&device);
+        let net = LoraNetwork::init(&unet, 3, 2.0, 1, &device).unwrap();
+        let lora = net.to_lora().unwrap();
+        let back = LoraNetwork::from_lora(&lora, &unet, &device).unwrap();
+        assert_eq!(back.to_lora().unwrap(), lora);
+
+        let mut foreign = lora.clone();
+        let m = foreign.modules.values().next().unwrap().clone();
+        foreign.modules.insert("lora_te_text_model_x".into(), m);
+        assert!(matches!(
+            LoraNetwork::from_lora(&foreign, &unet, &device),
+            Err(AdapterError::UnknownModule(_))
+        ));
+        let mut misshaped = lora;
+        misshaped.modules.values_mut().next().unwrap().in_dim += 1;
+        assert!(matches!(
+            LoraNetwork::from_lora(&misshaped, &unet, &device),
+            Err(AdapterError::Shape { .. })
+        ));
+    }
+}
