@@ -39,6 +39,7 @@ pub mod lr_schedule;
 #[cfg(test)]
 mod reference;
 mod state;
+pub mod trainer;
 
 use std::collections::BTreeMap;
 
@@ -49,6 +50,7 @@ pub use came::{Came, CameConfig};
 pub use ddpm::{DdpmError, NoiseSchedule, apply_noise_offset};
 pub use lr_schedule::{LrSchedule, ScheduleError, ScheduleKind};
 pub use state::{OptimizerError, OptimizerState};
+pub use trainer::{Progress, TrainConfig, TrainError, TrainOutcome, train};
 
 /// One of the optimizers a recipe can name (`optimizer_type`).
 #[derive(Debug, Clone)]
