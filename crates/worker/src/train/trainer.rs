@@ -83,6 +83,83 @@ pub struct TrainConfig {
     pub comment: String,
 }
 
+impl TrainConfig {
+    /// The config of a `train` node from its parameters as the recipe serialises them
+    /// (`slider_recipe::NodeParams::Train`, JSON) and a resolver from each input (`base`,
+    /// `images[i]`, as the same JSON) to the file holding it.
+    pub fn from_node_params(
+        params: &serde_json::Value,
+        resolve: impl Fn(&serde_json::Value) -> Option<PathBuf>,
+    ) -> Result<Self, TrainError> {
+        let bad = |m: String| TrainError::Config(format!("train node parameters: {m}"));
+        let field = |k: &str| params.get(k).ok_or_else(|| bad(format!("no `{k}`")));
+        let input =
+            |v: &serde_json::Value| resolve(v).ok_or_else(|| bad(format!("no file for input {v}")));
+        let base = input(field("base")?)?;
+        let images = field("images")?
+            .as_array()
+            .ok_or_else(|| bad("`images` is not a list".into()))?
+            .iter()
+            .map(input)
+            .collect::<Result<Vec<_>, _>>()?;
+        let text = |k: &str| -> Result<String, TrainError> {
+            field(k)?
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| bad(format!("`{k}` is not a string")))
+        };
+        let float = |k: &str| -> Result<f64, TrainError> {
+            field(k)?
+                .as_f64()
+                .ok_or_else(|| bad(format!("`{k}` is not a number")))
+        };
+        let count = |k: &str| -> Result<usize, TrainError> {
+            field(k)?
+                .as_u64()
+                .map(|v| v as usize)
+                .ok_or_else(|| bad(format!("`{k}` is not a count")))
+        };
+        let optional = |k: &str| params.get(k).and_then(serde_json::Value::as_f64);
+        let optimizer_args = match params.get("optimizer_args") {
+            Some(v) => serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?,
+            None => BTreeMap::new(),
+        };
+        if params.get("conv_dim").is_some_and(|v| !v.is_null()) {
+            return Err(bad("conv_dim (LoCon) is not supported yet".into()));
+        }
+        Ok(Self {
+            base,
+            images,
+            caption: text("caption")?,
+            learning_rate: float("learning_rate")?,
+            unet_lr: optional("unet_lr"),
+            train_batch_size: count("train_batch_size")?,
+            max_train_steps: count("max_train_steps")?,
+            network_dim: count("network_dim")?,
+            network_alpha: float("network_alpha")?,
+            lr_scheduler: text("lr_scheduler")?,
+            lr_warmup_steps: count("lr_warmup_steps")?,
+            optimizer_type: text("optimizer_type")?,
+            optimizer_args,
+            seed: field("seed")?
+                .as_u64()
+                .ok_or_else(|| bad("`seed` is not a count".into()))?,
+            resolution: count("resolution")?,
+            noise_offset: float("noise_offset")?,
+            min_snr_gamma: optional("min_snr_gamma"),
+            mixed_precision: text("mixed_precision")?,
+            gradient_checkpointing: field("gradient_checkpointing")?.as_bool().unwrap_or(false),
+            save_precision: text("save_precision")?,
+            checkpoint_every: count("checkpoint_every")?,
+            comment: params
+                .get("training_comment")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default()
+                .to_owned(),
+        })
+    }
+}
+
 /// Why a run failed or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -966,6 +1043,50 @@ mod tests {
             .collect();
         assert_eq!(lrs, [0.0, 5e-4, 1e-3, 1e-3]);
         assert!(dir.path().join("work").join(LATENT_CACHE_FILE).exists());
+    }
+
+    /// The JSON `slider_recipe` serialises for a train node (`kind` tag, inputs as
+    /// `{"File": path}` / `{"Node": name}`) becomes the config; inputs resolve through the map.
+    #[test]
+    fn node_parameters_become_a_config() {
+        let params = serde_json::json!({
+            "kind": "train", "base": {"File": "/m/base.safetensors"},
+            "images": [{"Node": "render"}, {"File": "/i/b.png"}],
+            "caption": "sks", "learning_rate": 5e-5, "unet_lr": null, "train_batch_size": 1,
+            "max_train_steps": 400, "network_dim": 4, "network_alpha": 1.0, "conv_dim": null,
+            "conv_alpha": null, "network_train_unet_only": true,
+            "lr_scheduler": "constant_with_warmup", "lr_warmup_steps": 20,
+            "optimizer_type": "CAME", "optimizer_args": {"weight_decay": "0.04"}, "seed": 7,
+            "resolution": 512, "noise_offset": 0.0, "min_snr_gamma": null,
+            "mixed_precision": "fp16", "gradient_checkpointing": true, "save_precision": "fp16",
+            "checkpoint_every": 50
+        });
+        let resolve = |v: &serde_json::Value| match (v.get("File"), v.get("Node")) {
+            (Some(f), _) => f.as_str().map(PathBuf::from),
+            (_, Some(n)) => n.as_str().map(|n| PathBuf::from(format!("/store/{n}.png"))),
+            _ => None,
+        };
+        let c = TrainConfig::from_node_params(&params, resolve).unwrap();
+        assert_eq!(c.base, PathBuf::from("/m/base.safetensors"));
+        assert_eq!(
+            c.images,
+            [
+                PathBuf::from("/store/render.png"),
+                PathBuf::from("/i/b.png")
+            ]
+        );
+        assert_eq!(
+            (c.network_dim, c.max_train_steps, c.seed, c.resolution),
+            (4, 400, 7, 512)
+        );
+        assert_eq!((c.unet_lr, c.min_snr_gamma), (None, None));
+        assert_eq!(c.optimizer_args["weight_decay"], "0.04");
+        assert_eq!(c.save_precision, "fp16");
+
+        let mut locon = params.clone();
+        locon["conv_dim"] = serde_json::json!(4);
+        assert!(TrainConfig::from_node_params(&locon, resolve).is_err());
+        assert!(TrainConfig::from_node_params(&params, |_| None).is_err());
     }
 
     #[test]
