@@ -6,6 +6,7 @@ mod progress;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
 
 use clap::{Args, Subcommand};
 use miette::{IntoDiagnostic, WrapErr};
@@ -15,11 +16,15 @@ use slider_engine::protocol::{self, WorkerKind};
 use slider_engine::verify::{self, Verdict};
 use slider_engine::{CancelToken, Lockfile, RunOptions, RunSummary, Store, lockfile_path};
 use slider_recipe::Plan;
+use slider_worker::train::{TrainConfig, train};
 
 /// The node kinds this build's worker (`slider-run worker`) executes, with their code
 /// versions. The one place the worker crate extends when it gains a trainer or sampler.
 pub fn worker_kinds() -> Vec<WorkerKind> {
-    Vec::new()
+    vec![WorkerKind {
+        kind: "train".into(),
+        code_version: 1,
+    }]
 }
 
 /// Arguments of the default command: `slider-run RECIPE`.
@@ -455,8 +460,43 @@ fn worker(device: &str) -> miette::Result<ExitCode> {
     let kinds: Vec<String> = worker_kinds().into_iter().map(|k| k.kind).collect();
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
-    protocol::serve_worker(device, &kinds, stdin, stdout, |req, _progress| {
-        Err(format!("no executor for `{}` in this build", req.kind))
+    protocol::serve_worker(device, &kinds, stdin, stdout, |req, progress| {
+        if req.kind != "train" {
+            return Err(format!("no executor for `{}` in this build", req.kind));
+        }
+        let config = TrainConfig::from_node_params(&req.params, |input| {
+            req.inputs
+                .iter()
+                .find(|i| &i.input == input)
+                .map(|i| i.path.clone())
+        })
+        .map_err(|e| e.to_string())?;
+        let dev = slider_worker::open_device(device).map_err(|e| e.to_string())?;
+        let stop = AtomicBool::new(false);
+        train(
+            &config,
+            &req.work_dir,
+            &req.output_dir,
+            &dev,
+            |p| {
+                progress(slider_engine::Progress {
+                    step: Some(p.step as u64),
+                    total: Some(p.total as u64),
+                    loss: Some(f64::from(p.loss)),
+                    message: None,
+                })
+            },
+            &stop,
+        )
+        .map_err(|e| e.to_string())?;
+        Ok(["lora.safetensors", "loss.csv"]
+            .into_iter()
+            .zip(["lora", "loss"])
+            .map(|(file, name)| protocol::WorkerOutput {
+                name: name.into(),
+                file: file.into(),
+            })
+            .collect())
     })
     .into_diagnostic()?;
     Ok(ExitCode::SUCCESS)
