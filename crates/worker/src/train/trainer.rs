@@ -91,7 +91,7 @@ impl TrainConfig {
         params: &serde_json::Value,
         resolve: impl Fn(&serde_json::Value) -> Option<PathBuf>,
     ) -> Result<Self, TrainError> {
-        let bad = |m: String| TrainError::Config(format!("train node parameters: {m}"));
+        let bad = |m: String| TrainError::Config(format!("`train` node parameters: {m}"));
         let field = |k: &str| params.get(k).ok_or_else(|| bad(format!("no `{k}`")));
         let input =
             |v: &serde_json::Value| resolve(v).ok_or_else(|| bad(format!("no file for input {v}")));

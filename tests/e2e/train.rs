@@ -1,0 +1,132 @@
+//! `train` nodes through the real binary and its worker: two LoRAs trained on a tiny random
+//! base, merged into a slider and resized; a second run takes everything from the cache.
+
+use std::fs;
+use std::path::Path;
+
+use serde_json::Value;
+use slider_worker::checkpoint::{Family, ModelSpec, StoreDtype, write_random_checkpoint};
+use slider_worker::clip::{Activation, TextConfig};
+use slider_worker::{UNetConfig, VaeConfig};
+
+use crate::slider_run;
+
+/// A small SD1-family model: the tiny UNet narrowed, the tiny VAE, a one-layer CLIP.
+fn tiny_spec() -> ModelSpec {
+    ModelSpec {
+        family: Family::Sd1,
+        unet: UNetConfig {
+            model_channels: 32,
+            context_dim: 32,
+            ..UNetConfig::tiny()
+        },
+        vae: Some(VaeConfig::tiny()),
+        text_l: Some(TextConfig {
+            vocab_size: 49408,
+            hidden: 32,
+            layers: 1,
+            heads: 2,
+            intermediate: 64,
+            max_positions: 77,
+            activation: Activation::QuickGelu,
+            projection_dim: None,
+        }),
+        text_g: None,
+    }
+}
+
+const RECIPE: &str = r#"
+defaults:
+  train:
+    max_train_steps: 4
+    resolution: 64
+    optimizer_type: CAME
+    learning_rate: 1e-3
+    lr_warmup_steps: 1
+    network_dim: 4
+    network_train_unet_only: true
+    checkpoint_every: 2
+nodes:
+  big:
+    kind: train
+    base: base.safetensors
+    images: [big.png]
+    caption: a face with big eyes
+    seed: 1
+  small:
+    kind: train
+    base: base.safetensors
+    images: [small.png]
+    caption: a face with small eyes
+    seed: 2
+  slider:
+    kind: svd_merge
+    models: [big, small]
+    ratios: [1.5, -1.5]
+    new_rank: 4
+  eyes:
+    kind: resize
+    model: slider
+    new_rank: 2
+outputs:
+  eyes: out/eyes.safetensors
+"#;
+
+fn run(dir: &Path) -> Value {
+    let out = slider_run()
+        .current_dir(dir)
+        .args(["recipe.yaml", "--json"])
+        .output()
+        .expect("slider-run runs");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("json summary")
+}
+
+fn names(v: &Value, key: &str) -> Vec<String> {
+    let mut n: Vec<String> = v[key]
+        .as_array()
+        .expect("list")
+        .iter()
+        .map(|x| x.as_str().expect("name").to_owned())
+        .collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn two_trained_loras_merge_into_a_resized_slider_and_rerun_from_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_random_checkpoint(d.join("base.safetensors"), &tiny_spec(), StoreDtype::F32, 3).unwrap();
+    for (name, shift) in [("big.png", 0u32), ("small.png", 90)] {
+        let img = image::RgbImage::from_fn(80, 64, |x, y| {
+            image::Rgb([
+                (x * 3 + shift) as u8,
+                (y * 4) as u8,
+                ((x + y + shift) * 2) as u8,
+            ])
+        });
+        img.save(d.join(name)).unwrap();
+    }
+    fs::write(d.join("recipe.yaml"), RECIPE).unwrap();
+
+    let first = run(d);
+    assert_eq!(names(&first, "ran"), ["big", "eyes", "slider", "small"]);
+    let eyes = slider_lora::Lora::load(&d.join("out/eyes.safetensors")).unwrap();
+    // The tiny UNet's 7 spatial transformers x 12 kohya modules, resized to rank 2.
+    assert_eq!(eyes.modules.len(), 84);
+    assert!(eyes.modules.values().all(|m| m.rank <= 2));
+    assert!(
+        eyes.modules.values().any(|m| m.delta_norm() > 0.0),
+        "trained"
+    );
+
+    let second = run(d);
+    assert!(names(&second, "ran").is_empty(), "{second}");
+    assert_eq!(names(&second, "cached"), ["big", "eyes", "slider", "small"]);
+}
