@@ -452,7 +452,7 @@ nodes:
 }
 
 #[test]
-fn train_nodes_are_refused_before_anything_runs() {
+fn sampler_nodes_are_refused_before_anything_runs() {
     let p = Project::new();
     fs::write(p.path("base.safetensors"), b"not really a model").unwrap();
     fs::copy(p.path("notes.txt"), p.path("pair.png")).unwrap();
@@ -469,14 +469,25 @@ nodes:
     base: base.safetensors
     images: [pair.png]
     max_train_steps: 10
+  check_small_front:
+    kind: xy_plot
+    base: base.safetensors
+    prompt: 1girl
+    x:
+      lora: [null, small_front]
 "#,
     );
     let out = p.output(&["recipe.yaml"]);
     assert!(!out.status.success(), "{}", text(&out));
     let err = one_line(&out.stderr);
     assert!(
-        err.contains("no trainer/sampler") && err.contains("`small_front`"),
+        err.contains("no executor for kind") && err.contains("`check_small_front`"),
         "{}",
+        text(&out)
+    );
+    assert!(
+        !err.contains("`small_front`"),
+        "train nodes are served by this build: {}",
         text(&out)
     );
     assert!(

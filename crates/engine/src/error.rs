@@ -19,8 +19,8 @@ pub enum EngineError {
     )]
     StoreBusy { store: PathBuf, pid: String },
     #[error(
-        "this build of slider-run has no trainer/sampler yet: node(s) {} of kind {} cannot run \
-         (they need the worker, which supports: {})",
+        "this build of slider-run cannot run node(s) {} yet: no executor for kind {} \
+         (its worker serves: {})",
         nodes.join(", "),
         kinds.join(", "),
         if supported.is_empty() { "no kinds".to_string() } else { supported.join(", ") }

@@ -277,7 +277,7 @@ fn unsupported_kinds_are_refused_before_anything_runs() {
     .unwrap_err()
     .to_string();
     assert!(
-        err.contains("no trainer/sampler") && err.contains("`train_me`"),
+        err.contains("no executor for kind") && err.contains("`train_me`"),
         "{err}"
     );
     assert!(!dir.path().join(".slider").exists(), "nothing was created");
