@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::args::{self, OptimizerArgs};
-use super::state::{OptimizerError, OptimizerState, to_host};
+use super::state::{OptimizerError, OptimizerState, check_gradient, take_state, to_host};
 
 /// AdamW's hyperparameters, with torch's names and defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -100,27 +100,12 @@ impl AdamW {
         grad: Tensor<D>,
     ) -> Result<Tensor<D>, OptimizerError> {
         let dims = param.dims();
-        if grad.dims() != dims {
-            return Err(OptimizerError::GradientShape {
-                name: name.to_owned(),
-                param: dims.to_vec(),
-                grad: grad.dims().to_vec(),
-            });
-        }
+        check_gradient(name, &dims, &grad.dims())?;
         let shape = dims.to_vec();
         let numel: usize = shape.iter().product();
         let param = param.inner().reshape([numel]);
         let grad = grad.inner().reshape([numel]);
-        let state = match self.params.remove(name) {
-            Some(s) if s.shape != shape => {
-                let before = s.shape.clone();
-                self.params.insert(name.to_owned(), s);
-                return Err(OptimizerError::StateShape {
-                    name: name.to_owned(),
-                    now: shape,
-                    before,
-                });
-            }
+        let state = match take_state(&mut self.params, name, &shape, |s| &s.shape)? {
             Some(s) => s,
             None => {
                 let device = param.device();

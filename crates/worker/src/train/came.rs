@@ -15,7 +15,7 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::args::{self, OptimizerArgs};
-use super::state::{OptimizerError, OptimizerState, to_host};
+use super::state::{OptimizerError, OptimizerState, check_gradient, take_state, to_host};
 
 /// CAME's hyperparameters, with `came_pytorch`'s names and defaults.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -150,27 +150,12 @@ impl Came {
         grad: Tensor<D>,
     ) -> Result<Tensor<D>, OptimizerError> {
         let dims = param.dims();
-        if grad.dims() != dims {
-            return Err(OptimizerError::GradientShape {
-                name: name.to_owned(),
-                param: dims.to_vec(),
-                grad: grad.dims().to_vec(),
-            });
-        }
+        check_gradient(name, &dims, &grad.dims())?;
         let shape = dims.to_vec();
         let (view_dims, factored) = view(&shape);
         let param = param.inner().reshape(view_dims);
         let grad = grad.inner().reshape(view_dims);
-        let state = match self.params.remove(name) {
-            Some(s) if s.shape != shape => {
-                let before = s.shape.clone();
-                self.params.insert(name.to_owned(), s);
-                return Err(OptimizerError::StateShape {
-                    name: name.to_owned(),
-                    now: shape,
-                    before,
-                });
-            }
+        let state = match take_state(&mut self.params, name, &shape, |s| &s.shape)? {
             Some(s) => s,
             None => ParamState::zeros(shape, view_dims, factored, &param.device()),
         };

@@ -218,7 +218,9 @@ pub(crate) fn to_host<const D: usize>(t: &Tensor<D>, shape: Vec<usize>) -> HostT
     HostTensor { shape, values }
 }
 
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Temp file in the same directory, fsync, rename over `path`, then a best-effort fsync of
+/// the directory (some filesystems refuse it). The one atomic write of the worker.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
@@ -232,13 +234,50 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         let mut file = std::fs::File::create(&tmp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        std::fs::File::open(dir)?.sync_all()
+        std::fs::rename(&tmp, path)
     })();
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
-    result
+    result?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Refuses a gradient whose shape is not its parameter's.
+pub(crate) fn check_gradient(
+    name: &str,
+    param: &[usize],
+    grad: &[usize],
+) -> Result<(), OptimizerError> {
+    if grad == param {
+        return Ok(());
+    }
+    Err(OptimizerError::GradientShape {
+        name: name.to_owned(),
+        param: param.to_vec(),
+        grad: grad.to_vec(),
+    })
+}
+
+/// Takes the state kept for `name` out of `states`, or `None` before its first step. State
+/// recorded for another shape is refused and left in place.
+pub(crate) fn take_state<S>(
+    states: &mut BTreeMap<String, S>,
+    name: &str,
+    shape: &[usize],
+    shape_of: impl Fn(&S) -> &[usize],
+) -> Result<Option<S>, OptimizerError> {
+    match states.get(name) {
+        Some(s) if shape_of(s) != shape => Err(OptimizerError::StateShape {
+            name: name.to_owned(),
+            now: shape.to_vec(),
+            before: shape_of(s).to_vec(),
+        }),
+        _ => Ok(states.remove(name)),
+    }
 }
 
 #[cfg(test)]

@@ -10,7 +10,6 @@
 //! safetensors file written atomically) resumes bit for bit.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -866,30 +865,16 @@ fn load_checkpoint(path: &Path, config_json: &str) -> Result<Option<Resumed>, Tr
     Ok(Some((lora, state, losses)))
 }
 
-/// Temp file in the same directory, fsync, rename.
+/// Creates the parent directory, then writes atomically (temp file, fsync, rename).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let io = |source| TrainError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let mut file = std::fs::File::create(&tmp).map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(io)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
     }
-    Ok(())
+    super::state::write_atomically(path, bytes).map_err(io)
 }
 
 #[cfg(test)]
