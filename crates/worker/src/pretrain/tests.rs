@@ -1,0 +1,277 @@
+//! Pretraining, end to end on a tiny synthetic corpus: the losses fall, a stopped and resumed
+//! run equals an uninterrupted one, and the written file is a loadable SD1 checkpoint whose
+//! architecture is read back from its keys.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use burn::tensor::Device;
+
+use super::*;
+use crate::checkpoint::Checkpoint;
+
+/// Eight 16x16 images: a coloured disc (the "head") of varying size on a plain background.
+fn write_corpus(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let colours = [[200u8, 40, 40], [40, 40, 200], [240, 220, 60], [30, 30, 30]];
+    for i in 0..8 {
+        let radius = 3.0 + (i % 4) as f32;
+        let colour = colours[i % 4];
+        let image = image::RgbImage::from_fn(16, 16, |x, y| {
+            let (dx, dy) = (x as f32 - 7.5, y as f32 - 7.5);
+            if dx * dx + dy * dy < radius * radius {
+                image::Rgb(colour)
+            } else {
+                image::Rgb([230, 230, 230])
+            }
+        });
+        image.save(dir.join(format!("img{i}.png"))).unwrap();
+        let caption = format!(
+            "disc, {} colour, size {}",
+            ["red", "blue", "yellow", "black"][i % 4],
+            i % 4
+        );
+        std::fs::write(dir.join(format!("img{i}.txt")), caption).unwrap();
+    }
+}
+
+fn small_config(vae_steps: usize, unet_steps: usize) -> PretrainConfig {
+    PretrainConfig {
+        model: TinyBase {
+            unet_channels: 32,
+            unet_heads: 2,
+            vae_channels: 32,
+            text_width: 32,
+            text_layers: 1,
+            text_heads: 2,
+            text_mlp: 64,
+        },
+        seed: 11,
+        vae_steps,
+        unet_steps,
+        vae_batch_size: 4,
+        batch_size: 8,
+        vae_lr: 2e-3,
+        lr: 1e-3,
+        warmup_steps: 2,
+        checkpoint_every: 3,
+        ..PretrainConfig::default()
+    }
+}
+
+fn run(
+    config: &PretrainConfig,
+    corpus: &Corpus,
+    work: &Path,
+    out: &Path,
+    stop_at: Option<(Stage, usize)>,
+) -> (Result<PretrainOutcome, PretrainError>, Vec<Progress>) {
+    let stop = AtomicBool::new(false);
+    let mut seen = Vec::new();
+    let result = pretrain(
+        config,
+        corpus,
+        work,
+        out,
+        &Device::flex(),
+        |p| {
+            seen.push(p);
+            if stop_at == Some((p.stage, p.step)) {
+                stop.store(true, Ordering::Relaxed);
+            }
+        },
+        &stop,
+    );
+    (result, seen)
+}
+
+fn mean(v: &[f32]) -> f32 {
+    v.iter().sum::<f32>() / v.len() as f32
+}
+
+#[test]
+fn a_few_steps_reduce_both_losses_and_write_a_loadable_sd1_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    write_corpus(&dir.path().join("corpus"));
+    let device = Device::flex();
+    let corpus = Corpus::load(&dir.path().join("corpus"), &device).unwrap();
+    assert_eq!((corpus.len(), corpus.size), (8, 16));
+    assert_eq!(corpus.captions[1], "disc, blue colour, size 1");
+
+    let config = small_config(25, 25);
+    let out = dir.path().join("base.safetensors");
+    let (result, seen) = run(&config, &corpus, &dir.path().join("work"), &out, None);
+    let outcome = result.unwrap();
+    let losses = |stage: Stage| -> Vec<f32> {
+        seen.iter()
+            .filter(|p| p.stage == stage)
+            .map(|p| p.loss)
+            .collect()
+    };
+    for stage in [Stage::Vae, Stage::Unet] {
+        let l = losses(stage);
+        assert_eq!(l.len(), 25, "{stage}");
+        let (first, last) = (mean(&l[..5]), mean(&l[20..]));
+        assert!(last < 0.9 * first, "{stage}: {first} -> {last}");
+    }
+    assert!(outcome.latent_std > 0.0);
+
+    let ckpt = Checkpoint::open(&out).unwrap();
+    let spec = ModelSpec::detect(&ckpt).unwrap();
+    assert_eq!(spec, config.model.spec());
+    let model = StableDiffusion::load(&ckpt, &device).unwrap();
+    assert_eq!(
+        ckpt.dtype("model.diffusion_model.out.2.weight").as_deref(),
+        Some("F16")
+    );
+
+    // SD1's scaling factor gives unit-variance latents on the corpus.
+    let vae = model.vae.as_ref().unwrap();
+    let std = latent_scale::latent_std(vae, &corpus.images, 8) * f64::from(SD1_SCALING_FACTOR);
+    assert!((std - 1.0).abs() < 0.02, "scaled latent std {std}");
+
+    let csv = std::fs::read_to_string(&outcome.loss_csv).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 50);
+    assert!(csv.starts_with("stage,step,loss,lr\nvae,1,"));
+
+    let grid = preview::generate(
+        &model,
+        &PreviewConfig {
+            captions: vec!["disc, red colour".into(), String::new()],
+            seeds: vec![0, 1, 2],
+            steps: 4,
+            cfg_scale: 3.0,
+            size: 16,
+        },
+        &device,
+    )
+    .unwrap();
+    assert_eq!(grid.len(), 2);
+    assert!(grid.iter().all(|row| row.len() == 3));
+    assert_eq!(grid[0][0].dimensions(), (16, 16));
+    let tiled = preview::tile(&grid);
+    assert_eq!(tiled.dimensions(), (3 * 18 + 2, 2 * 18 + 2));
+}
+
+#[test]
+fn stopped_and_resumed_runs_equal_an_uninterrupted_one() {
+    let dir = tempfile::tempdir().unwrap();
+    write_corpus(&dir.path().join("corpus"));
+    let corpus = Corpus::load(&dir.path().join("corpus"), &Device::flex()).unwrap();
+    let config = small_config(5, 5);
+
+    let whole = dir.path().join("whole.safetensors");
+    let (r, _) = run(&config, &corpus, &dir.path().join("w1"), &whole, None);
+    r.unwrap();
+
+    // Stopped once in each stage (one between checkpoints), then resumed to the end.
+    let resumed = dir.path().join("resumed.safetensors");
+    let work = dir.path().join("w2");
+    for stop_at in [(Stage::Vae, 2), (Stage::Unet, 4)] {
+        let (r, _) = run(&config, &corpus, &work, &resumed, Some(stop_at));
+        match r {
+            Err(PretrainError::Stopped { stage, step }) => assert_eq!((stage, step), stop_at),
+            other => panic!("expected a stop at {stop_at:?}, got {other:?}"),
+        }
+    }
+    let (r, seen) = run(&config, &corpus, &work, &resumed, None);
+    r.unwrap();
+    assert_eq!(seen.len(), 1, "only the last UNet step is left");
+
+    assert_eq!(
+        std::fs::read(&whole).unwrap(),
+        std::fs::read(&resumed).unwrap()
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("w1").join(LOSS_FILE)).unwrap(),
+        std::fs::read(work.join(LOSS_FILE)).unwrap()
+    );
+
+    // Other settings refuse to resume from this work dir.
+    let other = PretrainConfig { lr: 3e-4, ..config };
+    let (r, _) = run(&other, &corpus, &work, &resumed, None);
+    assert!(matches!(r, Err(PretrainError::Resume { .. })), "{r:?}");
+}
+
+#[test]
+fn settings_that_cannot_train_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    write_corpus(&dir.path().join("corpus"));
+    let corpus = Corpus::load(&dir.path().join("corpus"), &Device::flex()).unwrap();
+    let base = small_config(1, 1);
+    let cases: Vec<(&str, PretrainConfig)> = vec![
+        (
+            "unet channels",
+            PretrainConfig {
+                model: TinyBase {
+                    unet_channels: 48,
+                    ..base.model.clone()
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "vae channels",
+            PretrainConfig {
+                model: TinyBase {
+                    vae_channels: 16,
+                    ..base.model.clone()
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "text heads",
+            PretrainConfig {
+                model: TinyBase {
+                    text_heads: 3,
+                    ..base.model.clone()
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "batch sizes",
+            PretrainConfig {
+                batch_size: 0,
+                ..base.clone()
+            },
+        ),
+        (
+            "caption dropout",
+            PretrainConfig {
+                caption_dropout: 1.0,
+                ..base.clone()
+            },
+        ),
+    ];
+    for (what, config) in cases {
+        let (r, _) = run(
+            &config,
+            &corpus,
+            &dir.path().join("w"),
+            &dir.path().join("o"),
+            None,
+        );
+        match r {
+            Err(PretrainError::Config(m)) => assert!(m.contains(what), "{what}: {m}"),
+            other => panic!("{what}: expected a refusal, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn corpus_problems_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let device = Device::flex();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let err = Corpus::load(&empty, &device).unwrap_err().to_string();
+    assert!(err.contains("no .png images"), "{err}");
+
+    let orphan = dir.path().join("orphan");
+    write_corpus(&orphan);
+    std::fs::remove_file(orphan.join("img3.txt")).unwrap();
+    let err = Corpus::load(&orphan, &device).unwrap_err().to_string();
+    assert!(err.contains("img3.txt") && err.contains("caption"), "{err}");
+}
