@@ -27,6 +27,7 @@ pub mod forward;
 pub mod grid;
 pub mod layers;
 pub mod lora;
+pub mod sample;
 pub mod pretrain;
 pub mod sample;
 pub mod tokenizer;

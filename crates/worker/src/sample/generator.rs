@@ -1,0 +1,452 @@
+//! The text-to-image loop of diffusers' `StableDiffusionPipeline` on our models: encode both
+//! prompts, draw the seeded initial latent, at every step run the (LoRA-adapted) UNet on the
+//! negative and positive halves as one batch of two, combine them with the guidance scale,
+//! step the sampler, then decode with the VAE.
+
+use std::borrow::Cow;
+use std::path::Path;
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
+
+use super::schedule::Scheduler;
+use super::{SampleError, SampleJob};
+use crate::checkpoint::{Checkpoint, Family, StableDiffusion};
+use crate::clip::ClipTextModel;
+use crate::lora::LoraNetwork;
+use crate::tokenizer::{Padding, Tokenizer};
+use crate::unet::UNet;
+use crate::vae::Vae;
+
+/// RNG stream of the initial latent; ancestral noise comes from another stream of the same
+/// seed, so every sampler starts from the same latent for a given seed.
+const LATENT_STREAM: u64 = 0;
+const ANCESTRAL_STREAM: u64 = 1;
+
+/// A base model ready to generate images (SD1 family).
+pub struct Generator {
+    model: StableDiffusion,
+    tokenizer: Tokenizer,
+    device: Device,
+}
+
+impl std::fmt::Debug for Generator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Generator")
+            .field("model", &self.model.spec.name())
+            .field("device", &self.device)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Generator {
+    /// Loads the single-file checkpoint `base` onto `device`.
+    pub fn load(base: &Path, device: &Device) -> Result<Self, SampleError> {
+        let ckpt = Checkpoint::open(base)?;
+        Self::from_model(StableDiffusion::load(&ckpt, device)?, device)
+    }
+
+    /// Wraps a loaded model. SDXL-family models are refused: their size and pooled-text
+    /// conditioning is not wired into sampling yet.
+    pub fn from_model(model: StableDiffusion, device: &Device) -> Result<Self, SampleError> {
+        if model.spec.family == Family::Sdxl {
+            return Err(SampleError::Unsupported(format!(
+                "sampling from {} checkpoints is not supported yet (SDXL's added size and pooled-text conditioning is not wired into the sampler); use an SD1-family base",
+                model.spec.name()
+            )));
+        }
+        if model.vae.is_none() {
+            return Err(SampleError::MissingPart("VAE"));
+        }
+        if model.text_l.is_none() {
+            return Err(SampleError::MissingPart("CLIP-L text encoder"));
+        }
+        Ok(Self {
+            model,
+            tokenizer: Tokenizer::clip()?,
+            device: device.clone(),
+        })
+    }
+
+    /// What width and height must be multiples of: the VAE's downsampling times the UNet's.
+    pub fn pixel_multiple(&self) -> usize {
+        let vae_levels = self.model.spec.vae.as_ref().map_or(1, |v| v.ch_mult.len());
+        let unet_levels = self.model.spec.unet.channel_mult.len();
+        1 << (vae_levels.saturating_sub(1) + unet_levels.saturating_sub(1))
+    }
+
+    /// The image `job` describes, with each `(lora, weight)` added to the UNet in turn (an
+    /// empty slice samples the base model).
+    pub fn generate(
+        &self,
+        job: &SampleJob,
+        loras: &[(&slider_lora::Lora, f64)],
+    ) -> Result<image::RgbImage, SampleError> {
+        self.generate_with_progress(job, loras, |_, _| {})
+    }
+
+    /// [`Generator::generate`], calling `progress(step, steps)` after every sampler step.
+    pub fn generate_with_progress(
+        &self,
+        job: &SampleJob,
+        loras: &[(&slider_lora::Lora, f64)],
+        mut progress: impl FnMut(usize, usize),
+    ) -> Result<image::RgbImage, SampleError> {
+        let multiple = self.pixel_multiple();
+        let (width, height) = (job.width, job.height);
+        if width == 0 || height == 0 || width % multiple != 0 || height % multiple != 0 {
+            return Err(SampleError::Size {
+                width,
+                height,
+                multiple,
+            });
+        }
+        let mut scheduler = Scheduler::new(job.sampler, job.steps)?;
+        let unet = self.adapted_unet(loras)?;
+        let guided = job.cfg_scale > 1.0;
+        let positive = self.encode(&job.prompt)?;
+        let context = if guided {
+            Tensor::cat(vec![self.encode(&job.negative_prompt)?, positive], 0)
+        } else {
+            positive
+        };
+
+        let latent_factor = multiple >> (self.model.spec.unet.channel_mult.len() - 1);
+        let shape = [
+            1,
+            self.model.spec.unet.in_channels,
+            height / latent_factor,
+            width / latent_factor,
+        ];
+        let mut rng = ChaCha8Rng::seed_from_u64(job.seed);
+        rng.set_stream(LATENT_STREAM);
+        let mut latents =
+            standard_normal(&mut rng, shape, &self.device).mul_scalar(scheduler.init_noise_sigma());
+        let mut noise_rng = ChaCha8Rng::seed_from_u64(job.seed);
+        noise_rng.set_stream(ANCESTRAL_STREAM);
+
+        let batch = if guided { 2 } else { 1 };
+        for i in 0..job.steps {
+            let input = scheduler.scale_model_input(latents.clone(), i)?;
+            let t = scheduler.timesteps()[i];
+            let input = if guided {
+                Tensor::cat(vec![input.clone(), input], 0)
+            } else {
+                input
+            };
+            let timestep =
+                Tensor::<1>::from_data(TensorData::new(vec![t; batch], [batch]), &self.device);
+            let prediction = unet.forward(input, timestep, context.clone(), None);
+            let prediction = if guided {
+                let mut halves = prediction.chunk(2, 0);
+                let (Some(cond), Some(uncond)) = (halves.pop(), halves.pop()) else {
+                    return Err(SampleError::Readback(
+                        "the guided batch did not split in two".into(),
+                    ));
+                };
+                classifier_free_guidance(uncond, cond, job.cfg_scale)
+            } else {
+                prediction
+            };
+            let noise = job
+                .sampler
+                .is_ancestral()
+                .then(|| standard_normal(&mut noise_rng, shape, &self.device));
+            latents = scheduler.step(i, prediction, latents, noise)?;
+            progress(i + 1, job.steps);
+        }
+        self.decode(latents)
+    }
+
+    /// The UNet with every LoRA added at its weight; weight 0 adds nothing and is skipped.
+    fn adapted_unet(
+        &self,
+        loras: &[(&slider_lora::Lora, f64)],
+    ) -> Result<Cow<'_, UNet>, SampleError> {
+        let mut unet = Cow::Borrowed(&self.model.unet);
+        for &(lora, weight) in loras {
+            if weight == 0.0 {
+                continue;
+            }
+            let network = LoraNetwork::from_lora(lora, &self.model.unet, &self.device)?;
+            unet = Cow::Owned(network.apply(&unet, weight)?);
+        }
+        Ok(unet)
+    }
+
+    /// SD1's conditioning: CLIP-L's last layer after the final norm, `[1, 77, d]`.
+    fn encode(&self, prompt: &str) -> Result<Tensor<3>, SampleError> {
+        let ids: Vec<i64> = self
+            .tokenizer
+            .tokenize(prompt, Padding::EndToken)
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        let n = ids.len();
+        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device);
+        Ok(self.text_l()?.forward(ids).last)
+    }
+
+    fn text_l(&self) -> Result<&ClipTextModel, SampleError> {
+        self.model
+            .text_l
+            .as_ref()
+            .ok_or(SampleError::MissingPart("CLIP-L text encoder"))
+    }
+
+    fn vae(&self) -> Result<&Vae, SampleError> {
+        self.model
+            .vae
+            .as_ref()
+            .ok_or(SampleError::MissingPart("VAE"))
+    }
+
+    /// `vae.decode(latents / scaling_factor)`, then `(x / 2 + 0.5).clamp(0, 1) * 255`, rounded.
+    fn decode(&self, latents: Tensor<4>) -> Result<image::RgbImage, SampleError> {
+        let scaling = self.model.spec.family.scaling_factor();
+        let pixels = self.vae()?.decode(latents.div_scalar(scaling));
+        let [_, channels, h, w] = pixels.dims();
+        if channels != 3 {
+            return Err(SampleError::Readback(format!(
+                "the VAE decoded {channels} channels, not 3"
+            )));
+        }
+        let values = pixels
+            .into_data()
+            .try_to_vec::<f32>()
+            .map_err(|e| SampleError::Readback(format!("{e:?}")))?;
+        let to_u8 = |v: f32| ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8;
+        let plane = h * w;
+        Ok(image::RgbImage::from_fn(w as u32, h as u32, |x, y| {
+            let i = y as usize * w + x as usize;
+            image::Rgb([
+                to_u8(values[i]),
+                to_u8(values[plane + i]),
+                to_u8(values[2 * plane + i]),
+            ])
+        }))
+    }
+}
+
+/// Classifier-free guidance as diffusers combines the two halves:
+/// `uncond + scale * (cond - uncond)`.
+pub fn classifier_free_guidance(uncond: Tensor<4>, cond: Tensor<4>, scale: f64) -> Tensor<4> {
+    uncond.clone() + (cond - uncond).mul_scalar(scale)
+}
+
+fn standard_normal(rng: &mut ChaCha8Rng, shape: [usize; 4], device: &Device) -> Tensor<4> {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| rng.sample(StandardNormal)).collect();
+    Tensor::from_data(TensorData::new(values, shape), device)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
+    use crate::clip::{Activation, TextConfig};
+    use crate::lora::lora_targets;
+    use crate::sample::SamplerKind;
+    use crate::unet::UNetConfig;
+    use crate::vae::VaeConfig;
+
+    /// A small SD1-family model: the tiny UNet narrowed, the tiny VAE, a one-layer CLIP.
+    pub(crate) fn small_spec() -> ModelSpec {
+        ModelSpec {
+            family: Family::Sd1,
+            unet: UNetConfig {
+                model_channels: 32,
+                context_dim: 32,
+                ..UNetConfig::tiny()
+            },
+            vae: Some(VaeConfig::tiny()),
+            text_l: Some(TextConfig {
+                vocab_size: 49408,
+                hidden: 32,
+                layers: 1,
+                heads: 2,
+                intermediate: 64,
+                max_positions: 77,
+                activation: Activation::QuickGelu,
+                projection_dim: None,
+            }),
+            text_g: None,
+        }
+    }
+
+    pub(crate) fn small_generator(dir: &Path) -> Generator {
+        let path = dir.join("base.safetensors");
+        write_random_checkpoint(&path, &small_spec(), StoreDtype::F32, 5).unwrap();
+        Generator::load(&path, &Device::flex()).unwrap()
+    }
+
+    /// A LoRA on every target of `generator`'s UNet with non-zero factors.
+    pub(crate) fn random_lora(generator: &Generator, seed: u64) -> slider_lora::Lora {
+        let device = Device::flex();
+        let mut network = LoraNetwork::init(&generator.model.unet, 2, 2.0, seed, &device).unwrap();
+        let mut lora = network.to_lora().unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        for m in lora.modules.values_mut() {
+            for v in &mut m.up {
+                *v = rng.random::<f32>() - 0.5;
+            }
+        }
+        network = LoraNetwork::from_lora(&lora, &generator.model.unet, &device).unwrap();
+        assert_eq!(
+            network.modules.len(),
+            lora_targets(&generator.model.unet).len()
+        );
+        lora
+    }
+
+    pub(crate) fn job(sampler: SamplerKind) -> SampleJob {
+        SampleJob {
+            prompt: "a face with big eyes".into(),
+            negative_prompt: "blurry".into(),
+            seed: 7,
+            steps: 3,
+            cfg_scale: 5.0,
+            sampler,
+            width: 32,
+            height: 24,
+        }
+    }
+
+    #[test]
+    fn guidance_moves_from_the_negative_towards_the_positive_prediction() {
+        let device = Device::flex();
+        let t = |v: [f32; 2]| {
+            Tensor::<4>::from_data(TensorData::new(v.to_vec(), [1, 1, 1, 2]), &device)
+        };
+        // (uncond, cond, scale) -> uncond + scale * (cond - uncond)
+        let cases = [
+            ([0.0, 1.0], [1.0, 1.0], 1.0, [1.0, 1.0]),
+            ([0.0, 1.0], [1.0, 1.0], 7.5, [7.5, 1.0]),
+            ([2.0, -1.0], [1.0, 0.0], 0.0, [2.0, -1.0]),
+            ([2.0, -1.0], [1.0, 0.0], 3.0, [-1.0, 2.0]),
+        ];
+        for (uncond, cond, scale, want) in cases {
+            let got = classifier_free_guidance(t(uncond), t(cond), scale)
+                .into_data()
+                .try_to_vec::<f32>()
+                .unwrap();
+            assert_eq!(got, want, "{uncond:?} {cond:?} x{scale}");
+        }
+    }
+
+    #[test]
+    fn images_are_reproducible_and_depend_on_seed_sampler_and_lora_weight() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = small_generator(dir.path());
+        assert_eq!(g.pixel_multiple(), 8);
+        let lora = random_lora(&g, 11);
+        let base = g.generate(&job(SamplerKind::EulerAncestral), &[]).unwrap();
+        assert_eq!(base.dimensions(), (32, 24));
+        let cases: [(&str, SampleJob, f64, bool); 6] = [
+            ("same settings", job(SamplerKind::EulerAncestral), 0.0, true),
+            (
+                "weight 0 is the base model",
+                job(SamplerKind::EulerAncestral),
+                0.0,
+                true,
+            ),
+            (
+                "another seed",
+                SampleJob {
+                    seed: 8,
+                    ..job(SamplerKind::EulerAncestral)
+                },
+                0.0,
+                false,
+            ),
+            ("another sampler", job(SamplerKind::Euler), 0.0, false),
+            ("LoRA at +1", job(SamplerKind::EulerAncestral), 1.0, false),
+            ("LoRA at -1", job(SamplerKind::EulerAncestral), -1.0, false),
+        ];
+        for (label, job, weight, same) in cases {
+            let loras = if label == "same settings" {
+                vec![]
+            } else {
+                vec![(&lora, weight)]
+            };
+            let image = g.generate(&job, &loras).unwrap();
+            assert_eq!(image == base, same, "{label}");
+        }
+        let plus = g
+            .generate(&job(SamplerKind::EulerAncestral), &[(&lora, 1.0)])
+            .unwrap();
+        let minus = g
+            .generate(&job(SamplerKind::EulerAncestral), &[(&lora, -1.0)])
+            .unwrap();
+        assert_ne!(plus, minus);
+    }
+
+    #[test]
+    fn every_sampler_reports_each_step_and_guidance_off_skips_the_negative_prompt() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = small_generator(dir.path());
+        for sampler in SamplerKind::ALL {
+            let mut seen = Vec::new();
+            g.generate_with_progress(&job(sampler), &[], |step, total| seen.push((step, total)))
+                .unwrap();
+            assert_eq!(seen, [(1, 3), (2, 3), (3, 3)], "{sampler}");
+        }
+        // At cfg 1 the negative prompt has no effect (it is not evaluated).
+        let unguided = |negative: &str| {
+            let job = SampleJob {
+                cfg_scale: 1.0,
+                negative_prompt: negative.into(),
+                ..job(SamplerKind::Ddim)
+            };
+            g.generate(&job, &[]).unwrap()
+        };
+        assert_eq!(unguided("blurry"), unguided("something else"));
+    }
+
+    #[test]
+    fn sizes_the_model_cannot_process_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = small_generator(dir.path());
+        for (width, height) in [(30, 32), (32, 20), (0, 32), (32, 0)] {
+            let job = SampleJob {
+                width,
+                height,
+                ..job(SamplerKind::Euler)
+            };
+            let err = g.generate(&job, &[]).unwrap_err();
+            assert!(
+                matches!(err, SampleError::Size { multiple: 8, .. }),
+                "{width}x{height}: {err}"
+            );
+            assert!(err.to_string().contains("multiples of 8"), "{err}");
+        }
+        let err = g
+            .generate(
+                &SampleJob {
+                    steps: 0,
+                    ..job(SamplerKind::Euler)
+                },
+                &[],
+            )
+            .unwrap_err();
+        assert!(matches!(err, SampleError::Schedule(_)), "{err}");
+    }
+
+    #[test]
+    fn sdxl_family_models_are_refused_with_a_reason() {
+        let device = Device::flex();
+        let mut spec = small_spec();
+        spec.family = Family::Sdxl;
+        let model = StableDiffusion {
+            unet: spec.unet.init(&device),
+            vae: None,
+            text_l: None,
+            text_g: None,
+            spec,
+        };
+        let err = Generator::from_model(model, &device).unwrap_err();
+        assert!(err.to_string().contains("not supported yet"), "{err}");
+    }
+}
