@@ -27,7 +27,6 @@ pub mod forward;
 pub mod grid;
 pub mod layers;
 pub mod lora;
-pub mod sample;
 pub mod pretrain;
 pub mod sample;
 pub mod tokenizer;
