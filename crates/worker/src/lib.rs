@@ -25,6 +25,7 @@ pub mod clip;
 pub mod device;
 pub mod forward;
 pub mod grid;
+pub mod grid;
 pub mod layers;
 pub mod lora;
 pub mod pretrain;
