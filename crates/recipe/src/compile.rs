@@ -338,7 +338,8 @@ fn apply_global_overrides(
                     diags.push(d);
                 }
             }
-            "defaults" | "train" | "svd_merge" | "merge" | "resize" | "xy_plot" | "command" => {
+            "defaults" | "train" | "svd_merge" | "merge" | "resize" | "xy_plot" | "evaluate"
+            | "command" => {
                 if head != "defaults" {
                     o.path.insert(0, ("defaults".to_owned(), head_span));
                 }
@@ -920,6 +921,7 @@ fn produces_of(kind: &str, params: Option<&NodeParams>) -> Option<Produces> {
         (_, Some(p)) => Some(params::produces(p)),
         ("command", None) => None,
         ("xy_plot", None) => Some(Produces::Image),
+        ("evaluate", None) => Some(Produces::OtherFile),
         _ => Some(Produces::Lora),
     }
 }
@@ -951,6 +953,7 @@ fn check_types(
                 Slot::Lora => "a LoRA",
                 Slot::Model => "a base model",
                 Slot::Image => "an image",
+                Slot::Meter => "an eye meter",
                 Slot::Any => "a file",
             },
             match what {

@@ -10,12 +10,13 @@ use crate::plan::*;
 use crate::yaml::{Entry, Value, Yaml};
 
 /// Every node kind, as written after `kind:`.
-pub const KINDS: [&str; 6] = [
+pub const KINDS: [&str; 7] = [
     "train",
     "svd_merge",
     "merge",
     "resize",
     "xy_plot",
+    "evaluate",
     "command",
 ];
 
@@ -80,12 +81,26 @@ pub fn param_names(kind: &str) -> &'static [&'static str] {
             "width",
             "height",
         ],
+        "evaluate" => &[
+            "base",
+            "lora",
+            "meter",
+            "weights",
+            "seeds",
+            "prompts",
+            "negative_prompt",
+            "steps",
+            "cfg_scale",
+            "sampler",
+            "width",
+            "height",
+        ],
         _ => &[],
     }
 }
 
 /// Kinds whose `base` defaults to the recipe's top-level `base`.
-pub const KINDS_WITH_BASE: [&str; 2] = ["train", "xy_plot"];
+pub const KINDS_WITH_BASE: [&str; 3] = ["train", "xy_plot", "evaluate"];
 
 pub const LR_SCHEDULERS: [&str; 6] = [
     "constant",
@@ -109,6 +124,8 @@ pub(crate) enum Slot {
     Model,
     /// A training image (`images`).
     Image,
+    /// The eye meter's weights (`evaluate`'s `meter`).
+    Meter,
     /// Anything (`command` inputs).
     Any,
 }
@@ -522,6 +539,7 @@ pub(crate) fn decode(mut f: Fields<'_>) -> Option<NodeParams> {
         "command" => NodeParams::Command(command(&mut f)),
         "train" => NodeParams::Train(train(&mut f)),
         "xy_plot" => NodeParams::XyPlot(xy_plot(&mut f)),
+        "evaluate" => NodeParams::Evaluate(evaluate(&mut f)),
         other => unreachable!("kind `{other}` was checked against KINDS"),
     };
     (f.diags.len() == before).then_some(params)
@@ -1074,23 +1092,8 @@ fn xy_plot(f: &mut Fields<'_>) -> XyPlotParams {
     let steps = f.count_or("steps", 20, 1);
     let cfg_scale = f.f64_or("cfg_scale", 7.0);
     let sampler = f.choice("sampler", &SAMPLERS).map_or("euler_a", |(c, _)| c);
-    let mut size = |key: &str| {
-        let v = f.count_or(key, 512, 8);
-        match f.get(key).map(|y| y.span) {
-            Some(span) if !v.is_multiple_of(8) => {
-                f.bad_value(
-                    span,
-                    format!("`{key}` must be a multiple of 8, found {v}"),
-                    "not a multiple of 8",
-                    format!("try {}", v.next_multiple_of(8)),
-                );
-                512
-            }
-            _ => v,
-        }
-    };
-    let width = size("width");
-    let height = size("height");
+    let width = image_size(f, "width");
+    let height = image_size(f, "height");
     XyPlotParams {
         base: base.unwrap_or(Input::Node(String::new())),
         loras,
@@ -1098,6 +1101,136 @@ fn xy_plot(f: &mut Fields<'_>) -> XyPlotParams {
         negative_prompt,
         x: x.map_or(Axis::Seed(vec![0]), |(a, _)| a),
         y: y.map_or(Axis::Seed(vec![0]), |(a, _)| a),
+        steps,
+        cfg_scale,
+        sampler: sampler.to_owned(),
+        width,
+        height,
+    }
+}
+
+/// A sample's `width` or `height`: a multiple of 8, default 512.
+fn image_size(f: &mut Fields<'_>, key: &str) -> usize {
+    let v = f.count_or(key, 512, 8);
+    match f.get(key).map(|y| y.span) {
+        Some(span) if !v.is_multiple_of(8) => {
+            f.bad_value(
+                span,
+                format!("`{key}` must be a multiple of 8, found {v}"),
+                "not a multiple of 8",
+                format!("try {}", v.next_multiple_of(8)),
+            );
+            512
+        }
+        _ => v,
+    }
+}
+
+/// `evaluate`'s default LoRA weights: the method's -2..2 with the small steps near 0.
+pub(crate) const EVALUATE_WEIGHTS: [f64; 7] = [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0];
+
+fn evaluate(f: &mut Fields<'_>) -> EvaluateParams {
+    let base = f.input("base", Slot::Model);
+    if base.is_none() && f.get("base").is_none() {
+        f.missing("base", "path/to/model.safetensors");
+    }
+    let lora = f.input("lora", Slot::Lora);
+    if lora.is_none() && f.get("lora").is_none() {
+        f.missing("lora", "eyesize");
+    }
+    let meter = f.input("meter", Slot::Meter);
+    if meter.is_none() && f.get("meter").is_none() {
+        f.missing("meter", "../assets/eye-meter/eye-meter.safetensors");
+    }
+    let weights = match f.numbers("weights") {
+        Some((w, span)) if !w.contains(&0.0) => {
+            f.bad_value(
+                span,
+                "`weights` must include 0".into(),
+                "no 0 in this list",
+                "weight 0 (the base model) is the reference for the change outside the eyes; \
+                 add it, e.g. `[-2, -1, 0, 1, 2]`"
+                    .into(),
+            );
+            w
+        }
+        Some((w, span)) if w.iter().all(|v| *v == 0.0) => {
+            f.bad_value(
+                span,
+                "`weights` must vary".into(),
+                "only 0 here",
+                "the correlation of eye size with weight needs at least two weights, \
+                 e.g. `[-2, -1, 0, 1, 2]`"
+                    .into(),
+            );
+            w
+        }
+        Some((w, _)) => w,
+        None => EVALUATE_WEIGHTS.to_vec(),
+    };
+    let seeds = match f.list("seeds", "a list of seeds like [1, 2, 3]") {
+        Some((items, span)) => {
+            let mut out = Vec::new();
+            for item in &items {
+                match item.value {
+                    Value::Int(v) if v >= 0 => out.push(v as u64),
+                    _ => f.type_error("seeds", item, "a list of whole numbers", "a seed like 42"),
+                }
+            }
+            if items.is_empty() {
+                f.bad_value(
+                    span,
+                    "`seeds` is empty".into(),
+                    "nothing listed",
+                    "list at least one seed, e.g. `seeds: [1, 2, 3, 4]`".into(),
+                );
+            }
+            out
+        }
+        None => (1..=8).collect(),
+    };
+    let prompts = match f.list("prompts", "a list of prompts like [\"1girl, front view\"]") {
+        Some((items, span)) => {
+            let mut out = Vec::new();
+            for item in &items {
+                match (&item.value, item.value.scalar_text()) {
+                    (Value::Seq(_) | Value::Map(_), _) | (_, None) => {
+                        f.type_error("prompts", item, "a list of strings", "a prompt")
+                    }
+                    (_, Some(t)) => out.push(t),
+                }
+            }
+            if items.is_empty() {
+                f.bad_value(
+                    span,
+                    "`prompts` is empty".into(),
+                    "nothing listed",
+                    "list at least one prompt, e.g. `prompts: [\"1girl, side view\"]`".into(),
+                );
+            }
+            out
+        }
+        None => {
+            if f.get("prompts").is_none() {
+                f.missing("prompts", "[\"1girl, front view\", \"1girl, side view\"]");
+            }
+            Vec::new()
+        }
+    };
+    let negative_prompt = f.text_or("negative_prompt", "");
+    let steps = f.count_or("steps", 20, 1);
+    let cfg_scale = f.f64_or("cfg_scale", 7.0);
+    let sampler = f.choice("sampler", &SAMPLERS).map_or("euler_a", |(c, _)| c);
+    let width = image_size(f, "width");
+    let height = image_size(f, "height");
+    EvaluateParams {
+        base: base.unwrap_or(Input::Node(String::new())),
+        lora: lora.unwrap_or(Input::Node(String::new())),
+        meter: meter.unwrap_or(Input::Node(String::new())),
+        weights,
+        seeds,
+        prompts,
+        negative_prompt,
         steps,
         cfg_scale,
         sampler: sampler.to_owned(),
@@ -1114,6 +1247,7 @@ pub(crate) fn produces(p: &NodeParams) -> Produces {
         | NodeParams::Merge(_)
         | NodeParams::Resize(_) => Produces::Lora,
         NodeParams::XyPlot(_) => Produces::Image,
+        NodeParams::Evaluate(_) => Produces::OtherFile,
         NodeParams::Command(c) => {
             let file = c
                 .outputs
@@ -1146,6 +1280,10 @@ pub(crate) fn slot_refusal(slot: Slot, kind: &str, what: Produces) -> Option<&'s
         (Slot::Model, _) if kind == "command" && what != Produces::Image => None,
         (Slot::Model, _) => {
             Some("`base` takes a model checkpoint: a file, or a command node that writes one")
+        }
+        (Slot::Meter, _) if kind == "command" && what != Produces::Image => None,
+        (Slot::Meter, _) => {
+            Some("`meter` takes the eye meter's weights: a file, or a command node that writes one")
         }
         (Slot::Image, Produces::Image) => None,
         (Slot::Image, _) => Some(

@@ -62,6 +62,7 @@ pub enum NodeParams {
     Command(CommandParams),
     Train(TrainParams),
     XyPlot(XyPlotParams),
+    Evaluate(EvaluateParams),
 }
 
 /// Floating-point formats kohya's tools accept for `--precision` / `--save_precision`.
@@ -174,6 +175,27 @@ pub struct XyPlotParams {
     pub height: usize,
 }
 
+/// Slider quality on the toy eye-size world: for each prompt x seed x weight, sample with the
+/// LoRA at that weight, measure the eyes with `meter`, and report how measured eye size
+/// follows the weight (Spearman) and how much changes outside the eyes.
+#[derive(Debug, Clone, Serialize)]
+pub struct EvaluateParams {
+    pub base: Input,
+    /// The slider under test.
+    pub lora: Input,
+    /// The eye-size meter's weights (a file, or a node that writes one).
+    pub meter: Input,
+    pub weights: Vec<f64>,
+    pub seeds: Vec<u64>,
+    pub prompts: Vec<String>,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub sampler: String,
+    pub width: usize,
+    pub height: usize,
+}
+
 /// One axis of an X/Y grid.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "axis", content = "values", rename_all = "snake_case")]
@@ -204,6 +226,7 @@ impl NodeParams {
                 }
                 v
             }
+            NodeParams::Evaluate(p) => vec![&p.base, &p.lora, &p.meter],
         }
     }
 
@@ -216,6 +239,7 @@ impl NodeParams {
             NodeParams::Command(_) => "command",
             NodeParams::Train(_) => "train",
             NodeParams::XyPlot(_) => "xy_plot",
+            NodeParams::Evaluate(_) => "evaluate",
         }
     }
 }

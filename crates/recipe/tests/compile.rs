@@ -461,3 +461,65 @@ fn recipe_errors_can_cross_threads_and_render_with_miette() {
     assert_error::<slider_recipe::RecipeError>();
     assert_error::<slider_recipe::Problem>();
 }
+
+#[test]
+fn evaluate_defaults_to_the_recipe_base_and_the_methods_weights() {
+    let dir = Dir::new(&[FILES, &["meter.safetensors"]].concat());
+    let plan = dir.load(
+        r#"
+base: base.safetensors
+defaults:
+  evaluate:
+    prompts: ["1girl, side view"]
+nodes:
+  slider: {kind: svd_merge, models: [a.safetensors, b.safetensors], ratios: [1.5, -1.5]}
+  quality: {kind: evaluate, lora: slider, meter: meter.safetensors}
+  custom:
+    kind: evaluate
+    base: other.safetensors
+    lora: a.safetensors
+    meter: meter.safetensors
+    weights: [0, 1]
+    seeds: [7]
+    prompts: [front, side]
+    negative_prompt: lowres
+    steps: 4
+    cfg_scale: 5
+    sampler: DDIM
+    width: 64
+    height: 72
+"#,
+        &["evaluate.steps=10"],
+    );
+    let q = get!(plan, "quality", Evaluate);
+    assert_eq!(q.base, Input::File(dir.path("base.safetensors")));
+    assert_eq!(q.lora, Input::Node("slider".into()));
+    assert_eq!(q.meter, Input::File(dir.path("meter.safetensors")));
+    assert_eq!(q.weights, [-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 2.0]);
+    assert_eq!(q.seeds, [1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(q.prompts, ["1girl, side view"]);
+    assert_eq!(
+        (q.negative_prompt.as_str(), q.steps, q.cfg_scale),
+        ("", 10, 7.0)
+    );
+    assert_eq!(
+        (q.sampler.as_str(), q.width, q.height),
+        ("euler_a", 512, 512)
+    );
+    let c = get!(plan, "custom", Evaluate);
+    assert_eq!(c.base, Input::File(dir.path("other.safetensors")));
+    assert_eq!(
+        (c.weights.as_slice(), c.seeds.as_slice()),
+        (&[0.0, 1.0][..], &[7][..])
+    );
+    assert_eq!(c.prompts, ["front", "side"]);
+    assert_eq!(
+        (c.negative_prompt.as_str(), c.steps, c.cfg_scale),
+        ("lowres", 4, 5.0)
+    );
+    assert_eq!((c.sampler.as_str(), c.width, c.height), ("ddim", 64, 72));
+    assert_eq!(params(&plan, "quality").inputs().len(), 3);
+    let slider = plan.nodes.iter().position(|n| n.name == "slider").unwrap();
+    let quality = plan.nodes.iter().position(|n| n.name == "quality").unwrap();
+    assert!(slider < quality, "the LoRA is evaluated after it is made");
+}

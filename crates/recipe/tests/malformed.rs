@@ -400,6 +400,88 @@ nodes:
         codes: &["recipe::bad_value"],
     },
     Case {
+        name: "evaluate_without_lora_or_prompts",
+        recipe: "\
+base: base.safetensors
+nodes:
+  quality:
+    kind: evaluate
+    meter: big.safetensors
+",
+        set: &[],
+        codes: &["recipe::missing_key", "recipe::missing_key"],
+    },
+    Case {
+        name: "evaluate_weights_without_zero",
+        recipe: "\
+base: base.safetensors
+nodes:
+  quality:
+    kind: evaluate
+    lora: big.safetensors
+    meter: small.safetensors
+    prompts: [1girl]
+    weights: [-2, -1, 1, 2]
+",
+        set: &[],
+        codes: &["recipe::bad_value"],
+    },
+    Case {
+        name: "evaluate_meter_from_an_image_node",
+        recipe: "\
+base: base.safetensors
+nodes:
+  grid:
+    kind: xy_plot
+    prompt: 1girl
+    loras: [big.safetensors]
+    x: {weight: [-1, 0, 1]}
+  quality:
+    kind: evaluate
+    lora: big.safetensors
+    meter: grid
+    prompts: [1girl]
+",
+        set: &[],
+        codes: &["recipe::type_mismatch"],
+    },
+    Case {
+        name: "evaluate_with_empty_seeds_and_a_negative_seed",
+        recipe: "\
+base: base.safetensors
+nodes:
+  quality:
+    kind: evaluate
+    lora: big.safetensors
+    meter: small.safetensors
+    prompts: [1girl]
+    seeds: []
+  other:
+    kind: evaluate
+    lora: big.safetensors
+    meter: small.safetensors
+    prompts: [1girl]
+    seeds: [1, -2]
+",
+        set: &[],
+        codes: &["recipe::bad_value", "recipe::wrong_type"],
+    },
+    Case {
+        name: "evaluate_misspelled_weights",
+        recipe: "\
+base: base.safetensors
+nodes:
+  quality:
+    kind: evaluate
+    lora: big.safetensors
+    meter: small.safetensors
+    prompts: [1girl]
+    wieghts: [-1, 0, 1]
+",
+        set: &[],
+        codes: &["recipe::unknown_key"],
+    },
+    Case {
         name: "several_independent_problems",
         recipe: "\
 base: base.safetensors
