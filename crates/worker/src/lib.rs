@@ -25,7 +25,6 @@ pub mod clip;
 pub mod device;
 pub mod forward;
 pub mod grid;
-pub mod grid;
 pub mod layers;
 pub mod lora;
 pub mod pretrain;
@@ -35,6 +34,7 @@ pub mod train;
 pub mod unet;
 pub mod vae;
 pub mod weights;
+pub mod xy_plot;
 
 pub use burn;
 pub use checkpoint::{

@@ -29,6 +29,9 @@ mod generator;
 pub mod schedule;
 
 pub use generator::{Generator, classifier_free_guidance};
+
+#[cfg(test)]
+pub(crate) use generator::tests as test_support;
 pub use schedule::{SamplerKind, ScheduleError, Scheduler, UnknownSampler};
 
 use crate::checkpoint::CheckpointError;
