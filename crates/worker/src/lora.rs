@@ -8,19 +8,26 @@
 //! diffusers path for SD1-family UNets (`lora_unet_down_blocks_0_attentions_0_proj_in`), which
 //! [`lora_targets`] derives from our original-layout modules.
 //!
-//! The adapted forward pass is `W x + multiplier * alpha / rank * up(down(x))`. We add the
-//! low-rank delta to the frozen weight (the way ComfyUI and A1111 apply a LoRA) instead of
-//! running a second branch: the base weights stay constants of the autodiff graph, only the
-//! factors are tracked, and the gradients equal the branch form's.
+//! Two ways to run the adapted UNet, equal up to rounding:
+//! - training ([`LoraNetwork::forward`]) runs kohya's `LoRAModule.forward`,
+//!   `W x + multiplier * alpha / rank * up(down(x))`, as a branch beside each frozen module
+//!   ([`UNet::forward_adapted`]): the base weights stay constants of the autodiff graph and the
+//!   backward pass never forms a weight-sized gradient, only rank-sized ones;
+//! - inference ([`LoraNetwork::apply`]) adds the delta to the weights once, the way ComfyUI and
+//!   A1111 apply a LoRA, so sampling costs what the base model costs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
+use burn::module::Param;
+use burn::nn::conv::Conv2d;
+use burn::tensor::module::{conv2d, linear};
+use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slider_lora::{AlphaStorage, Lora, Module as FileModule, ModuleKind, TensorDtype};
 
-use crate::unet::{Layer, UNet};
+use crate::unet::{Adapters, Layer, UNet};
 use crate::weights::{add_to_params, param_keys};
 
 /// Why an adapter cannot be built or applied.
@@ -250,6 +257,54 @@ impl AdapterModule {
     }
 }
 
+impl AdapterModule {
+    /// `multiplier * alpha / rank * up(down(x))` for a linear module's input `[b, n, in]`.
+    fn linear_branch(&self, x: &Tensor<3>, multiplier: f64) -> Option<Tensor<3>> {
+        let (Factor::Linear(down), Factor::Linear(up)) = (&self.down, &self.up) else {
+            return None;
+        };
+        let scale = multiplier * f64::from(self.alpha) / self.rank as f64;
+        let low = linear(x.clone(), down.clone().transpose(), None);
+        Some(linear(low, up.clone().transpose(), None).mul_scalar(scale))
+    }
+
+    /// The same for a convolution: `down` with the base convolution's window, stride and
+    /// padding, then `up` as a 1x1 convolution.
+    fn conv_branch(&self, base: &Conv2d, x: &Tensor<4>, multiplier: f64) -> Option<Tensor<4>> {
+        let (Factor::Conv(down), Factor::Conv(up)) = (&self.down, &self.up) else {
+            return None;
+        };
+        let scale = multiplier * f64::from(self.alpha) / self.rank as f64;
+        let down_conv = Conv2d {
+            weight: Param::initialized(base.weight.id, down.clone()),
+            bias: None,
+            ..base.clone()
+        };
+        let low = down_conv.forward(x.clone());
+        let pointwise = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
+        Some(conv2d(low, up.clone(), None, pointwise).mul_scalar(scale))
+    }
+}
+
+/// A network's adapters as branches at one multiplier, looked up by module path, for
+/// [`UNet::forward_adapted`].
+pub struct Branches<'a> {
+    by_path: HashMap<&'a str, &'a AdapterModule>,
+    multiplier: f64,
+}
+
+impl Adapters for Branches<'_> {
+    fn linear(&self, path: &str, x: &Tensor<3>) -> Option<Tensor<3>> {
+        self.by_path.get(path)?.linear_branch(x, self.multiplier)
+    }
+
+    fn conv(&self, path: &str, conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>> {
+        self.by_path
+            .get(path)?
+            .conv_branch(conv, x, self.multiplier)
+    }
+}
+
 /// A set of adapters on one UNet: kohya's LoRA network.
 #[derive(Debug, Clone)]
 pub struct LoraNetwork {
@@ -352,8 +407,40 @@ impl LoraNetwork {
         Ok(lora)
     }
 
-    /// `unet` with every adapter added at `multiplier` (1 for training; any weight, negative
-    /// included, for sampling). Tracked factors make the result's weights tracked.
+    /// The adapters as branches at `multiplier`, for [`UNet::forward_adapted`].
+    pub fn branches(&self, multiplier: f64) -> Branches<'_> {
+        let by_path = self
+            .modules
+            .values()
+            .map(|m| {
+                let key = m.target.key.as_str();
+                (key.strip_suffix(".weight").unwrap_or(key), m)
+            })
+            .collect();
+        Branches {
+            by_path,
+            multiplier,
+        }
+    }
+
+    /// `unet`'s noise prediction with every adapter as a branch at `multiplier` (see
+    /// [`UNet::forward`] for the arguments): the training forward pass. Tracked factors get
+    /// gradients; the base weights get none.
+    pub fn forward(
+        &self,
+        unet: &UNet,
+        multiplier: f64,
+        sample: Tensor<4>,
+        timestep: Tensor<1>,
+        context: Tensor<3>,
+        y: Option<Tensor<2>>,
+    ) -> Tensor<4> {
+        unet.forward_adapted(sample, timestep, context, y, &self.branches(multiplier))
+    }
+
+    /// `unet` with every adapter added at `multiplier` (any weight, negative included): the
+    /// inference form, which costs nothing per step. Tracked factors make the result's
+    /// weights tracked.
     pub fn apply(&self, unet: &UNet, multiplier: f64) -> Result<UNet, AdapterError> {
         let deltas: BTreeMap<String, Tensor<2>> = self
             .modules
@@ -542,6 +629,43 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The training form (branches beside the frozen modules) and the inference form (deltas
+    /// added to the weights) give the same prediction, at several weights: every adapter is
+    /// reached under its module path, and the branch is `multiplier * alpha / rank * up(down x)`.
+    #[test]
+    fn branches_predict_what_the_patched_unet_predicts() {
+        let device = Device::flex();
+        let unet = small_unet(&device);
+        let mut net = LoraNetwork::init(&unet, 3, 2.0, 5, &device).unwrap();
+        for (i, m) in net.modules.values_mut().enumerate() {
+            let n = m.target.out_dim * m.rank;
+            let up: Vec<f32> = (0..n)
+                .map(|j| ((i * 7 + j) % 11) as f32 * 0.02 - 0.1)
+                .collect();
+            m.up = Factor::from_values(up, &m.up.shape(), &device);
+        }
+        let dist = burn::tensor::Distribution::Normal(0.0, 1.0);
+        let x = Tensor::<4>::random([2, 4, 16, 16], dist, &device);
+        let context = Tensor::<3>::random([2, 5, 16], dist, &device);
+        let t = Tensor::<1>::from_floats([10.0, 700.0], &device);
+        let base = unet.forward(x.clone(), t.clone(), context.clone(), None);
+        let rel = |a: Tensor<4>, b: Tensor<4>| {
+            let d = (a - b.clone()).square().sum().into_scalar::<f32>().sqrt();
+            d / b.square().sum().into_scalar::<f32>().sqrt()
+        };
+        for w in [1.0, -0.5, 2.0] {
+            let patched = net.apply(&unet, w).unwrap();
+            let want = patched.forward(x.clone(), t.clone(), context.clone(), None);
+            let got = net.forward(&unet, w, x.clone(), t.clone(), context.clone(), None);
+            assert!(
+                rel(want.clone(), base.clone()) > 1e-3,
+                "weight {w} changes the output"
+            );
+            let err = rel(got, want);
+            assert!(err < 1e-5, "weight {w}: relative error {err}");
         }
     }
 

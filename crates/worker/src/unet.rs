@@ -254,6 +254,31 @@ impl UNet {
         context: Tensor<3>,
         y: Option<Tensor<2>>,
     ) -> Tensor<4> {
+        self.forward_at(sample, timestep, context, y, Scope::base())
+    }
+
+    /// [`UNet::forward`] with `adapters`' low-rank branches added to the outputs of the
+    /// modules they adapt (`y = W x + branch(x)`, kohya's `LoRAModule.forward`): the base
+    /// weights stay constants, so a backward pass tracks only what the branches depend on.
+    pub fn forward_adapted(
+        &self,
+        sample: Tensor<4>,
+        timestep: Tensor<1>,
+        context: Tensor<3>,
+        y: Option<Tensor<2>>,
+        adapters: &dyn Adapters,
+    ) -> Tensor<4> {
+        self.forward_at(sample, timestep, context, y, Scope::adapted(adapters))
+    }
+
+    fn forward_at(
+        &self,
+        sample: Tensor<4>,
+        timestep: Tensor<1>,
+        context: Tensor<3>,
+        y: Option<Tensor<2>>,
+        scope: Scope<'_>,
+    ) -> Tensor<4> {
         let t_emb = timestep_embedding(timestep, self.model_channels);
         let (l0, _, l2) = &self.time_embed;
         let mut emb = l2.forward(silu(l0.forward(t_emb)));
@@ -265,16 +290,24 @@ impl UNet {
 
         let mut h = sample;
         let mut skips = Vec::with_capacity(self.input_blocks.len());
-        for block in &self.input_blocks {
-            h = run_block(block, h, &emb, &context);
+        let inputs = scope.child("input_blocks");
+        for (i, block) in self.input_blocks.iter().enumerate() {
+            h = run_block(block, h, &emb, &context, inputs.child(i));
             skips.push(h.clone());
         }
-        h = run_block(&self.middle_block, h, &emb, &context);
-        for block in &self.output_blocks {
+        h = run_block(
+            &self.middle_block,
+            h,
+            &emb,
+            &context,
+            scope.child("middle_block"),
+        );
+        let outputs = scope.child("output_blocks");
+        for (i, block) in self.output_blocks.iter().enumerate() {
             if let Some(skip) = skips.pop() {
                 h = Tensor::cat(vec![h, skip], 1);
             }
-            h = run_block(block, h, &emb, &context);
+            h = run_block(block, h, &emb, &context, outputs.child(i));
         }
         let (norm, _, conv) = &self.out;
         conv.forward(silu(norm.forward(h)))
@@ -296,17 +329,109 @@ impl UNet {
     }
 }
 
-fn run_block(block: &[Layer], mut h: Tensor<4>, emb: &Tensor<2>, context: &Tensor<3>) -> Tensor<4> {
-    for layer in block {
+fn run_block(
+    block: &[Layer],
+    mut h: Tensor<4>,
+    emb: &Tensor<2>,
+    context: &Tensor<3>,
+    scope: Scope<'_>,
+) -> Tensor<4> {
+    for (i, layer) in block.iter().enumerate() {
+        let at = scope.child(i);
         h = match layer {
             Layer::Conv(conv) => conv.forward(h),
-            Layer::Res(res) => res.forward(h, emb.clone()),
-            Layer::Attn(attn) => attn.forward(h, context.clone()),
-            Layer::Down(down) => down.op.forward(h),
-            Layer::Up(up) => up.conv.forward(upsample_nearest_2x(h)),
+            Layer::Res(res) => res.forward(h, emb.clone(), at),
+            Layer::Attn(attn) => attn.forward(h, context.clone(), at),
+            Layer::Down(down) => at.conv("op", &down.op, h),
+            Layer::Up(up) => at.conv("conv", &up.conv, upsample_nearest_2x(h)),
         };
     }
     h
+}
+
+/// Low-rank branches added to the outputs of adapted modules during a forward pass. A module
+/// is named by its path in the checkpoint layout, without `.weight`
+/// (`input_blocks.1.1.transformer_blocks.0.attn1.to_q`); `None` leaves it as it is.
+pub trait Adapters {
+    /// The term added to the output of the linear module at `path` for the input `x`
+    /// (`[batch, tokens, in]`, or `[batch, in]` for the time-embedding projections).
+    fn linear(&self, path: &str, x: &Tensor<3>) -> Option<Tensor<3>>;
+    /// The term added to the output of the convolution `conv` at `path` for the input `x`.
+    fn conv(&self, path: &str, conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>>;
+}
+
+/// Where a forward pass is in the module tree, and the adapters to consult there. The path is
+/// only built when there are adapters, so a base forward pass does no string work.
+#[derive(Clone)]
+struct Scope<'a> {
+    adapters: Option<&'a dyn Adapters>,
+    path: String,
+}
+
+impl<'a> Scope<'a> {
+    fn base() -> Self {
+        Self {
+            adapters: None,
+            path: String::new(),
+        }
+    }
+
+    fn adapted(adapters: &'a dyn Adapters) -> Self {
+        Self {
+            adapters: Some(adapters),
+            path: String::new(),
+        }
+    }
+
+    fn child(&self, name: impl std::fmt::Display) -> Scope<'a> {
+        let path = match (self.adapters, self.path.is_empty()) {
+            (None, _) => String::new(),
+            (Some(_), true) => name.to_string(),
+            (Some(_), false) => format!("{}.{name}", self.path),
+        };
+        Scope {
+            adapters: self.adapters,
+            path,
+        }
+    }
+
+    /// `layer(x)` plus the branch of the linear module `name` under this scope.
+    fn linear(&self, name: impl std::fmt::Display, layer: &Linear, x: Tensor<3>) -> Tensor<3> {
+        let Some(adapters) = self.adapters else {
+            return layer.forward(x);
+        };
+        match adapters.linear(&self.child(name).path, &x) {
+            Some(branch) => layer.forward(x) + branch,
+            None => layer.forward(x),
+        }
+    }
+
+    /// `layer(x)` on `[batch, features]` plus its branch (the ResBlock's `emb_layers.1`).
+    fn linear_2d(&self, name: impl std::fmt::Display, layer: &Linear, x: Tensor<2>) -> Tensor<2> {
+        let Some(adapters) = self.adapters else {
+            return layer.forward(x);
+        };
+        let [b, d] = x.dims();
+        let tokens = x.clone().reshape([b, 1, d]);
+        match adapters.linear(&self.child(name).path, &tokens) {
+            Some(branch) => {
+                let [_, _, out] = branch.dims();
+                layer.forward(x) + branch.reshape([b, out])
+            }
+            None => layer.forward(x),
+        }
+    }
+
+    /// `conv(x)` plus the branch of the convolution `name` under this scope.
+    fn conv(&self, name: impl std::fmt::Display, conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+        let Some(adapters) = self.adapters else {
+            return conv.forward(x);
+        };
+        match adapters.conv(&self.child(name).path, conv, &x) {
+            Some(branch) => conv.forward(x) + branch,
+            None => conv.forward(x),
+        }
+    }
 }
 
 /// One slot of a UNet block (`TimestepEmbedSequential` in LDM).
@@ -372,16 +497,20 @@ impl ResBlock {
         }
     }
 
-    fn forward(&self, x: Tensor<4>, emb: Tensor<2>) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, emb: Tensor<2>, at: Scope<'_>) -> Tensor<4> {
         let (n0, _, c0) = &self.in_layers;
-        let h = c0.forward(silu(n0.forward(x.clone())));
-        let e = self.emb_layers.1.forward(silu(emb));
+        let h = at
+            .child("in_layers")
+            .conv(2, c0, silu(n0.forward(x.clone())));
+        let e = at
+            .child("emb_layers")
+            .linear_2d(1, &self.emb_layers.1, silu(emb));
         let [b, c] = e.dims();
         let h = h + e.reshape([b, c, 1, 1]);
         let (n1, _, _, c1) = &self.out_layers;
-        let h = c1.forward(silu(n1.forward(h)));
+        let h = at.child("out_layers").conv(3, c1, silu(n1.forward(h)));
         match &self.skip_connection {
-            Some(skip) => skip.forward(x) + h,
+            Some(skip) => at.conv("skip_connection", skip, x) + h,
             None => x + h,
         }
     }
@@ -436,19 +565,20 @@ impl SpatialTransformer {
         }
     }
 
-    fn forward(&self, x: Tensor<4>, context: Tensor<3>) -> Tensor<4> {
+    fn forward(&self, x: Tensor<4>, context: Tensor<3>, at: Scope<'_>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
         let normed = self.norm.forward(x.clone());
         let mut t = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(normed)),
-            Projection::Linear(lin) => lin.forward(to_tokens(normed)),
+            Projection::Conv(conv) => to_tokens(at.conv("proj_in", conv, normed)),
+            Projection::Linear(lin) => at.linear("proj_in", lin, to_tokens(normed)),
         };
-        for block in &self.transformer_blocks {
-            t = block.forward(t, context.clone());
+        let blocks = at.child("transformer_blocks");
+        for (i, block) in self.transformer_blocks.iter().enumerate() {
+            t = block.forward(t, context.clone(), blocks.child(i));
         }
         let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(from_tokens(t, h, w)),
-            Projection::Linear(lin) => from_tokens(lin.forward(t), h, w),
+            Projection::Conv(conv) => at.conv("proj_out", conv, from_tokens(t, h, w)),
+            Projection::Linear(lin) => from_tokens(at.linear("proj_out", lin, t), h, w),
         };
         out + x
     }
@@ -483,11 +613,16 @@ impl TransformerBlock {
         }
     }
 
-    fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
+    fn forward(&self, x: Tensor<3>, context: Tensor<3>, at: Scope<'_>) -> Tensor<3> {
         let n = self.norm1.forward(x.clone());
-        let x = self.attn1.forward(n.clone(), n) + x;
-        let x = self.attn2.forward(self.norm2.forward(x.clone()), context) + x;
-        self.ff.forward(self.norm3.forward(x.clone())) + x
+        let x = self.attn1.forward(n.clone(), n, at.child("attn1")) + x;
+        let x = self
+            .attn2
+            .forward(self.norm2.forward(x.clone()), context, at.child("attn2"))
+            + x;
+        self.ff
+            .forward(self.norm3.forward(x.clone()), at.child("ff"))
+            + x
     }
 }
 
@@ -516,13 +651,14 @@ impl Attention {
         }
     }
 
-    fn forward(&self, x: Tensor<3>, context: Tensor<3>) -> Tensor<3> {
-        let q = self.to_q.forward(x);
-        let k = self.to_k.forward(context.clone());
-        let v = self.to_v.forward(context);
+    fn forward(&self, x: Tensor<3>, context: Tensor<3>, at: Scope<'_>) -> Tensor<3> {
+        let q = at.linear("to_q", &self.to_q, x);
+        let k = at.linear("to_k", &self.to_k, context.clone());
+        let v = at.linear("to_v", &self.to_v, context);
         let mut out = multi_head_attention(q, k, v, self.heads, false);
-        for proj in &self.to_out {
-            out = proj.forward(out);
+        let to_out = at.child("to_out");
+        for (i, proj) in self.to_out.iter().enumerate() {
+            out = to_out.linear(i, proj, out);
         }
         out
     }
@@ -556,12 +692,13 @@ impl FeedForward {
         }
     }
 
-    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let h = self.net.0.proj.forward(x);
+    fn forward(&self, x: Tensor<3>, at: Scope<'_>) -> Tensor<3> {
+        let net = at.child("net");
+        let h = net.child(0).linear("proj", &self.net.0.proj, x);
         let mut halves = h.chunk(2, 2);
         let gate = halves.pop().expect("chunk(2) yields two halves");
         let value = halves.pop().expect("chunk(2) yields two halves");
-        self.net.2.forward(value * gelu(gate))
+        net.linear(2, &self.net.2, value * gelu(gate))
     }
 }
 

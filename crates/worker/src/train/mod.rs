@@ -37,6 +37,8 @@ mod came;
 pub mod ddpm;
 pub mod lr_schedule;
 #[cfg(test)]
+mod parity;
+#[cfg(test)]
 mod reference;
 mod state;
 pub mod trainer;

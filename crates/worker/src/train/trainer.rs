@@ -355,12 +355,13 @@ pub fn train(
             m.down = m.down.clone().tracked();
             m.up = m.up.clone().tracked();
         }
-        let adapted = network.apply(&unet, 1.0)?;
         let t = Tensor::<1>::from_data(
             TensorData::new(timesteps.iter().map(|&t| t as f32).collect(), [batch]),
             device,
         );
-        let pred = adapted.forward(
+        let pred = network.forward(
+            &unet,
+            1.0,
             noisy,
             t,
             context.clone().repeat_dim(0, batch),
