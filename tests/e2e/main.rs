@@ -3,6 +3,7 @@
 mod lora_tools;
 mod model;
 mod pipeline;
+mod sample;
 mod train;
 
 use std::process::Command;

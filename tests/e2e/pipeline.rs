@@ -452,10 +452,11 @@ nodes:
 }
 
 #[test]
-fn sampler_nodes_are_refused_before_anything_runs() {
+fn kinds_the_worker_lacks_are_refused_before_anything_runs() {
     let p = Project::new();
     fs::write(p.path("base.safetensors"), b"not really a model").unwrap();
     fs::copy(p.path("notes.txt"), p.path("pair.png")).unwrap();
+    fs::write(p.path("meter.safetensors"), b"not really a meter").unwrap();
     p.recipe(
         r#"
 nodes:
@@ -470,11 +471,11 @@ nodes:
     images: [pair.png]
     max_train_steps: 10
   check_small_front:
-    kind: xy_plot
+    kind: evaluate
     base: base.safetensors
-    prompt: 1girl
-    x:
-      lora: [null, small_front]
+    lora: small_front
+    meter: meter.safetensors
+    prompts: [1girl]
 "#,
     );
     let out = p.output(&["recipe.yaml"]);

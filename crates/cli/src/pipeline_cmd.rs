@@ -17,14 +17,21 @@ use slider_engine::verify::{self, Verdict};
 use slider_engine::{CancelToken, Lockfile, RunOptions, RunSummary, Store, lockfile_path};
 use slider_recipe::Plan;
 use slider_worker::train::{TrainConfig, train};
+use slider_worker::xy_plot::{self, XyPlotConfig};
 
 /// The node kinds this build's worker (`slider-run worker`) executes, with their code
 /// versions. The one place the worker crate extends when it gains a trainer or sampler.
 pub fn worker_kinds() -> Vec<WorkerKind> {
-    vec![WorkerKind {
-        kind: "train".into(),
-        code_version: 1,
-    }]
+    vec![
+        WorkerKind {
+            kind: "train".into(),
+            code_version: 1,
+        },
+        WorkerKind {
+            kind: "xy_plot".into(),
+            code_version: 1,
+        },
+    ]
 }
 
 /// Arguments of the default command: `slider-run RECIPE`.
@@ -461,43 +468,76 @@ fn worker(device: &str) -> miette::Result<ExitCode> {
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
     protocol::serve_worker(device, &kinds, stdin, stdout, |req, progress| {
-        if req.kind != "train" {
-            return Err(format!("no executor for `{}` in this build", req.kind));
-        }
-        let config = TrainConfig::from_node_params(&req.params, |input| {
+        let resolve = |input: &serde_json::Value| {
             req.inputs
                 .iter()
                 .find(|i| &i.input == input)
                 .map(|i| i.path.clone())
-        })
-        .map_err(|e| e.to_string())?;
-        let dev = slider_worker::open_device(device).map_err(|e| e.to_string())?;
-        let stop = AtomicBool::new(false);
-        train(
-            &config,
-            &req.work_dir,
-            &req.output_dir,
-            &dev,
-            |p| {
-                progress(slider_engine::Progress {
-                    step: Some(p.step as u64),
-                    total: Some(p.total as u64),
-                    loss: Some(f64::from(p.loss)),
-                    message: None,
-                })
-            },
-            &stop,
-        )
-        .map_err(|e| e.to_string())?;
-        Ok(["lora.safetensors", "loss.csv"]
-            .into_iter()
-            .zip(["lora", "loss"])
-            .map(|(file, name)| protocol::WorkerOutput {
-                name: name.into(),
-                file: file.into(),
-            })
-            .collect())
+        };
+        match req.kind.as_str() {
+            "train" => worker_train(req, device, resolve, progress),
+            "xy_plot" => worker_xy_plot(req, device, resolve, progress),
+            other => Err(format!("no executor for `{other}` in this build")),
+        }
     })
     .into_diagnostic()?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn worker_train(
+    req: &protocol::Request,
+    device: &str,
+    resolve: impl Fn(&serde_json::Value) -> Option<PathBuf>,
+    progress: &mut dyn FnMut(slider_engine::Progress),
+) -> Result<Vec<protocol::WorkerOutput>, String> {
+    let config = TrainConfig::from_node_params(&req.params, resolve).map_err(|e| e.to_string())?;
+    let dev = slider_worker::open_device(device).map_err(|e| e.to_string())?;
+    let stop = AtomicBool::new(false);
+    train(
+        &config,
+        &req.work_dir,
+        &req.output_dir,
+        &dev,
+        |p| {
+            progress(slider_engine::Progress {
+                step: Some(p.step as u64),
+                total: Some(p.total as u64),
+                loss: Some(f64::from(p.loss)),
+                message: None,
+            })
+        },
+        &stop,
+    )
+    .map_err(|e| e.to_string())?;
+    Ok(["lora.safetensors", "loss.csv"]
+        .into_iter()
+        .zip(["lora", "loss"])
+        .map(|(file, name)| protocol::WorkerOutput {
+            name: name.into(),
+            file: file.into(),
+        })
+        .collect())
+}
+
+fn worker_xy_plot(
+    req: &protocol::Request,
+    device: &str,
+    resolve: impl Fn(&serde_json::Value) -> Option<PathBuf>,
+    progress: &mut dyn FnMut(slider_engine::Progress),
+) -> Result<Vec<protocol::WorkerOutput>, String> {
+    let config = XyPlotConfig::from_node_params(&req.params, resolve).map_err(|e| e.to_string())?;
+    let dev = slider_worker::open_device(device).map_err(|e| e.to_string())?;
+    xy_plot::run(&config, &req.output_dir, &dev, |p| {
+        progress(slider_engine::Progress {
+            step: Some(p.cell as u64),
+            total: Some(p.cells as u64),
+            loss: None,
+            message: Some(format!("cell {}/{}: {}", p.cell, p.cells, p.label)),
+        })
+    })
+    .map_err(|e| e.to_string())?;
+    Ok(vec![protocol::WorkerOutput {
+        name: "grid".into(),
+        file: xy_plot::GRID_FILE.into(),
+    }])
 }
