@@ -4,6 +4,7 @@
 mod lora_cmd;
 mod model_cmd;
 mod pipeline_cmd;
+mod pretrain_cmd;
 mod sample_cmd;
 mod toyworld_cmd;
 
@@ -43,6 +44,8 @@ enum Command {
     /// Base models: inspect checkpoints, run forward passes for parity checks.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
+    /// Train the tiny base model (VAE, text encoder, UNet) from scratch on a captioned corpus.
+    Pretrain(pretrain_cmd::PretrainArgs),
     /// Generate one image from a base model, a prompt and LoRAs at given weights (PNG with
     /// AUTOMATIC1111-style `parameters`).
     Sample(sample_cmd::SampleArgs),
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
         Some(Command::Pipeline(cmd)) => pipeline_cmd::run(cmd, cli.quiet),
         Some(Command::Lora(cmd)) => lora_cmd::run(cmd, cli.verbose > 0),
         Some(Command::Model(cmd)) => model_cmd::run(cmd),
+        Some(Command::Pretrain(args)) => pretrain_cmd::run(args, cli.quiet),
         Some(Command::Sample(args)) => sample_cmd::run(args, cli.quiet),
         Some(Command::Toyworld(cmd)) => toyworld_cmd::run(cmd, cli.quiet),
         None => pipeline_cmd::run_recipe(cli.run, cli.quiet),

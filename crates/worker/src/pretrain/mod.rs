@@ -146,12 +146,14 @@ impl std::fmt::Display for Stage {
 
 /// Widths of the base model. The block structure is fixed: the UNet is `UNetConfig::tiny()`'s
 /// (channel_mult [1, 2, 2], one res block, attention at the first two levels and the middle),
-/// so kohya LoRA names equal the tiny layout; the VAE downsamples 4x (three levels).
+/// so kohya LoRA names equal the tiny layout; the VAE downsamples 4x (three levels, channel
+/// multipliers [1, 1, 2]: the full-resolution levels dominate its cost, so they stay narrow).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TinyBase {
     /// UNet `model_channels` (a multiple of 32: GroupNorm uses 32 groups).
     pub unet_channels: usize,
-    /// UNet attention heads.
+    /// UNet attention heads (one: burn's CPU attention costs per head, and a model this
+    /// small gains nothing from more).
     pub unet_heads: usize,
     /// VAE `ch` (a multiple of 32).
     pub vae_channels: usize,
@@ -168,8 +170,8 @@ pub struct TinyBase {
 impl Default for TinyBase {
     fn default() -> Self {
         Self {
-            unet_channels: 64,
-            unet_heads: 4,
+            unet_channels: 32,
+            unet_heads: 1,
             vae_channels: 32,
             text_width: 64,
             text_layers: 2,
@@ -194,7 +196,7 @@ impl TinyBase {
             vae: Some(VaeConfig {
                 in_channels: 3,
                 ch: self.vae_channels,
-                ch_mult: vec![1, 2, 2],
+                ch_mult: vec![1, 1, 2],
                 num_res_blocks: 1,
                 z_channels: 4,
             }),
@@ -228,6 +230,9 @@ pub struct PretrainConfig {
     pub vae_batch_size: usize,
     /// Images per UNet step.
     pub batch_size: usize,
+    /// The autoencoder trains on random `vae_crop` x `vae_crop` crops (it is convolutional;
+    /// only its 4x-downsampled middle attends globally); 0 trains on whole images.
+    pub vae_crop: usize,
     /// Peak learning rate of the autoencoder (AdamW, warmup then cosine).
     pub vae_lr: f64,
     /// Peak learning rate of the UNet and text encoder.
@@ -251,11 +256,12 @@ impl Default for PretrainConfig {
             model: TinyBase::default(),
             seed: 0,
             vae_steps: 600,
-            unet_steps: 3000,
+            unet_steps: 2500,
             vae_batch_size: 8,
-            batch_size: 32,
+            batch_size: 16,
+            vae_crop: 32,
             vae_lr: 1e-3,
-            lr: 5e-4,
+            lr: 1e-3,
             warmup_steps: 50,
             kl_weight: 1e-4,
             caption_dropout: 0.1,
@@ -324,8 +330,15 @@ pub fn pretrain(
 ) -> Result<PretrainOutcome, PretrainError> {
     check(config, corpus)?;
     let spec = config.model.spec();
+    // The step counts stay out of the resume check: a run may be extended or cut short (the
+    // cosine schedule then follows the new total from the step it resumes at).
+    let fingerprint = PretrainConfig {
+        vae_steps: 0,
+        unet_steps: 0,
+        ..config.clone()
+    };
     let config_json =
-        serde_json::to_string(config).map_err(|e| PretrainError::Config(e.to_string()))?;
+        serde_json::to_string(&fingerprint).map_err(|e| PretrainError::Config(e.to_string()))?;
     let state_path = work_dir.join(STATE_FILE);
     std::fs::create_dir_all(work_dir).map_err(|source| PretrainError::Io {
         path: work_dir.to_path_buf(),
@@ -394,7 +407,9 @@ pub fn pretrain(
                 save(&parts, &optimizer, &run)?;
             }
         }
-        let std = latent_scale::latent_std(&parts.vae, &corpus.images, 16);
+        let sample = corpus.len().min(512);
+        let std =
+            latent_scale::latent_std(&parts.vae, &corpus.images.clone().narrow(0, 0, sample), 16);
         if !(std.is_finite() && std > 0.0) {
             return Err(PretrainError::Config(format!(
                 "the trained autoencoder's latents have std {std}"
@@ -531,6 +546,12 @@ fn check(config: &PretrainConfig, corpus: &Corpus) -> Result<(), PretrainError> 
             config.caption_dropout
         ));
     }
+    if config.vae_crop > 0 && !config.vae_crop.is_multiple_of(16) {
+        return bad(format!(
+            "vae crop {} must be a multiple of 16",
+            config.vae_crop
+        ));
+    }
     if !corpus.size.is_multiple_of(16) {
         return bad(format!(
             "corpus images are {0}x{0}; the side must be a multiple of 16",
@@ -600,10 +621,20 @@ fn vae_step(
     let device = corpus.images.device();
     let mut rng = step_rng(config.seed, Stage::Vae, step);
     let b = config.vae_batch_size;
-    let x = corpus
+    let mut x = corpus
         .images
         .clone()
         .select(0, indices(&mut rng, corpus.len(), b, &device));
+    let crop = config.vae_crop;
+    if crop > 0 && crop < corpus.size {
+        // Offsets on the latent grid (multiples of 4), one per step.
+        let cells = (corpus.size - crop) / 4 + 1;
+        let (y, x0) = (
+            4 * rng.random_range(0..cells),
+            4 * rng.random_range(0..cells),
+        );
+        x = x.narrow(2, y, crop).narrow(3, x0, crop);
+    }
     let vae = params::tracked(vae);
     let (mean, logvar) = vae.encode(x.clone());
     let eps = normal(&mut rng, mean.dims(), &device);

@@ -10,15 +10,17 @@ use burn::tensor::Device;
 use super::*;
 use crate::checkpoint::Checkpoint;
 
-/// Eight 16x16 images: a coloured disc (the "head") of varying size on a plain background.
-fn write_corpus(dir: &Path) {
+/// Eight `size` x `size` images: a coloured disc (the "head") of varying size on a plain
+/// background.
+fn write_corpus_of(dir: &Path, size: u32) {
     std::fs::create_dir_all(dir).unwrap();
     let colours = [[200u8, 40, 40], [40, 40, 200], [240, 220, 60], [30, 30, 30]];
     for i in 0..8 {
-        let radius = 3.0 + (i % 4) as f32;
+        let radius = (3.0 + (i % 4) as f32) * size as f32 / 16.0;
         let colour = colours[i % 4];
-        let image = image::RgbImage::from_fn(16, 16, |x, y| {
-            let (dx, dy) = (x as f32 - 7.5, y as f32 - 7.5);
+        let centre = size as f32 / 2.0 - 0.5;
+        let image = image::RgbImage::from_fn(size, size, |x, y| {
+            let (dx, dy) = (x as f32 - centre, y as f32 - centre);
             if dx * dx + dy * dy < radius * radius {
                 image::Rgb(colour)
             } else {
@@ -33,6 +35,10 @@ fn write_corpus(dir: &Path) {
         );
         std::fs::write(dir.join(format!("img{i}.txt")), caption).unwrap();
     }
+}
+
+fn write_corpus(dir: &Path) {
+    write_corpus_of(dir, 16);
 }
 
 fn small_config(vae_steps: usize, unet_steps: usize) -> PretrainConfig {
@@ -92,13 +98,17 @@ fn mean(v: &[f32]) -> f32 {
 #[test]
 fn a_few_steps_reduce_both_losses_and_write_a_loadable_sd1_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
-    write_corpus(&dir.path().join("corpus"));
+    write_corpus_of(&dir.path().join("corpus"), 32);
     let device = Device::flex();
     let corpus = Corpus::load(&dir.path().join("corpus"), &device).unwrap();
-    assert_eq!((corpus.len(), corpus.size), (8, 16));
+    assert_eq!((corpus.len(), corpus.size), (8, 32));
     assert_eq!(corpus.captions[1], "disc, blue colour, size 1");
 
-    let config = small_config(25, 25);
+    // The autoencoder trains on 16x16 crops of the 32x32 images.
+    let config = PretrainConfig {
+        vae_crop: 16,
+        ..small_config(25, 25)
+    };
     let out = dir.path().join("base.safetensors");
     let (result, seen) = run(&config, &corpus, &dir.path().join("work"), &out, None);
     let outcome = result.unwrap();
@@ -141,16 +151,16 @@ fn a_few_steps_reduce_both_losses_and_write_a_loadable_sd1_checkpoint() {
             seeds: vec![0, 1, 2],
             steps: 4,
             cfg_scale: 3.0,
-            size: 16,
+            size: 32,
         },
         &device,
     )
     .unwrap();
     assert_eq!(grid.len(), 2);
     assert!(grid.iter().all(|row| row.len() == 3));
-    assert_eq!(grid[0][0].dimensions(), (16, 16));
+    assert_eq!(grid[0][0].dimensions(), (32, 32));
     let tiled = preview::tile(&grid);
-    assert_eq!(tiled.dimensions(), (3 * 18 + 2, 2 * 18 + 2));
+    assert_eq!(tiled.dimensions(), (3 * 34 + 2, 2 * 34 + 2));
 }
 
 #[test]
@@ -274,4 +284,81 @@ fn corpus_problems_name_the_file() {
     std::fs::remove_file(orphan.join("img3.txt")).unwrap();
     let err = Corpus::load(&orphan, &device).unwrap_err().to_string();
     assert!(err.contains("img3.txt") && err.contains("caption"), "{err}");
+}
+
+/// Where a UNet step's time goes (`cargo test -p slider-worker --lib pretrain::tests::step_profile -- --ignored --nocapture`).
+#[test]
+#[ignore]
+fn step_profile() {
+    use std::time::Instant;
+    let device = Device::flex();
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let mut config = PretrainConfig::default();
+    config.model.unet_heads = env("HEADS", 4);
+    config.model.unet_channels = env("CH", 32);
+    config.batch_size = env("BATCH", 32);
+    let spec = config.model.spec();
+    let parts = fresh_parts(&spec, 0, &device);
+    let b = config.batch_size;
+    let latents = Tensor::<4>::zeros([64, 4, 16, 16], &device);
+    let tok = Tokenizer::clip().unwrap();
+    let ids: Vec<i64> = tok
+        .tokenize("1girl, red hair, side view", Padding::EndToken)
+        .into_iter()
+        .map(i64::from)
+        .collect();
+    let captions = vec![ids.clone(); 64];
+    let ns = NoiseSchedule::stable_diffusion();
+    let mut opt = AdamW::new(AdamWConfig::default());
+    let (mut unet, mut text) = (parts.unet, parts.text);
+    for round in 0..3 {
+        let t0 = Instant::now();
+        let batch = UnetBatch::draw(&config, round, &latents, &captions, &ids, &device);
+        let noisy = ns
+            .add_noise(batch.x0, batch.noise.clone(), &batch.timesteps)
+            .unwrap();
+        let tu = params::tracked(unet);
+        let tt = params::tracked(text);
+        let t1 = Instant::now();
+        let context = tt.forward(batch.ids).last;
+        let _ = context.clone().sum().into_scalar::<f32>();
+        let t2 = Instant::now();
+        let t = Tensor::<1>::from_data(
+            TensorData::new(batch.timesteps.iter().map(|&t| t as f32).collect(), [b]),
+            &device,
+        );
+        let pred = tu.forward(noisy, t, context, None);
+        let loss = (pred - batch.noise).square().mean();
+        let _ = loss.clone().into_scalar::<f32>();
+        let t3 = Instant::now();
+        let mut grads = loss.backward();
+        let t4 = Instant::now();
+        let mut named = NamedGrads::new();
+        params::take_grads(&tu, "unet", &mut grads, &mut named).unwrap();
+        params::take_grads(&tt, "text", &mut grads, &mut named).unwrap();
+        params::clip_grad_norm(&mut named, 1.0);
+        let t5 = Instant::now();
+        unet = params::adamw_step(tu, "unet", &mut named, &mut opt, 1e-4).unwrap();
+        text = params::adamw_step(tt, "text", &mut named, &mut opt, 1e-4).unwrap();
+        let _ = named_count(&unet);
+        let t6 = Instant::now();
+        eprintln!(
+            "round {round}: setup {:?} text fwd {:?} unet fwd {:?} backward {:?} grads+clip {:?} adamw {:?}",
+            t1 - t0,
+            t2 - t1,
+            t3 - t2,
+            t4 - t3,
+            t5 - t4,
+            t6 - t5
+        );
+    }
+}
+
+fn named_count(unet: &UNet) -> usize {
+    params::named_values(unet, "unet").len()
 }
