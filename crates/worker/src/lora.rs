@@ -70,8 +70,33 @@ pub struct Target {
     pub in_dim: usize,
 }
 
-/// The modules kohya's `networks.lora` adapts in `unet`, sorted by name.
+/// The modules kohya's `networks.lora` adapts in `unet` without conv options, sorted by name.
 pub fn lora_targets(unet: &UNet) -> Vec<Target> {
+    targets_where(unet, is_target)
+}
+
+/// The modules kohya's `networks.lora` adds with `conv_dim` ("LoCon"), sorted by name: in every
+/// ResNet block the two 3x3 convolutions, the time-embedding projection and the 1x1 skip
+/// convolution, and every down/upsampler's 3x3 convolution. The 3x3 convolutions take
+/// `conv_dim`/`conv_alpha`, the others `network_dim`/`network_alpha`, as in kohya. Names
+/// follow [`lora_targets`]' rule: `lora_unet_down_blocks_0_resnets_0_conv1`,
+/// `..._time_emb_proj`, `..._conv_shortcut`, `lora_unet_down_blocks_0_downsamplers_0_conv`,
+/// `lora_unet_up_blocks_0_upsamplers_0_conv` for SD1-family UNets, the original paths
+/// (`lora_unet_input_blocks_1_0_in_layers_2`, `lora_unet_input_blocks_3_0_op`, ...) for SDXL.
+pub fn locon_targets(unet: &UNet) -> Vec<Target> {
+    targets_where(unet, is_locon_target)
+}
+
+/// Every module a network of `unet` may adapt: [`lora_targets`] and [`locon_targets`].
+fn all_targets(unet: &UNet) -> BTreeMap<String, Target> {
+    lora_targets(unet)
+        .into_iter()
+        .chain(locon_targets(unet))
+        .map(|t| (t.name.clone(), t))
+        .collect()
+}
+
+fn targets_where(unet: &UNet, wanted: fn(&str) -> bool) -> Vec<Target> {
     let diffusers_names = !unet.takes_added_conditioning();
     let out_blocks = unet.output_blocks.len();
     let downsamplers = unet
@@ -85,7 +110,7 @@ pub fn lora_targets(unet: &UNet) -> Vec<Target> {
         .into_iter()
         .filter_map(|(key, shape)| {
             let path = key.key.strip_suffix(".weight")?;
-            if !is_target(path) {
+            if !wanted(path) {
                 return None;
             }
             let (kind, out_dim, in_dim) = match shape.as_slice() {
@@ -93,8 +118,11 @@ pub fn lora_targets(unet: &UNet) -> Vec<Target> {
                 [o, i, kh, kw] => (ModuleKind::Conv { kh: *kh, kw: *kw }, *o, *i),
                 _ => return None,
             };
+            // A ResNet or sampler path first: `output_blocks.N.1.conv` is an upsampler, not
+            // a spatial transformer's module.
             let named = if diffusers_names {
-                diffusers_path(path, per_level)?
+                diffusers_resnet_path(path, per_level)
+                    .or_else(|| diffusers_path(path, per_level))?
             } else {
                 path.to_owned()
             };
@@ -109,6 +137,66 @@ pub fn lora_targets(unet: &UNet) -> Vec<Target> {
         .collect();
     targets.sort_by(|a, b| a.name.cmp(&b.name));
     targets
+}
+
+/// Whether a module path is one of the ResNet-block or sampler modules LoCon adds.
+fn is_locon_target(path: &str) -> bool {
+    let parts: Vec<&str> = path.split('.').collect();
+    matches!(
+        parts.as_slice(),
+        [.., "in_layers", "2"]
+            | [.., "out_layers", "3"]
+            | [.., "emb_layers", "1"]
+            | [.., "skip_connection"]
+            | ["input_blocks", _, "0", "op"]
+            | ["output_blocks", _, _, "conv"]
+    )
+}
+
+/// The diffusers path of a ResNet block's or sampler's module (see [`diffusers_path`] for the
+/// block numbering): `input_blocks.N.0.in_layers.2` is `down_blocks.{level}.resnets.{i}.conv1`
+/// (`out_layers.3` `conv2`, `emb_layers.1` `time_emb_proj`, `skip_connection`
+/// `conv_shortcut`), `input_blocks.N.0.op` `down_blocks.{level}.downsamplers.0.conv`,
+/// `middle_block.{0,2}` `mid_block.resnets.{0,1}`, `output_blocks.N.M.conv`
+/// `up_blocks.{level}.upsamplers.0.conv`.
+fn diffusers_resnet_path(path: &str, per_level: usize) -> Option<String> {
+    let leaf = |rest: &[&str]| match rest {
+        ["in_layers", "2"] => Some("conv1"),
+        ["out_layers", "3"] => Some("conv2"),
+        ["emb_layers", "1"] => Some("time_emb_proj"),
+        ["skip_connection"] => Some("conv_shortcut"),
+        _ => None,
+    };
+    let parts: Vec<&str> = path.split('.').collect();
+    match parts.as_slice() {
+        ["input_blocks", n, "0", "op"] => {
+            let p = n.parse::<usize>().ok()?.checked_sub(1)?;
+            Some(format!("down_blocks.{}.downsamplers.0.conv", p / per_level))
+        }
+        ["input_blocks", n, "0", rest @ ..] => {
+            let p = n.parse::<usize>().ok()?.checked_sub(1)?;
+            let (level, i) = (p / per_level, p % per_level);
+            Some(format!("down_blocks.{level}.resnets.{i}.{}", leaf(rest)?))
+        }
+        ["middle_block", m, rest @ ..] => {
+            let i = match *m {
+                "0" => 0,
+                "2" => 1,
+                _ => return None,
+            };
+            Some(format!("mid_block.resnets.{i}.{}", leaf(rest)?))
+        }
+        ["output_blocks", n, _, "conv"] => {
+            let n = n.parse::<usize>().ok()?;
+            Some(format!("up_blocks.{}.upsamplers.0.conv", n / per_level))
+        }
+        ["output_blocks", n, "0", rest @ ..] => {
+            let n = n.parse::<usize>().ok()?;
+            let (level, i) = (n / per_level, n % per_level);
+            Some(format!("up_blocks.{level}.resnets.{i}.{}", leaf(rest)?))
+        }
+        _ => None,
+    }
 }
 
 /// Whether a module path inside the UNet is one of kohya's targets.
@@ -305,6 +393,18 @@ impl Adapters for Branches<'_> {
     }
 }
 
+/// The ranks and alphas of a network: kohya's `network_dim`/`network_alpha` and, for LoCon,
+/// `conv_dim`/`conv_alpha` (the 3x3 convolutions' rank and alpha).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NetworkDims {
+    /// `network_dim`.
+    pub rank: usize,
+    /// `network_alpha`.
+    pub alpha: f32,
+    /// `(conv_dim, conv_alpha)`; `None` adapts no ResNet or sampler module.
+    pub conv: Option<(usize, f32)>,
+}
+
 /// A set of adapters on one UNet: kohya's LoRA network.
 #[derive(Debug, Clone)]
 pub struct LoraNetwork {
@@ -323,13 +423,38 @@ impl LoraNetwork {
         seed: u64,
         device: &Device,
     ) -> Result<Self, AdapterError> {
-        if rank == 0 {
+        let dims = NetworkDims {
+            rank,
+            alpha,
+            conv: None,
+        };
+        Self::init_with(unet, dims, seed, device)
+    }
+
+    /// [`LoraNetwork::init`] for any [`NetworkDims`]: with `conv` set, on [`locon_targets`]
+    /// too (3x3 convolutions at the conv rank and alpha, the rest at `rank` and `alpha`).
+    pub fn init_with(
+        unet: &UNet,
+        dims: NetworkDims,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Self, AdapterError> {
+        if dims.rank == 0 || dims.conv.is_some_and(|(rank, _)| rank == 0) {
             return Err(AdapterError::ZeroRank);
+        }
+        let mut targets = lora_targets(unet);
+        if dims.conv.is_some() {
+            targets.extend(locon_targets(unet));
+            targets.sort_by(|a, b| a.name.cmp(&b.name));
         }
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut modules = BTreeMap::new();
-        for target in lora_targets(unet) {
+        for target in targets {
             let window = target.kind.window();
+            let (rank, alpha) = match dims.conv {
+                Some(conv) if window > 1 => conv,
+                _ => (dims.rank, dims.alpha),
+            };
             let fan_in = target.in_dim * window;
             let bound = 1.0 / (fan_in as f32).sqrt();
             let down: Vec<f32> = (0..rank * fan_in)
@@ -348,12 +473,10 @@ impl LoraNetwork {
         Ok(Self { modules })
     }
 
-    /// The adapters of a LoRA file, checked against `unet`'s targets.
+    /// The adapters of a LoRA file (LoCon modules included), checked against `unet`'s
+    /// targets.
     pub fn from_lora(lora: &Lora, unet: &UNet, device: &Device) -> Result<Self, AdapterError> {
-        let targets: BTreeMap<String, Target> = lora_targets(unet)
-            .into_iter()
-            .map(|t| (t.name.clone(), t))
-            .collect();
+        let targets = all_targets(unet);
         let mut modules = BTreeMap::new();
         for (name, m) in &lora.modules {
             let target = targets
@@ -545,6 +668,139 @@ mod tests {
         }
     }
 
+    /// (UNet, LoCon modules, names that must be among them with their kind): kohya adds every
+    /// ResNet block's conv1/conv2 (3x3), time_emb_proj (linear) and conv_shortcut (1x1, where
+    /// the channels change) and every sampler's 3x3 conv.
+    #[test]
+    fn locon_targets_are_kohyas_resnet_and_sampler_modules() {
+        let device = Device::flex();
+        let conv3 = ModuleKind::Conv { kh: 3, kw: 3 };
+        let conv1 = ModuleKind::Conv { kh: 1, kw: 1 };
+        let cases = [
+            (
+                UNetConfig::sd15(),
+                // 22 ResNet blocks x 3, 14 skip convolutions, 3 + 3 samplers.
+                86,
+                vec![
+                    ("lora_unet_down_blocks_0_resnets_0_conv1", conv3, 320, 320),
+                    ("lora_unet_down_blocks_0_resnets_1_conv2", conv3, 320, 320),
+                    (
+                        "lora_unet_down_blocks_1_resnets_0_conv_shortcut",
+                        conv1,
+                        640,
+                        320,
+                    ),
+                    (
+                        "lora_unet_down_blocks_1_resnets_0_time_emb_proj",
+                        ModuleKind::Linear,
+                        640,
+                        1280,
+                    ),
+                    (
+                        "lora_unet_down_blocks_2_downsamplers_0_conv",
+                        conv3,
+                        1280,
+                        1280,
+                    ),
+                    ("lora_unet_mid_block_resnets_1_conv2", conv3, 1280, 1280),
+                    (
+                        "lora_unet_up_blocks_0_resnets_2_conv_shortcut",
+                        conv1,
+                        1280,
+                        2560,
+                    ),
+                    ("lora_unet_up_blocks_0_upsamplers_0_conv", conv3, 1280, 1280),
+                    ("lora_unet_up_blocks_3_resnets_2_conv1", conv3, 320, 640),
+                ],
+            ),
+            (
+                UNetConfig::sdxl(),
+                // 17 ResNet blocks x 3, 11 skip convolutions, 2 + 2 samplers.
+                66,
+                vec![
+                    ("lora_unet_input_blocks_1_0_in_layers_2", conv3, 320, 320),
+                    (
+                        "lora_unet_input_blocks_1_0_emb_layers_1",
+                        ModuleKind::Linear,
+                        320,
+                        1280,
+                    ),
+                    ("lora_unet_input_blocks_3_0_op", conv3, 320, 320),
+                    (
+                        "lora_unet_input_blocks_4_0_skip_connection",
+                        conv1,
+                        640,
+                        320,
+                    ),
+                    ("lora_unet_middle_block_2_out_layers_3", conv3, 1280, 1280),
+                    ("lora_unet_output_blocks_2_2_conv", conv3, 1280, 1280),
+                    ("lora_unet_output_blocks_5_2_conv", conv3, 640, 640),
+                    (
+                        "lora_unet_output_blocks_8_0_skip_connection",
+                        conv1,
+                        320,
+                        640,
+                    ),
+                ],
+            ),
+        ];
+        for (config, count, names) in cases {
+            let unet = config.init(&device);
+            let locon = locon_targets(&unet);
+            assert_eq!(locon.len(), count);
+            for (name, kind, out_dim, in_dim) in names {
+                let t = locon.iter().find(|t| t.name == name);
+                let t = t.unwrap_or_else(|| panic!("missing {name}"));
+                assert_eq!(
+                    (t.kind, t.out_dim, t.in_dim),
+                    (kind, out_dim, in_dim),
+                    "{name}"
+                );
+            }
+            let standard = lora_targets(&unet);
+            assert!(
+                locon
+                    .iter()
+                    .all(|t| !standard.iter().any(|s| s.key == t.key))
+            );
+        }
+    }
+
+    /// With conv options the 3x3 convolutions take `conv_dim`/`conv_alpha`, everything else
+    /// `network_dim`/`network_alpha`; without them nothing outside the transformers is adapted.
+    #[test]
+    fn conv_dims_apply_to_3x3_convolutions_only() {
+        let device = Device::flex();
+        let unet = small_unet(&device);
+        let dims = NetworkDims {
+            rank: 4,
+            alpha: 1.0,
+            conv: Some((2, 0.5)),
+        };
+        let net = LoraNetwork::init_with(&unet, dims, 1, &device).unwrap();
+        assert_eq!(
+            net.modules.len(),
+            lora_targets(&unet).len() + locon_targets(&unet).len()
+        );
+        for m in net.modules.values() {
+            let want = match m.target.kind {
+                ModuleKind::Conv { kh: 3, kw: 3 } => (2, 0.5),
+                _ => (4, 1.0),
+            };
+            assert_eq!((m.rank, m.alpha), want, "{}", m.target.name);
+        }
+        let lora = net.to_lora().unwrap();
+        let back = LoraNetwork::from_lora(&lora, &unet, &device).unwrap();
+        assert_eq!(back.to_lora().unwrap(), lora);
+        let plain = LoraNetwork::init(&unet, 4, 1.0, 1, &device).unwrap();
+        assert_eq!(plain.modules.len(), lora_targets(&unet).len());
+        let zero = NetworkDims {
+            conv: Some((0, 1.0)),
+            ..dims
+        };
+        assert!(LoraNetwork::init_with(&unet, zero, 1, &device).is_err());
+    }
+
     #[test]
     fn tiny_unet_follows_sd1_naming() {
         let unet = UNetConfig::tiny().init(&Device::flex());
@@ -633,13 +889,19 @@ mod tests {
     }
 
     /// The training form (branches beside the frozen modules) and the inference form (deltas
-    /// added to the weights) give the same prediction, at several weights: every adapter is
-    /// reached under its module path, and the branch is `multiplier * alpha / rank * up(down x)`.
+    /// added to the weights) give the same prediction, at several weights, LoCon modules
+    /// included: every adapter is reached under its module path, and the branch is
+    /// `multiplier * alpha / rank * up(down x)` (3x3 and strided convolutions too).
     #[test]
     fn branches_predict_what_the_patched_unet_predicts() {
         let device = Device::flex();
         let unet = small_unet(&device);
-        let mut net = LoraNetwork::init(&unet, 3, 2.0, 5, &device).unwrap();
+        let dims = NetworkDims {
+            rank: 3,
+            alpha: 2.0,
+            conv: Some((2, 1.0)),
+        };
+        let mut net = LoraNetwork::init_with(&unet, dims, 5, &device).unwrap();
         for (i, m) in net.modules.values_mut().enumerate() {
             let n = m.target.out_dim * m.rank;
             let up: Vec<f32> = (0..n)

@@ -21,7 +21,7 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, CheckpointError, Family, StableDiffusion};
-use crate::lora::{AdapterError, Factor, LoraNetwork};
+use crate::lora::{AdapterError, Factor, LoraNetwork, NetworkDims};
 use crate::tokenizer::{Padding, Tokenizer, TokenizerError};
 use crate::train::{
     DdpmError, LrSchedule, NoiseSchedule, Optimizer, OptimizerError, OptimizerState, ScheduleError,
@@ -54,6 +54,14 @@ pub struct TrainConfig {
     pub network_dim: usize,
     /// `network_alpha`.
     pub network_alpha: f64,
+    /// `conv_dim` (kohya's `--network_args conv_dim=N`, "LoCon"): also adapt the ResNet blocks'
+    /// and samplers' modules, their 3x3 convolutions at this rank; `None` (or 0) adapts only
+    /// the transformers.
+    #[serde(default)]
+    pub conv_dim: Option<usize>,
+    /// `conv_alpha`: the 3x3 convolutions' alpha; kohya's default 1.
+    #[serde(default)]
+    pub conv_alpha: Option<f64>,
     /// `lr_scheduler`.
     pub lr_scheduler: String,
     /// `lr_warmup_steps`.
@@ -123,9 +131,14 @@ impl TrainConfig {
             Some(v) => serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?,
             None => BTreeMap::new(),
         };
-        if params.get("conv_dim").is_some_and(|v| !v.is_null()) {
-            return Err(bad("conv_dim (LoCon) is not supported yet".into()));
-        }
+        let conv_dim = match params.get("conv_dim") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .map(|v| v as usize)
+                    .ok_or_else(|| bad("`conv_dim` is not a count".into()))?,
+            ),
+        };
         Ok(Self {
             base,
             images,
@@ -136,6 +149,8 @@ impl TrainConfig {
             max_train_steps: count("max_train_steps")?,
             network_dim: count("network_dim")?,
             network_alpha: float("network_alpha")?,
+            conv_dim,
+            conv_alpha: optional("conv_alpha"),
             lr_scheduler: text("lr_scheduler")?,
             lr_warmup_steps: count("lr_warmup_steps")?,
             optimizer_type: text("optimizer_type")?,
@@ -297,13 +312,7 @@ pub fn train(
                 )
             }
             None => (
-                LoraNetwork::init(
-                    &unet,
-                    config.network_dim,
-                    config.network_alpha as f32,
-                    config.seed,
-                    device,
-                )?,
+                LoraNetwork::init_with(&unet, network_dims(config), config.seed, device)?,
                 Optimizer::from_kohya(&config.optimizer_type, &config.optimizer_args)?,
                 Vec::new(),
             ),
@@ -443,6 +452,18 @@ pub fn train(
         loss_csv,
         resumed_from,
     })
+}
+
+/// The network's ranks and alphas; `conv_dim` 0 means no LoCon modules, as in kohya.
+fn network_dims(config: &TrainConfig) -> NetworkDims {
+    NetworkDims {
+        rank: config.network_dim,
+        alpha: config.network_alpha as f32,
+        conv: config
+            .conv_dim
+            .filter(|&d| d > 0)
+            .map(|d| (d, config.conv_alpha.unwrap_or(1.0) as f32)),
+    }
 }
 
 fn check(config: &TrainConfig) -> Result<(), TrainError> {
@@ -716,10 +737,19 @@ fn kohya_metadata(
         ("ss_training_comment", config.comment.clone()),
         ("ss_caption", config.caption.clone()),
     ];
-    entries
+    let mut metadata: BTreeMap<String, String> = entries
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
-        .collect()
+        .collect();
+    if let Some((conv_dim, conv_alpha)) = network_dims(config).conv {
+        // kohya records `--network_args` as JSON of the strings given.
+        let args = serde_json::json!({
+            "conv_dim": conv_dim.to_string(),
+            "conv_alpha": conv_alpha.to_string(),
+        });
+        metadata.insert("ss_network_args".to_owned(), args.to_string());
+    }
+    metadata
 }
 
 fn f32_bytes(values: &[f32]) -> Vec<u8> {
@@ -937,6 +967,8 @@ mod tests {
             max_train_steps: steps,
             network_dim: 4,
             network_alpha: 1.0,
+            conv_dim: None,
+            conv_alpha: None,
             lr_scheduler: "constant_with_warmup".into(),
             lr_warmup_steps: 2,
             optimizer_type: "CAME".into(),
@@ -1031,6 +1063,79 @@ mod tests {
         assert!(dir.path().join("work").join(LATENT_CACHE_FILE).exists());
     }
 
+    /// With `conv_dim` the file also holds kohya's LoCon modules under kohya's names: ResNet
+    /// 3x3 convolutions and samplers at `conv_dim`/`conv_alpha`, time-embedding projections and
+    /// skip convolutions at `network_dim`/`network_alpha`; `ss_network_args` records the
+    /// options. The run resumes exactly like a plain one.
+    #[test]
+    fn a_locon_run_writes_kohyas_conv_modules() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = setup(dir.path(), 3, 1);
+        config.conv_dim = Some(2);
+        config.conv_alpha = Some(0.5);
+        let whole = run(&config, &dir.path().join("w0"), &dir.path().join("o0")).unwrap();
+        let lora = slider_lora::Lora::load(&whole.lora).unwrap();
+        let conv3 = slider_lora::ModuleKind::Conv { kh: 3, kw: 3 };
+        // (name, kind, rank, alpha)
+        let cases = [
+            ("lora_unet_down_blocks_0_resnets_0_conv1", conv3, 2, 0.5),
+            ("lora_unet_down_blocks_0_resnets_0_conv2", conv3, 2, 0.5),
+            ("lora_unet_down_blocks_0_downsamplers_0_conv", conv3, 2, 0.5),
+            ("lora_unet_mid_block_resnets_1_conv1", conv3, 2, 0.5),
+            ("lora_unet_up_blocks_1_upsamplers_0_conv", conv3, 2, 0.5),
+            (
+                "lora_unet_up_blocks_2_resnets_1_conv_shortcut",
+                slider_lora::ModuleKind::Conv { kh: 1, kw: 1 },
+                4,
+                1.0,
+            ),
+            (
+                "lora_unet_down_blocks_1_resnets_0_time_emb_proj",
+                slider_lora::ModuleKind::Linear,
+                4,
+                1.0,
+            ),
+            (
+                "lora_unet_down_blocks_0_attentions_0_proj_in",
+                slider_lora::ModuleKind::Conv { kh: 1, kw: 1 },
+                4,
+                1.0,
+            ),
+        ];
+        for (name, kind, rank, alpha) in cases {
+            let m = lora.modules.get(name);
+            let m = m.unwrap_or_else(|| panic!("missing {name}"));
+            assert_eq!((m.kind, m.rank, m.alpha), (kind, rank, alpha), "{name}");
+            assert!(m.up.iter().any(|v| *v != 0.0), "{name} trained");
+        }
+        let unet = UNetConfig {
+            model_channels: 32,
+            context_dim: 32,
+            ..UNetConfig::tiny()
+        }
+        .init(&Device::flex());
+        let all = crate::lora::lora_targets(&unet).len() + crate::lora::locon_targets(&unet).len();
+        assert_eq!(lora.modules.len(), all);
+        assert_eq!(
+            lora.metadata.get("ss_network_args").map(String::as_str),
+            Some(r#"{"conv_alpha":"0.5","conv_dim":"2"}"#)
+        );
+
+        let work = dir.path().join("w1");
+        let stop = AtomicBool::new(false);
+        let stopped = train(
+            &config,
+            &work,
+            &dir.path().join("o1"),
+            &Device::flex(),
+            |p| stop.store(p.step == 2, Ordering::Relaxed),
+            &stop,
+        );
+        assert!(matches!(stopped, Err(TrainError::Stopped { step: 2 })));
+        let resumed = run(&config, &work, &dir.path().join("o1")).unwrap();
+        assert_eq!(read(&resumed.lora), read(&whole.lora));
+    }
+
     /// The JSON `slider_recipe` serialises for a train node (`kind` tag, inputs as
     /// `{"File": path}` / `{"Node": name}`) becomes the config; inputs resolve through the map.
     #[test]
@@ -1069,8 +1174,13 @@ mod tests {
         assert_eq!(c.optimizer_args["weight_decay"], "0.04");
         assert_eq!(c.save_precision, "fp16");
 
+        assert_eq!((c.conv_dim, c.conv_alpha), (None, None));
         let mut locon = params.clone();
         locon["conv_dim"] = serde_json::json!(4);
+        locon["conv_alpha"] = serde_json::json!(2.0);
+        let c = TrainConfig::from_node_params(&locon, resolve).unwrap();
+        assert_eq!((c.conv_dim, c.conv_alpha), (Some(4), Some(2.0)));
+        locon["conv_dim"] = serde_json::json!("four");
         assert!(TrainConfig::from_node_params(&locon, resolve).is_err());
         assert!(TrainConfig::from_node_params(&params, |_| None).is_err());
     }
