@@ -465,6 +465,41 @@ pub(crate) mod tests {
         let started = std::time::Instant::now();
         let g = Generator::load(&path, &Device::flex()).unwrap();
         eprintln!("load: {:.2} s", started.elapsed().as_secs_f64());
+        // Where an image's time goes: one prompt through CLIP-L, one guided UNet call (batch
+        // of 2 at 32x32 latents), one VAE decode (median of 5 each).
+        let median = |f: &dyn Fn()| {
+            let mut runs: Vec<f64> = (0..5)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    f();
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            runs.sort_by(f64::total_cmp);
+            runs[2]
+        };
+        let device = Device::flex();
+        let text = median(&|| {
+            g.cache().clear();
+            g.encode("a face").unwrap();
+        });
+        let context = Tensor::cat(vec![g.encode("").unwrap(), g.encode("a face").unwrap()], 0);
+        let latents = Tensor::<4>::zeros([2, 4, 32, 32], &device);
+        let t = Tensor::<1>::from_data(TensorData::new(vec![500.0f32; 2], [2]), &device);
+        let unet = median(&|| {
+            let out = g
+                .model
+                .unet
+                .forward(latents.clone(), t.clone(), context.clone(), None);
+            out.into_data();
+        });
+        let decode = median(&|| {
+            g.decode(Tensor::<4>::zeros([1, 4, 32, 32], &device))
+                .unwrap();
+        });
+        eprintln!(
+            "CLIP-L one prompt {text:.3} s, UNet batch 2 {unet:.3} s, VAE decode {decode:.3} s"
+        );
         let time = |job: &SampleJob| {
             let t = std::time::Instant::now();
             g.generate(job, &[]).unwrap();
@@ -472,7 +507,11 @@ pub(crate) mod tests {
         };
         eprintln!("| sampler | CFG | s / image (64x64, 20 steps) | runs |");
         eprintln!("|---|---|---|---|");
+        let only = std::env::var("SAMPLERS").unwrap_or_default();
         for sampler in SamplerKind::ALL {
+            if !only.is_empty() && !only.split(',').any(|s| s == sampler.recipe_name()) {
+                continue;
+            }
             for cfg_scale in [7.0, 1.0] {
                 let job = SampleJob {
                     steps: 20,
