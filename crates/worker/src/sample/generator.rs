@@ -108,7 +108,7 @@ impl Generator {
                 multiple,
             });
         }
-        let mut scheduler = Scheduler::new(job.sampler, job.steps)?;
+        let scheduler = Scheduler::new(job.sampler, job.steps)?;
         let unet = self.adapted_unet(loras)?;
         let guided = job.cfg_scale > 1.0;
         let positive = self.encode(&job.prompt)?;
@@ -117,7 +117,6 @@ impl Generator {
         } else {
             positive
         };
-
         let latent_factor = multiple >> self.model.spec.unet.channel_mult.len().saturating_sub(1);
         let shape = [
             1,
@@ -127,11 +126,28 @@ impl Generator {
         ];
         let mut rng = ChaCha8Rng::seed_from_u64(job.seed);
         rng.set_stream(LATENT_STREAM);
-        let mut latents =
-            standard_normal(&mut rng, shape, &self.device).mul_scalar(scheduler.init_noise_sigma());
+        let noise = standard_normal(&mut rng, shape, &self.device);
+        let latents = self.denoise(job, scheduler, &unet, context, noise, &mut progress)?;
+        self.decode(latents)
+    }
+
+    /// The sampling loop from the standard-normal `noise` (scaled here by the sampler's
+    /// initial sigma) with `context` (`[negative; positive]` when guided, else the positive
+    /// alone): diffusers' `StableDiffusionPipeline` between its text encoding and its decode.
+    fn denoise(
+        &self,
+        job: &SampleJob,
+        mut scheduler: Scheduler,
+        unet: &UNet,
+        context: Tensor<3>,
+        noise: Tensor<4>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor<4>, SampleError> {
+        let guided = job.cfg_scale > 1.0;
+        let shape = noise.dims();
+        let mut latents = noise.mul_scalar(scheduler.init_noise_sigma());
         let mut noise_rng = ChaCha8Rng::seed_from_u64(job.seed);
         noise_rng.set_stream(ANCESTRAL_STREAM);
-
         let batch = if guided { 2 } else { 1 };
         for i in 0..job.steps {
             let input = scheduler.scale_model_input(latents.clone(), i)?;
@@ -155,14 +171,14 @@ impl Generator {
             } else {
                 prediction
             };
-            let noise = job
+            let step_noise = job
                 .sampler
                 .is_ancestral()
                 .then(|| standard_normal(&mut noise_rng, shape, &self.device));
-            latents = scheduler.step(i, prediction, latents, noise)?;
+            latents = scheduler.step(i, prediction, latents, step_noise)?;
             progress(i + 1, job.steps);
         }
-        self.decode(latents)
+        Ok(latents)
     }
 
     /// The UNet with every LoRA added at its weight; weight 0 adds nothing and is skipped.
@@ -530,6 +546,93 @@ pub(crate) mod tests {
                     list.join(", ")
                 );
             }
+        }
+    }
+
+    /// The loop and the decode against diffusers' `StableDiffusionPipeline` on the tiny SD1
+    /// fixture model, given the same text conditioning and initial noise
+    /// (`tests/fixtures/sampler/pipeline.safetensors`, make_sampler_fixtures.py).
+    #[test]
+    fn generation_equals_the_diffusers_pipeline() {
+        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/");
+        let bytes = std::fs::read(format!("{root}sampler/pipeline.safetensors")).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let device = Device::flex();
+        let tensor = |name: &str| {
+            let view = file.tensor(name).unwrap();
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            (values, view.shape().to_vec())
+        };
+        let up3 = |name: &str| {
+            let (v, s) = tensor(name);
+            Tensor::<3>::from_data(TensorData::new(v, [s[0], s[1], s[2]]), &device)
+        };
+        let g =
+            Generator::load(Path::new(&format!("{root}sd1_tiny.safetensors")), &device).unwrap();
+        assert_eq!(g.pixel_multiple(), 4);
+        let (noise, shape) = tensor("noise");
+        let cases = [
+            (SamplerKind::Euler, 5, 7.5),
+            (SamplerKind::Ddim, 5, 7.5),
+            (SamplerKind::DpmPp2mKarras, 5, 7.5),
+            (SamplerKind::Ddim, 4, 1.0),
+        ];
+        for (sampler, steps, cfg_scale) in cases {
+            let case = format!("{sampler}.{steps}.cfg{cfg_scale:?}");
+            let job = SampleJob {
+                steps,
+                cfg_scale,
+                width: 32,
+                height: 32,
+                ..job(sampler)
+            };
+            let context = if cfg_scale > 1.0 {
+                Tensor::cat(vec![up3("negative_prompt_embeds"), up3("prompt_embeds")], 0)
+            } else {
+                up3("prompt_embeds")
+            };
+            let noise = Tensor::<4>::from_data(
+                TensorData::new(noise.clone(), [shape[0], shape[1], shape[2], shape[3]]),
+                &device,
+            );
+            let scheduler = Scheduler::new(sampler, steps).unwrap();
+            let latents = g
+                .denoise(
+                    &job,
+                    scheduler,
+                    &g.model.unet,
+                    context,
+                    noise,
+                    &mut |_, _| {},
+                )
+                .unwrap();
+            let got = latents.clone().into_data().try_to_vec::<f32>().unwrap();
+            let (want, _) = tensor(&format!("{case}.latents"));
+            let (diff, norm) = got
+                .iter()
+                .zip(&want)
+                .fold((0.0f64, 0.0f64), |(d, n), (&a, &b)| {
+                    let (a, b) = (f64::from(a), f64::from(b));
+                    (d + (a - b) * (a - b), n + b * b)
+                });
+            let err = (diff / norm).sqrt();
+            eprintln!("{case}: latents relative error {err:e}");
+            assert!(err < 1e-4, "{case}: latents {err:e}");
+            // Pixels: ours are u8; the reference's [0, 1] floats, rounded as diffusers'
+            // `numpy_to_pil` rounds them, may differ by one step where they sit on a boundary.
+            let image = g.decode(latents).unwrap();
+            let (want, _) = tensor(&format!("{case}.image"));
+            let worst = image
+                .as_raw()
+                .iter()
+                .zip(&want)
+                .map(|(&p, &w)| (f32::from(p) - (w * 255.0).round()).abs())
+                .fold(0.0f32, f32::max);
+            assert!(worst <= 1.0, "{case}: a pixel differs by {worst}");
         }
     }
 
