@@ -353,8 +353,9 @@ fn run_block(
 /// is named by its path in the checkpoint layout, without `.weight`
 /// (`input_blocks.1.1.transformer_blocks.0.attn1.to_q`); `None` leaves it as it is.
 pub trait Adapters {
-    /// The term added to the output of the linear module at `path` for the input `x`
-    /// (`[batch, tokens, in]`, or `[batch, in]` for the time-embedding projections).
+    /// The term added to the output of the linear module at `path` for the input `x`,
+    /// `[batch, tokens, in]` (a ResNet block's time-embedding projection sees
+    /// `[batch, 1, in]`).
     fn linear(&self, path: &str, x: &Tensor<3>) -> Option<Tensor<3>>;
     /// The term added to the output of the convolution `conv` at `path` for the input `x`.
     fn conv(&self, path: &str, conv: &Conv2d, x: &Tensor<4>) -> Option<Tensor<4>>;
