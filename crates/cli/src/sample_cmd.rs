@@ -17,7 +17,7 @@ use slider_worker::sample::{Generator, SampleJob, SamplerKind};
 /// Arguments of `slider-run sample`.
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// The base model: a single-file SD1-family checkpoint (`.safetensors`).
+    /// The base model: a single-file SD1.x or SDXL checkpoint (`.safetensors`).
     #[arg(long)]
     pub base: PathBuf,
     /// What to draw.
@@ -39,7 +39,7 @@ pub struct SampleArgs {
     #[arg(long, default_value = "euler_a")]
     pub sampler: SamplerKind,
     /// Image width in pixels (a multiple of the model's downsampling: 8 for the tiny model,
-    /// 64 for SD1.5).
+    /// 64 for SD1.5, 32 for SDXL).
     #[arg(long, default_value_t = 512)]
     pub width: usize,
     /// Image height in pixels.

@@ -33,7 +33,26 @@ pub struct Generator {
     tokenizer: Tokenizer,
     device: Device,
     /// Prompt -> text conditioning: grids reuse a handful of prompts for every cell.
-    encoded: Mutex<HashMap<String, Tensor<3>>>,
+    encoded: Mutex<HashMap<String, Conditioning>>,
+}
+
+/// One prompt's text conditioning.
+#[derive(Debug, Clone)]
+struct Conditioning {
+    /// Cross-attention context `[1, 77, d]`: CLIP-L's last layer (SD1), or CLIP-L's and bigG's
+    /// penultimate layers side by side (SDXL).
+    context: Tensor<3>,
+    /// SDXL: bigG's pooled, projected embedding `[1, 1280]`.
+    pooled: Option<Tensor<2>>,
+}
+
+impl Conditioning {
+    fn zeros_like(&self) -> Self {
+        Self {
+            context: self.context.zeros_like(),
+            pooled: self.pooled.as_ref().map(Tensor::zeros_like),
+        }
+    }
 }
 
 impl std::fmt::Debug for Generator {
@@ -52,14 +71,10 @@ impl Generator {
         Self::from_model(StableDiffusion::load(&ckpt, device)?, device)
     }
 
-    /// Wraps a loaded model. SDXL-family models are refused: their size and pooled-text
-    /// conditioning is not wired into sampling yet.
+    /// Wraps a loaded model; it needs its VAE and text encoder(s).
     pub fn from_model(model: StableDiffusion, device: &Device) -> Result<Self, SampleError> {
-        if model.spec.family == Family::Sdxl {
-            return Err(SampleError::Unsupported(format!(
-                "sampling from {} checkpoints is not supported yet (SDXL's added size and pooled-text conditioning is not wired into the sampler); use an SD1-family base",
-                model.spec.name()
-            )));
+        if model.spec.family == Family::Sdxl && model.text_g.is_none() {
+            return Err(SampleError::MissingPart("OpenCLIP bigG text encoder"));
         }
         if model.vae.is_none() {
             return Err(SampleError::MissingPart("VAE"));
@@ -112,11 +127,22 @@ impl Generator {
         let unet = self.adapted_unet(loras)?;
         let guided = job.cfg_scale > 1.0;
         let positive = self.encode(&job.prompt)?;
-        let context = if guided {
-            Tensor::cat(vec![self.encode(&job.negative_prompt)?, positive], 0)
+        let conditioning = if guided {
+            let negative = self.negative(job, &positive)?;
+            let pooled = match (negative.pooled, positive.pooled) {
+                (Some(n), Some(p)) => Some(Tensor::cat(vec![n, p], 0)),
+                _ => None,
+            };
+            Conditioning {
+                context: Tensor::cat(vec![negative.context, positive.context], 0),
+                pooled,
+            }
         } else {
             positive
         };
+        let added = conditioning
+            .pooled
+            .map(|pooled| self.added_conditioning(&unet, pooled, job));
         let latent_factor = multiple >> self.model.spec.unet.channel_mult.len().saturating_sub(1);
         let shape = [
             1,
@@ -127,19 +153,31 @@ impl Generator {
         let mut rng = ChaCha8Rng::seed_from_u64(job.seed);
         rng.set_stream(LATENT_STREAM);
         let noise = standard_normal(&mut rng, shape, &self.device);
-        let latents = self.denoise(job, scheduler, &unet, context, noise, &mut progress)?;
+        let latents = self.denoise(
+            job,
+            scheduler,
+            &unet,
+            conditioning.context,
+            added,
+            noise,
+            &mut progress,
+        )?;
         self.decode(latents)
     }
 
     /// The sampling loop from the standard-normal `noise` (scaled here by the sampler's
     /// initial sigma) with `context` (`[negative; positive]` when guided, else the positive
-    /// alone): diffusers' `StableDiffusionPipeline` between its text encoding and its decode.
+    /// alone) and, for SDXL, the added conditioning in the same order: diffusers'
+    /// `StableDiffusionPipeline` / `StableDiffusionXLPipeline` between the text encoding and
+    /// the decode.
+    #[allow(clippy::too_many_arguments)]
     fn denoise(
         &self,
         job: &SampleJob,
         mut scheduler: Scheduler,
         unet: &UNet,
         context: Tensor<3>,
+        added: Option<Tensor<2>>,
         noise: Tensor<4>,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Tensor<4>, SampleError> {
@@ -159,7 +197,7 @@ impl Generator {
             };
             let timestep =
                 Tensor::<1>::from_data(TensorData::new(vec![t; batch], [batch]), &self.device);
-            let prediction = unet.forward(input, timestep, context.clone(), None);
+            let prediction = unet.forward(input, timestep, context.clone(), added.clone());
             let prediction = if guided {
                 let mut halves = prediction.chunk(2, 0);
                 let (Some(cond), Some(uncond)) = (halves.pop(), halves.pop()) else {
@@ -197,26 +235,69 @@ impl Generator {
         Ok(unet)
     }
 
-    /// SD1's conditioning: CLIP-L's last layer after the final norm, `[1, 77, d]`, computed
-    /// once per prompt.
-    fn encode(&self, prompt: &str) -> Result<Tensor<3>, SampleError> {
+    /// A prompt's conditioning, computed once per prompt: SD1 takes CLIP-L's last layer after
+    /// the final norm; SDXL the penultimate layers of CLIP-L (end-token padding) and bigG
+    /// (zero padding) concatenated, plus bigG's pooled embedding.
+    fn encode(&self, prompt: &str) -> Result<Conditioning, SampleError> {
         if let Some(hit) = self.cache().get(prompt) {
             return Ok(hit.clone());
         }
-        let ids: Vec<i64> = self
-            .tokenizer
-            .tokenize(prompt, Padding::EndToken)
-            .into_iter()
-            .map(i64::from)
-            .collect();
-        let n = ids.len();
-        let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device);
-        let context = self.text_l()?.forward(ids).last;
-        self.cache().insert(prompt.to_owned(), context.clone());
-        Ok(context)
+        let ids = |padding| {
+            let ids: Vec<i64> = self
+                .tokenizer
+                .tokenize(prompt, padding)
+                .into_iter()
+                .map(i64::from)
+                .collect();
+            let n = ids.len();
+            Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), &self.device)
+        };
+        let l = self.text_l()?.forward(ids(Padding::EndToken));
+        let conditioning = match (self.model.spec.family, &self.model.text_g) {
+            (Family::Sdxl, Some(text_g)) => {
+                let g = text_g.forward(ids(Padding::Zero));
+                Conditioning {
+                    context: Tensor::cat(vec![l.penultimate, g.penultimate], 2),
+                    pooled: Some(g.pooled),
+                }
+            }
+            (Family::Sdxl, None) => {
+                return Err(SampleError::MissingPart("OpenCLIP bigG text encoder"));
+            }
+            (Family::Sd1, _) => Conditioning {
+                context: l.last,
+                pooled: None,
+            },
+        };
+        self.cache().insert(prompt.to_owned(), conditioning.clone());
+        Ok(conditioning)
     }
 
-    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Tensor<3>>> {
+    /// The unconditional half of guidance. An empty negative prompt is the encoded empty
+    /// string for SD1 and zeros for SDXL, as diffusers' pipelines do
+    /// (`force_zeros_for_empty_prompt` of the SDXL base model's config).
+    fn negative(
+        &self,
+        job: &SampleJob,
+        positive: &Conditioning,
+    ) -> Result<Conditioning, SampleError> {
+        if job.negative_prompt.is_empty() && self.model.spec.family == Family::Sdxl {
+            return Ok(positive.zeros_like());
+        }
+        self.encode(&job.negative_prompt)
+    }
+
+    /// SDXL's added conditioning for `pooled` `[b, d]`: the size ids of diffusers' pipeline,
+    /// original size = target size = the image's (height, width), crop (0, 0).
+    fn added_conditioning(&self, unet: &UNet, pooled: Tensor<2>, job: &SampleJob) -> Tensor<2> {
+        let batch = pooled.dims()[0];
+        let (h, w) = (job.height as f32, job.width as f32);
+        let ids: Vec<f32> = (0..batch).flat_map(|_| [h, w, 0.0, 0.0, h, w]).collect();
+        let time_ids = Tensor::<2>::from_data(TensorData::new(ids, [batch, 6]), &self.device);
+        unet.added_conditioning(pooled, time_ids)
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, HashMap<String, Conditioning>> {
         // A panic while holding the lock cannot leave a half-written entry: inserts are whole.
         self.encoded
             .lock()
@@ -278,6 +359,8 @@ fn standard_normal(rng: &mut ChaCha8Rng, shape: [usize; 4], device: &Device) -> 
 
 #[cfg(test)]
 pub(crate) mod tests {
+    use std::collections::BTreeMap;
+
     use super::*;
     use crate::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
     use crate::clip::{Activation, TextConfig};
@@ -499,7 +582,13 @@ pub(crate) mod tests {
             g.cache().clear();
             g.encode("a face").unwrap();
         });
-        let context = Tensor::cat(vec![g.encode("").unwrap(), g.encode("a face").unwrap()], 0);
+        let context = Tensor::cat(
+            vec![
+                g.encode("").unwrap().context,
+                g.encode("a face").unwrap().context,
+            ],
+            0,
+        );
         let latents = Tensor::<4>::zeros([2, 4, 32, 32], &device);
         let t = Tensor::<1>::from_data(TensorData::new(vec![500.0f32; 2], [2]), &device);
         let unet = median(&|| {
@@ -549,32 +638,67 @@ pub(crate) mod tests {
         }
     }
 
+    type Fixture = BTreeMap<String, (Vec<f32>, Vec<usize>)>;
+
+    /// A fixture of `tests/fixtures/sampler/` (make_sampler_fixtures.py).
+    fn pipeline_fixture(name: &str) -> Fixture {
+        let path = format!("{FIXTURES}sampler/{name}");
+        let bytes = std::fs::read(path).unwrap();
+        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        file.tensors()
+            .into_iter()
+            .map(|(k, v)| {
+                let values = v
+                    .data()
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                (k, (values, v.shape().to_vec()))
+            })
+            .collect()
+    }
+
+    const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/");
+
+    fn up<const D: usize>(fx: &Fixture, name: &str) -> Tensor<D> {
+        let (values, shape) = &fx[name];
+        let shape: [usize; D] = shape.clone().try_into().unwrap();
+        Tensor::from_data(TensorData::new(values.clone(), shape), &Device::flex())
+    }
+
+    fn rel_error(got: &[f32], want: &[f32]) -> f64 {
+        let (diff, norm) = got
+            .iter()
+            .zip(want)
+            .fold((0.0f64, 0.0f64), |(d, n), (&a, &b)| {
+                let (a, b) = (f64::from(a), f64::from(b));
+                (d + (a - b) * (a - b), n + b * b)
+            });
+        (diff / norm).sqrt()
+    }
+
+    /// `[negative; positive]` when guided, else the positive alone.
+    fn halves<const D: usize>(fx: &Fixture, name: &str, guided: bool) -> Tensor<D> {
+        let positive = up(fx, name);
+        if guided {
+            Tensor::cat(vec![up(fx, &format!("negative_{name}")), positive], 0)
+        } else {
+            positive
+        }
+    }
+
     /// The loop and the decode against diffusers' `StableDiffusionPipeline` on the tiny SD1
-    /// fixture model, given the same text conditioning and initial noise
-    /// (`tests/fixtures/sampler/pipeline.safetensors`, make_sampler_fixtures.py).
+    /// fixture model, given the same text conditioning and initial noise.
     #[test]
     fn generation_equals_the_diffusers_pipeline() {
-        let root = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/");
-        let bytes = std::fs::read(format!("{root}sampler/pipeline.safetensors")).unwrap();
-        let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let fx = pipeline_fixture("pipeline.safetensors");
         let device = Device::flex();
-        let tensor = |name: &str| {
-            let view = file.tensor(name).unwrap();
-            let values: Vec<f32> = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            (values, view.shape().to_vec())
-        };
-        let up3 = |name: &str| {
-            let (v, s) = tensor(name);
-            Tensor::<3>::from_data(TensorData::new(v, [s[0], s[1], s[2]]), &device)
-        };
-        let g =
-            Generator::load(Path::new(&format!("{root}sd1_tiny.safetensors")), &device).unwrap();
+        let g = Generator::load(
+            Path::new(&format!("{FIXTURES}sd1_tiny.safetensors")),
+            &device,
+        )
+        .unwrap();
         assert_eq!(g.pixel_multiple(), 4);
-        let (noise, shape) = tensor("noise");
         let cases = [
             (SamplerKind::Euler, 5, 7.5),
             (SamplerKind::Ddim, 5, 7.5),
@@ -590,15 +714,7 @@ pub(crate) mod tests {
                 height: 32,
                 ..job(sampler)
             };
-            let context = if cfg_scale > 1.0 {
-                Tensor::cat(vec![up3("negative_prompt_embeds"), up3("prompt_embeds")], 0)
-            } else {
-                up3("prompt_embeds")
-            };
-            let noise = Tensor::<4>::from_data(
-                TensorData::new(noise.clone(), [shape[0], shape[1], shape[2], shape[3]]),
-                &device,
-            );
+            let context = halves(&fx, "prompt_embeds", cfg_scale > 1.0);
             let scheduler = Scheduler::new(sampler, steps).unwrap();
             let latents = g
                 .denoise(
@@ -606,49 +722,110 @@ pub(crate) mod tests {
                     scheduler,
                     &g.model.unet,
                     context,
-                    noise,
+                    None,
+                    up(&fx, "noise"),
                     &mut |_, _| {},
                 )
                 .unwrap();
             let got = latents.clone().into_data().try_to_vec::<f32>().unwrap();
-            let (want, _) = tensor(&format!("{case}.latents"));
-            let (diff, norm) = got
-                .iter()
-                .zip(&want)
-                .fold((0.0f64, 0.0f64), |(d, n), (&a, &b)| {
-                    let (a, b) = (f64::from(a), f64::from(b));
-                    (d + (a - b) * (a - b), n + b * b)
-                });
-            let err = (diff / norm).sqrt();
+            let err = rel_error(&got, &fx[&format!("{case}.latents")].0);
             eprintln!("{case}: latents relative error {err:e}");
             assert!(err < 1e-4, "{case}: latents {err:e}");
             // Pixels: ours are u8; the reference's [0, 1] floats, rounded as diffusers'
             // `numpy_to_pil` rounds them, may differ by one step where they sit on a boundary.
             let image = g.decode(latents).unwrap();
-            let (want, _) = tensor(&format!("{case}.image"));
+            let want = &fx[&format!("{case}.image")].0;
             let worst = image
                 .as_raw()
                 .iter()
-                .zip(&want)
+                .zip(want)
                 .map(|(&p, &w)| (f32::from(p) - (w * 255.0).round()).abs())
                 .fold(0.0f32, f32::max);
             assert!(worst <= 1.0, "{case}: a pixel differs by {worst}");
         }
     }
 
+    /// SDXL's conditioning (context, pooled text, size ids, both halves) in the loop against
+    /// diffusers' `StableDiffusionXLPipeline` on the tiny SDXL fixture UNet (the file has no
+    /// VAE, so latents only; the generator is built around the model directly).
     #[test]
-    fn sdxl_family_models_are_refused_with_a_reason() {
+    fn sdxl_generation_equals_the_diffusers_pipeline() {
+        let fx = pipeline_fixture("pipeline_sdxl.safetensors");
         let device = Device::flex();
-        let mut spec = small_spec();
-        spec.family = Family::Sdxl;
-        let model = StableDiffusion {
-            unet: spec.unet.init(&device),
-            vae: None,
-            text_l: None,
-            text_g: None,
-            spec,
+        let ckpt = Checkpoint::open(format!("{FIXTURES}sdxl_tiny.safetensors")).unwrap();
+        let g = Generator {
+            model: StableDiffusion::load(&ckpt, &device).unwrap(),
+            tokenizer: Tokenizer::clip().unwrap(),
+            device: device.clone(),
+            encoded: Mutex::new(HashMap::new()),
         };
-        let err = Generator::from_model(model, &device).unwrap_err();
-        assert!(err.to_string().contains("not supported yet"), "{err}");
+        assert!(matches!(
+            Generator::from_model(StableDiffusion::load(&ckpt, &device).unwrap(), &device),
+            Err(SampleError::MissingPart("VAE"))
+        ));
+        for (sampler, steps, cfg_scale) in [
+            (SamplerKind::Euler, 4, 6.0),
+            (SamplerKind::DpmPp2mKarras, 4, 1.0),
+        ] {
+            let case = format!("{sampler}.{steps}.cfg{cfg_scale:?}");
+            let job = SampleJob {
+                steps,
+                cfg_scale,
+                width: 48,
+                height: 32,
+                ..job(sampler)
+            };
+            let guided = cfg_scale > 1.0;
+            let context = halves(&fx, "prompt_embeds", guided);
+            let pooled = halves(&fx, "pooled_prompt_embeds", guided);
+            let added = g.added_conditioning(&g.model.unet, pooled, &job);
+            let scheduler = Scheduler::new(sampler, steps).unwrap();
+            let latents = g
+                .denoise(
+                    &job,
+                    scheduler,
+                    &g.model.unet,
+                    context,
+                    Some(added),
+                    up(&fx, "noise"),
+                    &mut |_, _| {},
+                )
+                .unwrap();
+            let got = latents.into_data().try_to_vec::<f32>().unwrap();
+            let err = rel_error(&got, &fx[&format!("{case}.latents")].0);
+            eprintln!("SDXL {case}: latents relative error {err:e}");
+            assert!(err < 1e-4, "{case}: latents {err:e}");
+        }
+    }
+
+    #[test]
+    fn models_without_a_part_sampling_needs_are_refused() {
+        let device = Device::flex();
+        type Edit = fn(&mut StableDiffusion);
+        let cases: [(&str, Edit, &str); 3] = [
+            ("no VAE", |m| m.vae = None, "VAE"),
+            ("no CLIP-L", |m| m.text_l = None, "CLIP-L text encoder"),
+            (
+                "SDXL without bigG",
+                |m| m.spec.family = Family::Sdxl,
+                "OpenCLIP bigG text encoder",
+            ),
+        ];
+        for (label, edit, part) in cases {
+            let spec = small_spec();
+            let mut model = StableDiffusion {
+                unet: spec.unet.init(&device),
+                vae: spec.vae.as_ref().map(|c| c.init(&device)),
+                text_l: spec.text_l.as_ref().map(|c| c.init_hf(&device)),
+                text_g: None,
+                spec,
+            };
+            edit(&mut model);
+            let err = Generator::from_model(model, &device).unwrap_err();
+            assert!(
+                matches!(err, SampleError::MissingPart(p) if p == part),
+                "{label}: {err}"
+            );
+        }
     }
 }

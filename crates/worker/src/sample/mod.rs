@@ -1,6 +1,8 @@
-//! Text-to-image sampling with a loaded checkpoint: the four samplers of the recipe language
-//! (equal to diffusers' schedulers for SD1.5's config, see [`schedule`]), classifier-free
-//! guidance with a negative prompt, seeded noise, and LoRAs applied to the UNet at any weight.
+//! Text-to-image sampling with a loaded SD1- or SDXL-family checkpoint: the four samplers of
+//! the recipe language (equal to diffusers' schedulers for SD1.5's config, see [`schedule`]),
+//! classifier-free guidance with a negative prompt, seeded noise, and LoRAs applied to the UNet
+//! at any weight; the whole loop equals diffusers' text-to-image pipelines given the same text
+//! conditioning and initial noise.
 //!
 //! ```no_run
 //! use std::path::Path;
@@ -95,11 +97,8 @@ pub enum SampleError {
     /// Steps or sampler.
     #[error(transparent)]
     Schedule(#[from] ScheduleError),
-    /// A model this build cannot sample from.
-    #[error("{0}")]
-    Unsupported(String),
     /// The checkpoint lacks a part sampling needs.
-    #[error("the base model has no {0}; sampling needs the UNet, the VAE and the text encoder")]
+    #[error("the base model has no {0}; sampling needs the UNet, the VAE and the text encoder(s)")]
     MissingPart(&'static str),
     /// A size the UNet and VAE cannot process.
     #[error(
