@@ -66,40 +66,45 @@ fn sample_writes_a_png_with_its_settings() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     setup(d);
-    let out = slider_run()
-        .current_dir(d)
-        .args([
-            "sample",
-            "--base",
-            "base.safetensors",
-            "--prompt",
-            "a face with big eyes",
-            "--negative-prompt",
-            "blurry",
-            "--seed",
-            "4",
-            "--steps",
-            "2",
-            "--cfg-scale",
-            "5",
-            "--sampler",
-            "dpmpp_2m",
-            "--width",
-            "40",
-            "--height",
-            "32",
-            "--lora",
-            "slider.safetensors:-1.5",
-            "--out",
-            "out/face.png",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let sample = |out_file: &str| {
+        let out = slider_run()
+            .current_dir(d)
+            .args([
+                "sample",
+                "--base",
+                "base.safetensors",
+                "--prompt",
+                "a face with big eyes",
+                "--negative-prompt",
+                "blurry",
+                "--seed",
+                "4",
+                "--steps",
+                "2",
+                "--cfg-scale",
+                "5",
+                "--sampler",
+                "dpmpp_2m",
+                "--width",
+                "40",
+                "--height",
+                "32",
+                "--lora",
+                "slider.safetensors:-1.5",
+                "--out",
+                out_file,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        fs::read(d.join(out_file)).unwrap()
+    };
+    // Same settings in another process: the same bytes (what `slider-run verify` relies on).
+    assert_eq!(sample("out/face.png"), sample("again.png"));
     let image = image::open(d.join("out/face.png")).unwrap();
     assert_eq!((image.width(), image.height()), (40, 32));
     let text = png_text(&d.join("out/face.png"));
