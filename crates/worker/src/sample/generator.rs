@@ -1,5 +1,5 @@
-//! The text-to-image loop of diffusers' `StableDiffusionPipeline` on our models: encode both
-//! prompts, draw the seeded initial latent, at every step run the (LoRA-adapted) UNet on the
+//! The text-to-image loop of diffusers' `StableDiffusionPipeline` (and its XL variant) on our
+//! models: encode both prompts, draw the seeded initial latent, at every step run the (LoRA-adapted) UNet on the
 //! negative and positive halves as one batch of two, combine them with the guidance scale,
 //! step the sampler, then decode with the VAE.
 
@@ -27,7 +27,7 @@ use crate::vae::Vae;
 const LATENT_STREAM: u64 = 0;
 const ANCESTRAL_STREAM: u64 = 1;
 
-/// A base model ready to generate images (SD1 family).
+/// A base model (SD1 or SDXL family) ready to generate images.
 pub struct Generator {
     model: StableDiffusion,
     tokenizer: Tokenizer,
