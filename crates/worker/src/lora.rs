@@ -6,13 +6,15 @@
 //! are `lora_unet_` followed by the module path with `.` replaced by `_`: the original
 //! (LDM/SGM) path for SDXL (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`), the
 //! diffusers path for SD1-family UNets (`lora_unet_down_blocks_0_attentions_0_proj_in`), which
-//! [`lora_targets`] derives from our original-layout modules.
+//! [`lora_targets`] derives from our original-layout modules. With kohya's `conv_dim`
+//! ("LoCon") the ResNet blocks' and samplers' modules are adapted too ([`locon_targets`]).
 //!
 //! Two ways to run the adapted UNet, equal up to rounding:
 //! - training ([`LoraNetwork::forward`]) runs kohya's `LoRAModule.forward`,
 //!   `W x + multiplier * alpha / rank * up(down(x))`, as a branch beside each frozen module
 //!   ([`UNet::forward_adapted`]): the base weights stay constants of the autodiff graph and the
-//!   backward pass never forms a weight-sized gradient, only rank-sized ones;
+//!   backward pass forms no weight-sized gradient, only the factors' (2.1x faster per SD1.5
+//!   step than adding the deltas, docs/benchmarks.md);
 //! - inference ([`LoraNetwork::apply`]) adds the delta to the weights once, the way ComfyUI and
 //!   A1111 apply a LoRA, so sampling costs what the base model costs.
 
