@@ -353,8 +353,21 @@ impl XyPlotConfig {
         (job, loras)
     }
 
-    /// The settings as JSON (the sheet's `slider-run` text chunk).
+    /// The settings as JSON (the sheet's `slider-run` text chunk), with every cell's seed,
+    /// prompt and LoRA weights (`cells`: rows of columns).
     pub fn settings_json(&self) -> Value {
+        let cells: Vec<Vec<Value>> = (0..self.y.len())
+            .map(|row| {
+                (0..self.x.len())
+                    .map(|column| {
+                        let (job, loras) = self.cell(row, column);
+                        let loras: Vec<Value> =
+                            loras.iter().map(|(l, w)| json!([l.label, w])).collect();
+                        json!({"seed": job.seed, "prompt": job.prompt, "loras": loras})
+                    })
+                    .collect()
+            })
+            .collect();
         json!({
             "kind": "xy_plot",
             "prompt": self.prompt,
@@ -367,6 +380,7 @@ impl XyPlotConfig {
             "sampler": self.sampler.recipe_name(),
             "width": self.width,
             "height": self.height,
+            "cells": cells,
         })
     }
 }
@@ -640,5 +654,9 @@ mod tests {
             json!({"axis": "weight", "values": [-1.0, 1.0]})
         );
         assert_eq!(settings["loras"], json!(["slider"]));
+        assert_eq!(
+            settings["cells"][1][0],
+            json!({"seed": 2, "prompt": "a face", "loras": [["slider", -1.0]]})
+        );
     }
 }
