@@ -452,52 +452,6 @@ nodes:
 }
 
 #[test]
-fn kinds_the_worker_lacks_are_refused_before_anything_runs() {
-    let p = Project::new();
-    fs::write(p.path("base.safetensors"), b"not really a model").unwrap();
-    fs::copy(p.path("notes.txt"), p.path("pair.png")).unwrap();
-    fs::write(p.path("meter.safetensors"), b"not really a meter").unwrap();
-    p.recipe(
-        r#"
-nodes:
-  copy:
-    kind: command
-    run: [sh, -c, "cat {notes} > {out}"]
-    inputs: {notes: notes.txt}
-    outputs: {out: copy.txt}
-  small_front:
-    kind: train
-    base: base.safetensors
-    images: [pair.png]
-    max_train_steps: 10
-  check_small_front:
-    kind: evaluate
-    base: base.safetensors
-    lora: small_front
-    meter: meter.safetensors
-    prompts: [1girl]
-"#,
-    );
-    let out = p.output(&["recipe.yaml"]);
-    assert!(!out.status.success(), "{}", text(&out));
-    let err = one_line(&out.stderr);
-    assert!(
-        err.contains("no executor for kind") && err.contains("`check_small_front`"),
-        "{}",
-        text(&out)
-    );
-    assert!(
-        !err.contains("`small_front`"),
-        "train nodes are served by this build: {}",
-        text(&out)
-    );
-    assert!(
-        !p.path(".slider").exists(),
-        "nothing ran: no store was created"
-    );
-}
-
-#[test]
 fn the_worker_says_hello_and_refuses_kinds_it_does_not_have() {
     let mut child = slider_run()
         .args(["worker", "--device", "cpu"])

@@ -17,18 +17,24 @@ use slider_engine::verify::{self, Verdict};
 use slider_engine::{CancelToken, Lockfile, RunOptions, RunSummary, Store, lockfile_path};
 use slider_recipe::Plan;
 use slider_worker::train::{TrainConfig, train};
+use slider_worker::evaluate::{self, EvaluateConfig};
 use slider_worker::xy_plot::{self, XyPlotConfig};
 
 /// The node kinds this build's worker (`slider-run worker`) executes, with their code
 /// versions. The one place the worker crate extends when it gains a trainer or sampler.
 pub fn worker_kinds() -> Vec<WorkerKind> {
     vec![
+        // 2: the LoRA branch beside frozen modules, LoCon (`conv_dim`) accepted.
         WorkerKind {
             kind: "train".into(),
-            code_version: 1,
+            code_version: 2,
         },
         WorkerKind {
             kind: "xy_plot".into(),
+            code_version: 1,
+        },
+        WorkerKind {
+            kind: "evaluate".into(),
             code_version: 1,
         },
     ]
@@ -477,6 +483,7 @@ fn worker(device: &str) -> miette::Result<ExitCode> {
         match req.kind.as_str() {
             "train" => worker_train(req, device, resolve, progress),
             "xy_plot" => worker_xy_plot(req, device, resolve, progress),
+            "evaluate" => worker_evaluate(req, device, resolve, progress),
             other => Err(format!("no executor for `{other}` in this build")),
         }
     })
@@ -540,4 +547,36 @@ fn worker_xy_plot(
         name: "grid".into(),
         file: xy_plot::GRID_FILE.into(),
     }])
+}
+
+fn worker_evaluate(
+    req: &protocol::Request,
+    device: &str,
+    resolve: impl Fn(&serde_json::Value) -> Option<PathBuf>,
+    progress: &mut dyn FnMut(slider_engine::Progress),
+) -> Result<Vec<protocol::WorkerOutput>, String> {
+    let config =
+        EvaluateConfig::from_node_params(&req.params, resolve).map_err(|e| e.to_string())?;
+    let dev = slider_worker::open_device(device).map_err(|e| e.to_string())?;
+    evaluate::run(&config, &req.output_dir, &dev, |p| {
+        progress(slider_engine::Progress {
+            step: Some(p.done as u64),
+            total: Some(p.total as u64),
+            loss: None,
+            message: Some(format!("sample {}/{}: {}", p.done, p.total, p.label)),
+        })
+    })
+    .map_err(|e| e.to_string())?;
+    // The first output is the node's primary one (what `outputs:` publishes).
+    Ok([
+        ("quality", evaluate::QUALITY_JSON),
+        ("table", evaluate::QUALITY_MD),
+        ("grid", evaluate::GRID_FILE),
+    ]
+    .into_iter()
+    .map(|(name, file)| protocol::WorkerOutput {
+        name: name.into(),
+        file: file.into(),
+    })
+    .collect())
 }
