@@ -16,8 +16,8 @@ use slider_engine::protocol::{self, WorkerKind};
 use slider_engine::verify::{self, Verdict};
 use slider_engine::{CancelToken, Lockfile, RunOptions, RunSummary, Store, lockfile_path};
 use slider_recipe::Plan;
-use slider_worker::train::{TrainConfig, train};
 use slider_worker::evaluate::{self, EvaluateConfig};
+use slider_worker::train::{TrainConfig, train};
 use slider_worker::xy_plot::{self, XyPlotConfig};
 
 /// The node kinds this build's worker (`slider-run worker`) executes, with their code
