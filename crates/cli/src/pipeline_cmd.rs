@@ -277,11 +277,33 @@ fn summary_text(s: &RunSummary) -> String {
     ));
     for p in &s.published {
         out.push_str(&format!("output: {}\n", p.display()));
+        if let Some(line) = quality_line(p) {
+            out.push_str(&format!("        {line}\n"));
+        }
     }
     if s.interrupted {
         out.push_str("interrupted: finished nodes are kept; run again to resume\n");
     }
     out
+}
+
+/// One line of slider-quality figures when `path` is an `evaluate` node's `quality.json`.
+fn quality_line(path: &Path) -> Option<String> {
+    if path.extension()? != "json" {
+        return None;
+    }
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let pooled = report.get("pooled")?;
+    let figure = |key: &str| match pooled.get(key).and_then(serde_json::Value::as_f64) {
+        Some(v) => format!("{v:.3}"),
+        None => "n/a".into(),
+    };
+    Some(format!(
+        "slider quality of `{}`: Spearman(eye size, weight) {} (goal >= 0.95), change outside/inside the eyes {}",
+        report.get("lora")?.as_str()?,
+        figure("spearman"),
+        figure("outside_inside_ratio"),
+    ))
 }
 
 fn failures_text(s: &RunSummary) -> String {
@@ -579,4 +601,37 @@ fn worker_evaluate(
         file: file.into(),
     })
     .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quality_reports_get_one_summary_line_and_other_files_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let cases: [(&str, &str, Option<&str>); 4] = [
+            (
+                "q.json",
+                r#"{"lora": "eyesize", "pooled": {"spearman": 0.96123, "outside_inside_ratio": 0.1}}"#,
+                Some(
+                    "slider quality of `eyesize`: Spearman(eye size, weight) 0.961 (goal >= 0.95), change outside/inside the eyes 0.100",
+                ),
+            ),
+            (
+                "constant.json",
+                r#"{"lora": "flat", "pooled": {"spearman": null, "outside_inside_ratio": null}}"#,
+                Some(
+                    "slider quality of `flat`: Spearman(eye size, weight) n/a (goal >= 0.95), change outside/inside the eyes n/a",
+                ),
+            ),
+            ("other.json", r#"{"lora": "x"}"#, None),
+            ("grid.png", "not json", None),
+        ];
+        for (name, content, want) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            assert_eq!(quality_line(&path).as_deref(), want, "{name}");
+        }
+    }
 }
