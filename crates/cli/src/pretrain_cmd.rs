@@ -45,10 +45,10 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = 2500)]
     unet_steps: usize,
     /// Images per UNet step.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 8)]
     batch_size: usize,
     /// Images per autoencoder step.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 4)]
     vae_batch_size: usize,
     /// The autoencoder trains on random crops of this side (0: whole images).
     #[arg(long, default_value_t = 32)]
@@ -60,8 +60,11 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = 1e-3)]
     vae_lr: f64,
     /// UNet `model_channels` (multiple of 32).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 64)]
     unet_channels: usize,
+    /// VAE `ch` (multiple of 32; 64 or more, see the crate docs).
+    #[arg(long, default_value_t = 64)]
+    vae_channels: usize,
     /// Text encoder width (multiple of its 2 heads).
     #[arg(long, default_value_t = 64)]
     text_width: usize,
@@ -88,6 +91,7 @@ pub fn run(args: PretrainArgs, quiet: bool) -> miette::Result<ExitCode> {
     let config = PretrainConfig {
         model: TinyBase {
             unet_channels: args.unet_channels,
+            vae_channels: args.vae_channels,
             text_width: args.text_width,
             ..TinyBase::default()
         },

@@ -63,6 +63,21 @@ pub fn fold_latent_scale(mut vae: Vae, k: f32) -> Vae {
     vae
 }
 
+/// Sets the bias of `quant_conv`'s log-variance outputs to `value` (training starts from a
+/// posterior of std `exp(value / 2)`).
+pub fn start_log_variance(mut vae: Vae, value: f32) -> Vae {
+    if let Some(b) = &vae.quant_conv.bias {
+        let [out2] = b.val().dims();
+        let device = b.val().device();
+        let v: Vec<f32> = (0..out2)
+            .map(|c| if c < out2 / 2 { 0.0 } else { value })
+            .collect();
+        let t = Tensor::<1>::from_data(TensorData::new(v, [out2]), &device);
+        vae.quant_conv.bias = Some(Param::initialized(b.id, t));
+    }
+    vae
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

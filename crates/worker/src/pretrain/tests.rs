@@ -362,3 +362,108 @@ fn step_profile() {
 fn named_count(unet: &UNet) -> usize {
     params::named_values(unet, "unet").len()
 }
+
+/// Reconstructions by the autoencoder of a run's saved state, for a look at its quality:
+/// `STATE=work/pretrain-state.safetensors CORPUS=corpus OUT=recon.png cargo test -p slider-worker
+/// --lib pretrain::tests::reconstructions -- --ignored --nocapture` (top row originals).
+#[test]
+#[ignore]
+fn reconstructions() {
+    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("set {k}"));
+    let device = Device::flex();
+    let config = PretrainConfig::default();
+    let (mut values, _, run) = load_state(Path::new(&var("STATE")), &{
+        let fingerprint = PretrainConfig {
+            vae_steps: 0,
+            unet_steps: 0,
+            ..config.clone()
+        };
+        serde_json::to_string(&fingerprint).unwrap()
+    })
+    .unwrap()
+    .unwrap();
+    eprintln!("state at {} step {}", run.stage, run.step);
+    let spec = config.model.spec();
+    let vae = params::load_named(spec.vae.unwrap().init(&device), "vae", &mut values).unwrap();
+    let corpus = Corpus::load(Path::new(&var("CORPUS")), &device).unwrap();
+    let x = corpus.images.clone().narrow(0, 0, 12);
+    let (mean, _) = vae.encode(x.clone());
+    let recon = vae.decode(mean);
+    let err = (recon.clone() - x.clone())
+        .abs()
+        .mean()
+        .into_scalar::<f32>();
+    eprintln!("mean absolute error {err}");
+    let rows: Vec<Vec<image::RgbImage>> = [x, recon]
+        .into_iter()
+        .map(|t| {
+            let v = t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+            (0..12)
+                .map(|i| corpus::to_rgb(&v[i * 3 * 64 * 64..(i + 1) * 3 * 64 * 64], 64, 64))
+                .collect()
+        })
+        .collect();
+    preview::write_png(Path::new(&var("OUT")), &preview::tile(&rows)).unwrap();
+}
+
+/// Can the autoencoder learn flat colours? Eight 16x16 images, each one solid colour, trained
+/// whole (`CH=32|64 cargo test -p slider-worker --lib pretrain::tests::solid_colours --
+/// --ignored --nocapture`).
+#[test]
+#[ignore]
+fn solid_colours() {
+    let env = |k: &str, d: usize| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let colours = [
+        [200u8, 40, 40],
+        [40, 40, 200],
+        [240, 220, 60],
+        [30, 30, 30],
+        [40, 200, 60],
+        [250, 250, 250],
+        [200, 120, 200],
+        [90, 60, 20],
+    ];
+    for (i, c) in colours.iter().enumerate() {
+        image::RgbImage::from_pixel(16, 16, image::Rgb(*c))
+            .save(dir.path().join(format!("{i}.png")))
+            .unwrap();
+        std::fs::write(dir.path().join(format!("{i}.txt")), "x").unwrap();
+    }
+    let device = Device::flex();
+    let corpus = Corpus::load(dir.path(), &device).unwrap();
+    let config = PretrainConfig {
+        model: TinyBase {
+            vae_channels: env("CH", 64),
+            ..TinyBase::default()
+        },
+        vae_batch_size: 8,
+        vae_crop: 0,
+        warmup_steps: 10,
+        vae_steps: env("STEPS", 100),
+        ..PretrainConfig::default()
+    };
+    let parts = fresh_parts(&config.model.spec(), 0, &device);
+    let mut vae = parts.vae;
+    let mut opt = AdamW::new(AdamWConfig::default());
+    let schedule = LrSchedule::new(ScheduleKind::Cosine, 1e-3, 10, config.vae_steps).unwrap();
+    for step in 0..config.vae_steps {
+        let (v, loss) =
+            vae_step(&config, &corpus, vae, step, &mut opt, schedule.lr_at(step)).unwrap();
+        vae = v;
+        if step % 20 == 0 {
+            eprintln!("step {step} loss {loss}");
+        }
+    }
+    let (mean, _) = vae.encode(corpus.images.clone());
+    let err = (vae.decode(mean) - corpus.images.clone())
+        .abs()
+        .mean()
+        .into_scalar::<f32>();
+    eprintln!("ch {} mean absolute error {err}", config.model.vae_channels);
+}
