@@ -23,6 +23,7 @@
 pub mod checkpoint;
 pub mod clip;
 pub mod device;
+pub mod evaluate;
 pub mod eye_meter;
 pub mod forward;
 pub mod grid;
