@@ -53,7 +53,7 @@ impl Default for EyeMeterTrainConfig {
     fn default() -> Self {
         EyeMeterTrainConfig {
             seed: 0,
-            steps: 2000,
+            steps: 2800,
             batch: 8,
             learning_rate: 1e-3,
             warmup: 30,
