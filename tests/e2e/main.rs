@@ -4,6 +4,7 @@ mod lora_tools;
 mod model;
 mod pipeline;
 mod sample;
+mod toyworld;
 mod train;
 
 use std::process::Command;
