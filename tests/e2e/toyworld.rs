@@ -13,7 +13,11 @@ fn toyworld_pairs_reproduce_the_shipped_assets() {
         .arg(dir.path())
         .output()
         .expect("binary runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/pairs");
     for eyes in ["small", "big"] {
         for view in ["front", "45deg", "side"] {
@@ -29,11 +33,17 @@ fn toyworld_pairs_reproduce_the_shipped_assets() {
 fn toyworld_corpus_writes_images_captions_and_labels() {
     let dir = tempfile::tempdir().unwrap();
     let out = slider_run()
-        .args(["toyworld", "corpus", "--count", "6", "--size", "32", "--out"])
+        .args([
+            "toyworld", "corpus", "--count", "6", "--size", "32", "--out",
+        ])
         .arg(dir.path())
         .output()
         .expect("binary runs");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let labels = std::fs::read_to_string(dir.path().join("labels.csv")).unwrap();
     let rows: Vec<&str> = labels.lines().skip(1).collect();
     assert_eq!(rows.len(), 6);
