@@ -102,6 +102,7 @@ fn assert_topological(plan: &Plan) {
 fn eyesize_is_the_method_dag() {
     let mut files = pair_images();
     files.push("assets/tiny-sd/tiny-sd.safetensors".into());
+    files.push("assets/eye-meter/eye-meter.safetensors".into());
     let (dir, recipe) = staged("eyesize.yaml", &files);
     let plan = load(&recipe, &[]).unwrap();
 
@@ -110,6 +111,7 @@ fn eyesize_is_the_method_dag() {
         ("svd_merge", 4),
         ("resize", 1),
         ("xy_plot", 7),
+        ("evaluate", 2),
     ]
     .into();
     assert_eq!(kinds(&plan), expected);
@@ -141,6 +143,7 @@ fn eyesize_is_the_method_dag() {
             assert_eq!(t.lr_scheduler, "constant_with_warmup");
             assert!(t.network_train_unet_only);
             assert_eq!(t.max_train_steps, 400);
+            assert_eq!(t.resolution, 64, "the tiny base model's size");
             let NodeParams::XyPlot(x) = node(&plan, &format!("check_{size}_{a}")) else {
                 panic!()
             };
@@ -158,10 +161,25 @@ fn eyesize_is_the_method_dag() {
         plan.outputs["eyesize"],
         dir.path().join("recipes/out/eyesize.safetensors")
     );
-    assert_eq!(plan.outputs.len(), 8);
-    assert_eq!(plan.graph.node_count(), 18);
-    // 6 trains -> 3 merges (6), 3 -> slider, slider -> eyesize, 6 + 1 checks.
-    assert_eq!(plan.graph.edge_count(), 6 + 3 + 1 + 6 + 1);
+    for (name, lora, prompts) in [
+        ("quality_eyesize", "eyesize", 3),
+        ("quality_side", "slider_side", 1),
+    ] {
+        let NodeParams::Evaluate(e) = node(&plan, name) else {
+            panic!("{name} is not an evaluate node")
+        };
+        assert_eq!(e.lora, Input::Node(lora.into()));
+        assert_eq!(e.prompts.len(), prompts);
+        assert_eq!(
+            e.meter,
+            Input::File(dir.path().join("assets/eye-meter/eye-meter.safetensors"))
+        );
+        assert!(e.weights.contains(&0.0));
+    }
+    assert_eq!(plan.outputs.len(), 10);
+    assert_eq!(plan.graph.node_count(), 20);
+    // 6 trains -> 3 merges (6), 3 -> slider, slider -> eyesize, 6 + 1 checks, 2 evaluations.
+    assert_eq!(plan.graph.edge_count(), 6 + 3 + 1 + 6 + 1 + 2);
     assert_topological(&plan);
 
     let quick = load(&recipe, &["train.max_train_steps=10".into()]).unwrap();
