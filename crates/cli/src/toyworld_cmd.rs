@@ -167,7 +167,7 @@ fn train_meter(
     .into_diagnostic()
     .wrap_err("training the eye meter")?;
     bar.finish_and_clear();
-    let tail = report.losses.len().min(50).max(1);
+    let tail = report.losses.len().clamp(1, 50);
     let final_loss = report.losses.iter().rev().take(tail).sum::<f32>() / tail as f32;
     let plain = eye_meter::evaluate(&meter, config.seed, eval_images, false).into_diagnostic()?;
     let augmented =
