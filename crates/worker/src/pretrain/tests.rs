@@ -397,7 +397,7 @@ fn reconstructions() {
     let rows: Vec<Vec<image::RgbImage>> = [x, recon]
         .into_iter()
         .map(|t| {
-            let v = t.into_data().convert::<f32>().to_vec::<f32>().unwrap();
+            let v = t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
             (0..12)
                 .map(|i| corpus::to_rgb(&v[i * 3 * 64 * 64..(i + 1) * 3 * 64 * 64], 64, 64))
                 .collect()
