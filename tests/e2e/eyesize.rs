@@ -1,0 +1,105 @@
+//! The default recipe, `recipes/eyesize.yaml`, on the shipped assets (tiny pretrained base,
+//! training pairs, eye meter), shortened with `--set` so it runs in CI: every output exists and
+//! is valid, and a second run is all cached.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+use slider_worker::grid::read_png_text;
+
+use crate::slider_run;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The recipe copied into `dir/recipes/` with `dir/assets` pointing at the repository's
+/// assets, so its relative paths hold and its outputs land in `dir`, not in the checkout.
+fn project(dir: &Path) -> PathBuf {
+    fs::create_dir_all(dir.join("recipes")).unwrap();
+    std::os::unix::fs::symlink(repo().join("assets"), dir.join("assets")).unwrap();
+    let recipe = dir.join("recipes/eyesize.yaml");
+    fs::copy(repo().join("recipes/eyesize.yaml"), &recipe).unwrap();
+    recipe
+}
+
+const SHORT: &[&str] = &[
+    "--set",
+    "train.max_train_steps=3",
+    "--set",
+    "train.lr_warmup_steps=1",
+    "--set",
+    "xy_plot.steps=2",
+    "--set",
+    "xy_plot.y={seed: [1]}",
+    "--set",
+    "evaluate.steps=2",
+    "--set",
+    "evaluate.seeds=[1, 2]",
+    "--set",
+    "evaluate.weights=[-1, 0, 1]",
+];
+
+fn run(recipe: &Path) -> Value {
+    let out = slider_run()
+        .arg(recipe)
+        .args(SHORT)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn the_shortened_default_recipe_makes_every_output_and_then_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = project(dir.path());
+
+    let first = run(&recipe);
+    assert_eq!(first["failed"].as_array().unwrap().len(), 0, "{first}");
+    // 6 trainings, 3 + 1 merges, 1 resize, 7 grids, 2 evaluations.
+    assert_eq!(first["ran"].as_array().unwrap().len(), 20, "{first}");
+
+    let out = dir.path().join("recipes/out");
+    let slider = slider_lora::Lora::load(&out.join("eyesize.safetensors")).unwrap();
+    assert!(!slider.modules.is_empty());
+    assert!(
+        slider.modules.values().all(|m| m.rank <= 4),
+        "the resize keeps at most rank 4"
+    );
+
+    for angle in ["front", "45deg", "side"] {
+        for size in ["small", "big"] {
+            let grid = out.join(format!("checks/{size}_{angle}.png"));
+            let image = image::open(&grid).unwrap();
+            assert!(image.width() > 2 * 64 && image.height() > 64, "{grid:?}");
+            assert!(read_png_text(&grid).unwrap().iter().any(|(k, _)| k == "parameters"));
+        }
+    }
+    let eyesize = image::open(out.join("checks/eyesize.png")).unwrap();
+    assert!(eyesize.width() > 5 * 64, "five weights across");
+
+    for (name, prompts) in [("eyesize", 3), ("side", 1)] {
+        let report: Value =
+            serde_json::from_slice(&fs::read(out.join(format!("quality/{name}.json"))).unwrap())
+                .unwrap();
+        assert_eq!(report["prompts"].as_array().unwrap().len(), prompts);
+        assert_eq!(
+            report["samples"].as_array().unwrap().len(),
+            prompts * 2 * 3,
+            "prompts x seeds x weights"
+        );
+        assert!(report["pooled"]["outside_change"].as_f64().unwrap() >= 0.0);
+    }
+
+    let second = run(&recipe);
+    assert_eq!(second["ran"].as_array().unwrap().len(), 0, "{second}");
+    assert_eq!(second["cached"].as_array().unwrap().len(), 20, "{second}");
+}
