@@ -9,7 +9,10 @@ use std::path::Path;
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = parent_dir(path);
     fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .permissions(output_permissions())
+        .tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
     tmp.persist(path).map_err(|e| e.error)?;
@@ -20,12 +23,22 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 pub fn copy_atomic(from: &Path, to: &Path) -> io::Result<()> {
     let dir = parent_dir(to);
     fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .permissions(output_permissions())
+        .tempfile_in(dir)?;
     let mut src = File::open(from)?;
     io::copy(&mut src, tmp.as_file_mut())?;
     tmp.as_file().sync_all()?;
     tmp.persist(to).map_err(|e| e.error)?;
     sync_dir(dir)
+}
+
+/// The mode of the files we write: `rw-rw-rw-` less the umask, as any program's new file
+/// (temp files are otherwise created private, `rw-------`).
+pub fn output_permissions() -> fs::Permissions {
+    use std::os::unix::fs::PermissionsExt;
+    fs::Permissions::from_mode(0o666)
 }
 
 /// fsyncs a directory so that a rename inside it survives a power loss.
@@ -87,6 +100,26 @@ fn parent_dir(path: &Path) -> &Path {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The process's umask, read without changing it (Linux).
+    fn umask() -> u32 {
+        let status = fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+        u32::from_str_radix(line["Umask:".len()..].trim(), 8).unwrap()
+    }
+
+    #[test]
+    fn written_and_copied_files_get_the_usual_mode_not_a_temp_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a.bin"), dir.path().join("out/b.bin"));
+        write_atomic(&a, b"x").unwrap();
+        copy_atomic(&a, &b).unwrap();
+        for p in [&a, &b] {
+            let mode = fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o666 & !umask(), "{p:?}");
+        }
+    }
 
     #[test]
     fn atomic_write_replaces_whole_file_and_leaves_no_temp() {

@@ -630,6 +630,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LoraError> {
     let mut tmp = tempfile::Builder::new()
         .prefix(".slider-lora-")
         .suffix(".tmp")
+        // Not private like a temp file: `rw-rw-rw-` less the umask, as kohya's files.
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
         .tempfile_in(&dir)
         .map_err(write_err)?;
     tmp.write_all(bytes).map_err(write_err)?;
