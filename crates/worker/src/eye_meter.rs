@@ -140,9 +140,9 @@ impl EyeMeter {
                 reason,
             }
         })?;
-        slider_toyworld::write_atomic(path, &bytes).map_err(|e| EyeMeterError::Write {
+        crate::atomic_write::write_atomically(path, &bytes).map_err(|source| EyeMeterError::Write {
             path: path.to_path_buf(),
-            source: std::io::Error::other(e.to_string()),
+            source,
         })
     }
 

@@ -266,36 +266,12 @@ pub fn read_png_text(path: &Path) -> Result<Vec<(String, String)>, GridError> {
     Ok(out)
 }
 
-/// Temp file beside `path`, fsync, rename over it, best-effort fsync of the directory.
+/// Writes `bytes` to `path` atomically (see [`crate::atomic_write`]), as a [`GridError`].
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), GridError> {
-    use std::io::Write;
-    let io_err = |source| GridError::Io {
+    crate::atomic_write::write_atomically(path, bytes).map_err(|source| GridError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.map_err(io_err)?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    })
 }
 
 fn embedded_font() -> Result<FontRef<'static>, GridError> {

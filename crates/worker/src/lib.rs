@@ -20,6 +20,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod atomic_write;
 pub mod checkpoint;
 pub mod clip;
 pub mod device;

@@ -2,7 +2,6 @@
 //! timestep spacing with offset 1) with classifier-free guidance, a grid of captions x seeds
 //! written as one PNG. Enough to judge a pretraining run; the samplers proper live elsewhere.
 
-use std::io::Write;
 use std::path::Path;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -147,30 +146,15 @@ pub fn write_png(path: &Path, image: &image::RgbImage) -> Result<(), PretrainErr
     write_atomic(path, &bytes)
 }
 
-/// Writes `bytes` to `path` atomically (temp file in the same directory, fsync, rename).
+/// Creates the parent directory, then writes `bytes` to `path` atomically (temp file in the
+/// same directory, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PretrainError> {
     let io = |source| PretrainError::Io {
         path: path.to_path_buf(),
         source,
     };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
     }
-    result.map_err(io)
+    crate::atomic_write::write_atomically(path, bytes).map_err(io)
 }

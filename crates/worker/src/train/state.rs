@@ -3,13 +3,13 @@
 //! again is bit-identical and a resumed run continues exactly where it stopped.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Tensor, TensorData};
 use safetensors::tensor::{Dtype, TensorView};
 
 use crate::HostTensor;
+use crate::atomic_write::write_atomically;
 
 /// Metadata key naming the optimizer (`CAME`, `AdamW`).
 const KEY_OPTIMIZER: &str = "slider.optimizer";
@@ -216,34 +216,6 @@ pub(crate) fn to_host<const D: usize>(t: &Tensor<D>, shape: Vec<usize>) -> HostT
         .try_to_vec::<f32>()
         .unwrap_or_default();
     HostTensor { shape, values }
-}
-
-/// Temp file in the same directory, fsync, rename over `path`, then a best-effort fsync of
-/// the directory (some filesystems refuse it). The one atomic write of the worker.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut file = std::fs::File::create(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// Refuses a gradient whose shape is not its parameter's.

@@ -905,7 +905,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    super::state::write_atomically(path, bytes).map_err(io)
+    crate::atomic_write::write_atomically(path, bytes).map_err(io)
 }
 
 #[cfg(test)]
