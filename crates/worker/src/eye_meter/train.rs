@@ -18,7 +18,8 @@ use slider_toyworld::{Identity, View, render};
 
 use super::augment::{FloatImage, augment};
 use super::net::{INPUT_SIZE, MASK_SIZE, Net, OUTPUTS, Param};
-use super::{EyeMeter, EyeMeterError, spearman};
+use super::{EyeMeter, EyeMeterError};
+use crate::evaluate::spearman;
 use crate::train::{AdamW, AdamWConfig};
 
 /// Mixed into the seed for held-out images, so they never coincide with training images.
