@@ -7,40 +7,15 @@ use std::path::Path;
 
 use serde_json::Value;
 use slider_worker::burn::tensor::Device;
-use slider_worker::checkpoint::{Family, StoreDtype, write_random_checkpoint};
-use slider_worker::clip::{Activation, TextConfig};
+use slider_worker::checkpoint::{StoreDtype, write_random_checkpoint};
 use slider_worker::grid::read_png_text;
-use slider_worker::{LoraNetwork, ModelSpec, UNetConfig, VaeConfig};
+use slider_worker::{LoraNetwork, ModelSpec};
 
 use crate::slider_run;
 
-/// A small SD1-family model: the tiny UNet narrowed, the tiny VAE, a one-layer CLIP.
-fn small_spec() -> ModelSpec {
-    ModelSpec {
-        family: Family::Sd1,
-        unet: UNetConfig {
-            model_channels: 32,
-            context_dim: 32,
-            ..UNetConfig::tiny()
-        },
-        vae: Some(VaeConfig::tiny()),
-        text_l: Some(TextConfig {
-            vocab_size: 49408,
-            hidden: 32,
-            layers: 1,
-            heads: 2,
-            intermediate: 64,
-            max_positions: 77,
-            activation: Activation::QuickGelu,
-            projection_dim: None,
-        }),
-        text_g: None,
-    }
-}
-
 /// A random base and a LoRA with non-zero factors on every one of its UNet targets.
 fn setup(dir: &Path) {
-    let spec = small_spec();
+    let spec = ModelSpec::small_test();
     write_random_checkpoint(dir.join("base.safetensors"), &spec, StoreDtype::F32, 3).unwrap();
     let device = Device::flex();
     let unet = spec.unet.init(&device);

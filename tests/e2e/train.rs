@@ -5,35 +5,9 @@ use std::fs;
 use std::path::Path;
 
 use serde_json::Value;
-use slider_worker::checkpoint::{Family, ModelSpec, StoreDtype, write_random_checkpoint};
-use slider_worker::clip::{Activation, TextConfig};
-use slider_worker::{UNetConfig, VaeConfig};
+use slider_worker::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
 
 use crate::slider_run;
-
-/// A small SD1-family model: the tiny UNet narrowed, the tiny VAE, a one-layer CLIP.
-fn tiny_spec() -> ModelSpec {
-    ModelSpec {
-        family: Family::Sd1,
-        unet: UNetConfig {
-            model_channels: 32,
-            context_dim: 32,
-            ..UNetConfig::tiny()
-        },
-        vae: Some(VaeConfig::tiny()),
-        text_l: Some(TextConfig {
-            vocab_size: 49408,
-            hidden: 32,
-            layers: 1,
-            heads: 2,
-            intermediate: 64,
-            max_positions: 77,
-            activation: Activation::QuickGelu,
-            projection_dim: None,
-        }),
-        text_g: None,
-    }
-}
 
 const RECIPE: &str = r#"
 defaults:
@@ -102,7 +76,13 @@ fn names(v: &Value, key: &str) -> Vec<String> {
 fn two_trained_loras_merge_into_a_resized_slider_and_rerun_from_the_cache() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    write_random_checkpoint(d.join("base.safetensors"), &tiny_spec(), StoreDtype::F32, 3).unwrap();
+    write_random_checkpoint(
+        d.join("base.safetensors"),
+        &ModelSpec::small_test(),
+        StoreDtype::F32,
+        3,
+    )
+    .unwrap();
     for (name, shift) in [("big.png", 0u32), ("small.png", 90)] {
         let img = image::RgbImage::from_fn(80, 64, |x, y| {
             image::Rgb([

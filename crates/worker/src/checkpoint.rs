@@ -350,6 +350,32 @@ impl ModelSpec {
         }
     }
 
+    /// A small SD1-family model for tests and examples (a few hundred thousand parameters):
+    /// the tiny UNet narrowed to 32 channels, the tiny VAE and a one-layer, 32-wide CLIP-L with
+    /// the real vocabulary, so the real tokenizer works with it. Not meant to draw anything.
+    pub fn small_test() -> Self {
+        Self {
+            family: Family::Sd1,
+            unet: UNetConfig {
+                model_channels: 32,
+                context_dim: 32,
+                ..UNetConfig::tiny()
+            },
+            vae: Some(VaeConfig::tiny()),
+            text_l: Some(TextConfig {
+                vocab_size: 49408,
+                hidden: 32,
+                layers: 1,
+                heads: 2,
+                intermediate: 64,
+                max_positions: 77,
+                activation: Activation::QuickGelu,
+                projection_dim: None,
+            }),
+            text_g: None,
+        }
+    }
+
     /// A short name: `SD1.x`, `SDXL`, `tiny` or `custom SD1-family`/`custom SDXL-family`.
     pub fn name(&self) -> String {
         if self.unet == UNetConfig::sd15() {

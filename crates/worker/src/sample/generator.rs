@@ -363,39 +363,12 @@ pub(crate) mod tests {
 
     use super::*;
     use crate::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
-    use crate::clip::{Activation, TextConfig};
     use crate::lora::lora_targets;
     use crate::sample::SamplerKind;
-    use crate::unet::UNetConfig;
-    use crate::vae::VaeConfig;
-
-    /// A small SD1-family model: the tiny UNet narrowed, the tiny VAE, a one-layer CLIP.
-    pub(crate) fn small_spec() -> ModelSpec {
-        ModelSpec {
-            family: Family::Sd1,
-            unet: UNetConfig {
-                model_channels: 32,
-                context_dim: 32,
-                ..UNetConfig::tiny()
-            },
-            vae: Some(VaeConfig::tiny()),
-            text_l: Some(TextConfig {
-                vocab_size: 49408,
-                hidden: 32,
-                layers: 1,
-                heads: 2,
-                intermediate: 64,
-                max_positions: 77,
-                activation: Activation::QuickGelu,
-                projection_dim: None,
-            }),
-            text_g: None,
-        }
-    }
 
     pub(crate) fn small_generator(dir: &Path) -> Generator {
         let path = dir.join("base.safetensors");
-        write_random_checkpoint(&path, &small_spec(), StoreDtype::F32, 5).unwrap();
+        write_random_checkpoint(&path, &ModelSpec::small_test(), StoreDtype::F32, 5).unwrap();
         Generator::load(&path, &Device::flex()).unwrap()
     }
 
@@ -812,7 +785,7 @@ pub(crate) mod tests {
             ),
         ];
         for (label, edit, part) in cases {
-            let spec = small_spec();
+            let spec = ModelSpec::small_test();
             let mut model = StableDiffusion {
                 unet: spec.unet.init(&device),
                 vae: spec.vae.as_ref().map(|c| c.init(&device)),

@@ -912,42 +912,15 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
 mod tests {
     use super::*;
     use crate::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
-    use crate::clip::{Activation, TextConfig};
     use crate::unet::UNetConfig;
-    use crate::vae::VaeConfig;
 
     /// Env var that turns [`child_training_run`] into a training process for the kill test.
     const CHILD_DIR: &str = "SLIDER_TRAIN_CHILD_DIR";
 
-    /// A few-hundred-thousand-parameter SD1-family model: the tiny UNet narrowed, the tiny VAE,
-    /// a one-layer CLIP with the real vocabulary.
-    fn test_spec() -> ModelSpec {
-        ModelSpec {
-            family: Family::Sd1,
-            unet: UNetConfig {
-                model_channels: 32,
-                context_dim: 32,
-                ..UNetConfig::tiny()
-            },
-            vae: Some(VaeConfig::tiny()),
-            text_l: Some(TextConfig {
-                vocab_size: 49408,
-                hidden: 32,
-                layers: 1,
-                heads: 2,
-                intermediate: 64,
-                max_positions: 77,
-                activation: Activation::QuickGelu,
-                projection_dim: None,
-            }),
-            text_g: None,
-        }
-    }
-
     /// Base model, two images (PNG and JPEG, not square) and the config, in `dir`.
     fn setup(dir: &Path, steps: usize, checkpoint_every: usize) -> TrainConfig {
         let base = dir.join("base.safetensors");
-        write_random_checkpoint(&base, &test_spec(), StoreDtype::F32, 5).unwrap();
+        write_random_checkpoint(&base, &ModelSpec::small_test(), StoreDtype::F32, 5).unwrap();
         let mut images = Vec::new();
         for (name, w, h) in [("a.png", 40, 32), ("b.jpg", 32, 48)] {
             let img = image::RgbImage::from_fn(w, h, |x, y| {
