@@ -80,7 +80,12 @@ fn the_shortened_default_recipe_makes_every_output_and_then_runs_nothing() {
             let grid = out.join(format!("checks/{size}_{angle}.png"));
             let image = image::open(&grid).unwrap();
             assert!(image.width() > 2 * 64 && image.height() > 64, "{grid:?}");
-            assert!(read_png_text(&grid).unwrap().iter().any(|(k, _)| k == "parameters"));
+            assert!(
+                read_png_text(&grid)
+                    .unwrap()
+                    .iter()
+                    .any(|(k, _)| k == "parameters")
+            );
         }
     }
     let eyesize = image::open(out.join("checks/eyesize.png")).unwrap();
