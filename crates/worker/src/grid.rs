@@ -129,16 +129,7 @@ pub fn compose(
     y_labels: &[String],
     title: Option<&str>,
 ) -> Result<RgbImage, GridError> {
-    let (cell_width, cell_height) = check_cells(cells)?;
-    let font = embedded_font()?;
-    let plan = plan_layout(
-        &font,
-        (cells.len(), cells[0].len()),
-        (cell_width, cell_height),
-        x_labels,
-        y_labels,
-        title,
-    )?;
+    let (font, plan) = plan_cells(cells, x_labels, y_labels, title)?;
     let layout = &plan.layout;
     let mut sheet = RgbImage::from_pixel(layout.width, layout.height, BACKGROUND);
     for (r, row) in cells.iter().enumerate() {
@@ -183,17 +174,7 @@ pub fn layout(
     y_labels: &[String],
     title: Option<&str>,
 ) -> Result<GridLayout, GridError> {
-    let (cell_width, cell_height) = check_cells(cells)?;
-    let font = embedded_font()?;
-    let plan = plan_layout(
-        &font,
-        (cells.len(), cells[0].len()),
-        (cell_width, cell_height),
-        x_labels,
-        y_labels,
-        title,
-    )?;
-    Ok(plan.layout)
+    Ok(plan_cells(cells, x_labels, y_labels, title)?.1.layout)
 }
 
 /// Writes `image` as an 8-bit RGB PNG, atomically (temp file in the same directory, fsync,
@@ -329,6 +310,27 @@ fn label_px(cell_width: u32, cell_height: u32) -> f32 {
 
 fn title_px(label_px: f32) -> f32 {
     (label_px * 1.3).round()
+}
+
+/// Checks `cells` and plans their sheet with the embedded font (shared by [`compose`] and
+/// [`layout`]).
+fn plan_cells(
+    cells: &[Vec<RgbImage>],
+    x_labels: &[String],
+    y_labels: &[String],
+    title: Option<&str>,
+) -> Result<(FontRef<'static>, LayoutPlan), GridError> {
+    let (cell_width, cell_height) = check_cells(cells)?;
+    let font = embedded_font()?;
+    let plan = plan_layout(
+        &font,
+        (cells.len(), cells[0].len()),
+        (cell_width, cell_height),
+        x_labels,
+        y_labels,
+        title,
+    )?;
+    Ok((font, plan))
 }
 
 fn plan_layout(
