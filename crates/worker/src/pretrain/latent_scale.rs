@@ -85,6 +85,17 @@ mod tests {
     use crate::vae::VaeConfig;
     use burn::tensor::{Device, Distribution};
 
+    /// A two-level autoencoder, small enough for a test.
+    fn small_vae() -> VaeConfig {
+        VaeConfig {
+            in_channels: 3,
+            ch: 32,
+            ch_mult: vec![1, 2],
+            num_res_blocks: 1,
+            z_channels: 4,
+        }
+    }
+
     fn relative_error(a: Tensor<4>, b: Tensor<4>) -> f32 {
         let diff = (a - b.clone()).square().sum().sqrt().into_scalar::<f32>();
         diff / b.square().sum().sqrt().into_scalar::<f32>()
@@ -93,14 +104,7 @@ mod tests {
     #[test]
     fn folding_the_scale_is_an_exact_reparametrisation() {
         let device = Device::flex();
-        let config = VaeConfig {
-            in_channels: 3,
-            ch: 32,
-            ch_mult: vec![1, 2],
-            num_res_blocks: 1,
-            z_channels: 4,
-        };
-        let vae = init_seeded(config.init(&device), "vae", 7, |_| false);
+        let vae = init_seeded(small_vae().init(&device), "vae", 7, |_| false);
         let image = Tensor::<4>::random([2, 3, 16, 16], Distribution::Uniform(-1.0, 1.0), &device);
         let (mean, logvar) = vae.encode(image.clone());
         let decoded = vae.decode(mean.clone());
@@ -119,14 +123,7 @@ mod tests {
     #[test]
     fn the_measured_std_becomes_sd1_unit_variance() {
         let device = Device::flex();
-        let config = VaeConfig {
-            in_channels: 3,
-            ch: 32,
-            ch_mult: vec![1, 2],
-            num_res_blocks: 1,
-            z_channels: 4,
-        };
-        let vae = init_seeded(config.init(&device), "vae", 3, |_| false);
+        let vae = init_seeded(small_vae().init(&device), "vae", 3, |_| false);
         let images = Tensor::<4>::random([4, 3, 16, 16], Distribution::Uniform(-1.0, 1.0), &device);
         let std = latent_std(&vae, &images, 3);
         let k = 1.0 / (crate::vae::SD1_SCALING_FACTOR as f64 * std);

@@ -288,7 +288,7 @@ fn corpus_problems_name_the_file() {
 
 /// Where a UNet step's time goes (`cargo test -p slider-worker --lib pretrain::tests::step_profile -- --ignored --nocapture`).
 #[test]
-#[ignore]
+#[ignore = "diagnostic: prints timings"]
 fn step_profile() {
     use std::time::Instant;
     let device = Device::flex();
@@ -367,7 +367,7 @@ fn named_count(unet: &UNet) -> usize {
 /// `STATE=work/pretrain-state.safetensors CORPUS=corpus OUT=recon.png cargo test -p slider-worker
 /// --lib pretrain::tests::reconstructions -- --ignored --nocapture` (top row originals).
 #[test]
-#[ignore]
+#[ignore = "diagnostic: needs STATE, CORPUS and OUT of a pretraining run"]
 fn reconstructions() {
     let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("set {k}"));
     let device = Device::flex();
@@ -410,7 +410,7 @@ fn reconstructions() {
 /// whole (`CH=32|64 cargo test -p slider-worker --lib pretrain::tests::solid_colours --
 /// --ignored --nocapture`).
 #[test]
-#[ignore]
+#[ignore = "diagnostic: minutes of VAE training"]
 fn solid_colours() {
     let env = |k: &str, d: usize| {
         std::env::var(k)
