@@ -104,7 +104,83 @@ fn the_shortened_default_recipe_makes_every_output_and_then_runs_nothing() {
         assert!(report["pooled"]["outside_change"].as_f64().unwrap() >= 0.0);
     }
 
+    let report = check_report(&first, &out);
+    assert!(
+        report.contains("class=\"ran\"") && !report.contains("<td class=\"cached\">"),
+        "every node ran"
+    );
+
     let second = run(&recipe);
     assert_eq!(second["ran"].as_array().unwrap().len(), 0, "{second}");
     assert_eq!(second["cached"].as_array().unwrap().len(), 20, "{second}");
+    let report = check_report(&second, &out);
+    assert_eq!(
+        report.matches("<td class=\"cached\">").count(),
+        20,
+        "every node cached"
+    );
+    assert_eq!(
+        report.matches(" s when it ran</td>").count(),
+        20,
+        "cached nodes show the time they took when they ran (from the store)"
+    );
+}
+
+/// The run's HTML report (`recipes/eyesize.report.html`): it names every node, draws the
+/// graph and the six loss curves as SVG, shows every published grid through a relative path
+/// that resolves to it, and has both quality tables. Returns its text.
+fn check_report(summary: &Value, out: &Path) -> String {
+    let path = PathBuf::from(summary["report"].as_str().expect("a report path"));
+    assert_eq!(
+        path.canonicalize().unwrap(),
+        out.join("../eyesize.report.html").canonicalize().unwrap()
+    );
+    let html = fs::read_to_string(&path).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.contains("<svg class=\"dag\""));
+    for list in ["ran", "cached"] {
+        for node in summary[list].as_array().unwrap() {
+            let name = node.as_str().unwrap();
+            assert!(html.contains(&format!("<tr><td>{name}</td>")), "{name}");
+        }
+    }
+    assert_eq!(
+        html.matches("<svg class=\"loss\"").count(),
+        6,
+        "one per training"
+    );
+
+    let srcs: Vec<&str> = html
+        .split("<img src=\"")
+        .skip(1)
+        .map(|rest| rest.split('"').next().unwrap())
+        .collect();
+    let shown: std::collections::BTreeSet<PathBuf> = srcs
+        .iter()
+        .map(|src| {
+            assert!(!src.starts_with('/') && !src.contains('%'), "{src}");
+            path.parent().unwrap().join(src).canonicalize().unwrap()
+        })
+        .collect();
+    let published: std::collections::BTreeSet<PathBuf> = summary["published"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| PathBuf::from(p.as_str().unwrap()))
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+        .map(|p| p.canonicalize().unwrap())
+        .collect();
+    assert_eq!(published.len(), 7, "{summary}");
+    assert_eq!(shown, published);
+    assert_eq!(srcs.len(), published.len());
+
+    assert_eq!(html.matches("<table class=\"quality\">").count(), 2);
+    for (node, prompt) in [
+        ("quality_eyesize", "three-quarter view"),
+        ("quality_side", "side view, profile"),
+    ] {
+        assert!(html.contains(&format!("<h3>{node} (slider")), "{node}");
+        assert!(html.contains(prompt), "{prompt}");
+    }
+    assert_eq!(html.matches("all prompts (pooled)").count(), 2);
+    html
 }

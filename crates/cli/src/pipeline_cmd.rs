@@ -178,10 +178,11 @@ pub fn run_recipe(args: RunArgs, quiet: bool) -> miette::Result<ExitCode> {
     let summary = slider_engine::run(&plan, &store, &opts, &bars).into_diagnostic();
     bars.finish();
     let summary = summary?;
+    let report = crate::report::write_or_warn(&plan, &summary, &worker_kinds());
     if args.json {
-        println!("{}", summary_json(&summary));
+        println!("{}", summary_json(&summary, report.as_deref()));
     } else if !quiet {
-        print!("{}", summary_text(&summary));
+        print!("{}", summary_text(&summary, report.as_deref()));
     } else {
         eprint!("{}", failures_text(&summary));
     }
@@ -232,7 +233,7 @@ fn names(reports: &[slider_engine::NodeReport]) -> Vec<&str> {
     reports.iter().map(|r| r.name.as_str()).collect()
 }
 
-fn summary_json(s: &RunSummary) -> serde_json::Value {
+fn summary_json(s: &RunSummary, report: Option<&Path>) -> serde_json::Value {
     json!({
         "ran": names(&s.ran),
         "cached": names(&s.cached),
@@ -245,6 +246,7 @@ fn summary_json(s: &RunSummary) -> serde_json::Value {
         "publish_errors": s.publish_errors,
         "lockfile": s.lockfile,
         "store": s.store,
+        "report": report,
         "nodes": {
             "ran": s.ran,
             "cached": s.cached,
@@ -254,7 +256,7 @@ fn summary_json(s: &RunSummary) -> serde_json::Value {
     })
 }
 
-fn summary_text(s: &RunSummary) -> String {
+fn summary_text(s: &RunSummary, report: Option<&Path>) -> String {
     let mut out = String::new();
     for r in &s.ran {
         out.push_str(&format!(
@@ -285,6 +287,9 @@ fn summary_text(s: &RunSummary) -> String {
         if let Some(line) = quality_line(p) {
             out.push_str(&format!("        {line}\n"));
         }
+    }
+    if let Some(report) = report {
+        out.push_str(&format!("report: {}\n", report.display()));
     }
     if s.interrupted {
         out.push_str("interrupted: finished nodes are kept; run again to resume\n");
