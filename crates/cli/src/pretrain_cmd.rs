@@ -38,11 +38,11 @@ pub struct PretrainArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Autoencoder training steps.
-    #[arg(long, default_value_t = 600)]
+    #[arg(long, default_value_t = 500)]
     vae_steps: usize,
     /// UNet + text encoder training steps. Step counts may change between a stop and the
     /// resume (the schedule then follows the new total).
-    #[arg(long, default_value_t = 2500)]
+    #[arg(long, default_value_t = 2000)]
     unet_steps: usize,
     /// Images per UNet step.
     #[arg(long, default_value_t = 8)]
@@ -50,8 +50,9 @@ pub struct PretrainArgs {
     /// Images per autoencoder step.
     #[arg(long, default_value_t = 4)]
     vae_batch_size: usize,
-    /// The autoencoder trains on random crops of this side (0: whole images).
-    #[arg(long, default_value_t = 32)]
+    /// The autoencoder trains on random crops of this side (0: whole images; crops are
+    /// cheaper but learn colour badly, see docs/pretrain.md).
+    #[arg(long, default_value_t = 0)]
     vae_crop: usize,
     /// Peak learning rate of the UNet and text encoder (AdamW, warmup then cosine).
     #[arg(long, default_value_t = 1e-3)]
@@ -65,9 +66,16 @@ pub struct PretrainArgs {
     /// VAE `ch` (multiple of 32; 64 or more, see the crate docs).
     #[arg(long, default_value_t = 64)]
     vae_channels: usize,
+    /// VAE width multipliers per level, comma-separated (three levels: 4x-downsampled
+    /// latents).
+    #[arg(long, value_delimiter = ',', default_value = "1,1,1")]
+    vae_ch_mult: Vec<usize>,
     /// Text encoder width (multiple of its 2 heads).
     #[arg(long, default_value_t = 64)]
     text_width: usize,
+    /// Min-SNR weighting of the UNet loss (gamma; 0 turns it off).
+    #[arg(long, default_value_t = 5.0)]
+    min_snr_gamma: f64,
     /// Save the resumable state every N steps.
     #[arg(long, default_value_t = 100)]
     checkpoint_every: usize,
@@ -92,6 +100,7 @@ pub fn run(args: PretrainArgs, quiet: bool) -> miette::Result<ExitCode> {
         model: TinyBase {
             unet_channels: args.unet_channels,
             vae_channels: args.vae_channels,
+            vae_ch_mult: args.vae_ch_mult.clone(),
             text_width: args.text_width,
             ..TinyBase::default()
         },
@@ -104,6 +113,7 @@ pub fn run(args: PretrainArgs, quiet: bool) -> miette::Result<ExitCode> {
         vae_lr: args.vae_lr,
         lr: args.lr,
         checkpoint_every: args.checkpoint_every,
+        min_snr_gamma: (args.min_snr_gamma != 0.0).then_some(args.min_snr_gamma),
         ..PretrainConfig::default()
     };
     if let Some(count) = args.generate_corpus {
@@ -198,6 +208,11 @@ pub fn run(args: PretrainArgs, quiet: bool) -> miette::Result<ExitCode> {
             size as f64 / 1e6
         );
         println!("losses      {}", outcome.loss_csv.display());
+        println!(
+            "autoencoder {} (top row originals; mean absolute error {:.3} on [-1, 1])",
+            outcome.reconstructions.display(),
+            outcome.reconstruction_error
+        );
         println!(
             "samples     {} (rows: {}; columns: seeds 0-3, DDIM 30 steps, cfg 5)",
             samples.display(),

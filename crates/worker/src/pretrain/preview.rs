@@ -14,7 +14,7 @@ use super::corpus::to_rgb;
 use crate::checkpoint::StableDiffusion;
 use crate::tokenizer::{Padding, Tokenizer};
 use crate::train::NoiseSchedule;
-use crate::vae::SD1_SCALING_FACTOR;
+use crate::vae::{SD1_SCALING_FACTOR, Vae};
 
 /// What to generate.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +106,41 @@ pub fn generate(
         grid.push(row);
     }
     Ok(grid)
+}
+
+/// How many corpus images [`write_reconstructions`] shows.
+pub const RECONSTRUCTED_IMAGES: usize = 12;
+
+/// Encodes (posterior mean) and decodes the first [`RECONSTRUCTED_IMAGES`] of `images`
+/// (`[n, 3, h, w]` in [-1, 1]), writes originals over reconstructions to `path` as a PNG and
+/// returns the mean absolute error.
+pub fn write_reconstructions(
+    vae: &Vae,
+    images: &Tensor<4>,
+    path: &Path,
+) -> Result<f32, PretrainError> {
+    let [n, _, h, w] = images.dims();
+    let n = n.min(RECONSTRUCTED_IMAGES);
+    let x = images.clone().narrow(0, 0, n);
+    let (mean, _) = vae.encode(x.clone());
+    let recon = vae.decode(mean);
+    let error = (recon.clone() - x.clone())
+        .abs()
+        .mean()
+        .into_scalar::<f32>();
+    let rows: Vec<Vec<image::RgbImage>> = [x, recon]
+        .into_iter()
+        .map(|t| {
+            let v = t
+                .into_data()
+                .convert::<f32>()
+                .try_to_vec::<f32>()
+                .unwrap_or_default();
+            v.chunks(3 * h * w).map(|c| to_rgb(c, h, w)).collect()
+        })
+        .collect();
+    write_png(path, &tile(&rows))?;
+    Ok(error)
 }
 
 /// Tiles rows of equally sized images with a 2-pixel white gutter.

@@ -47,6 +47,7 @@ fn small_config(vae_steps: usize, unet_steps: usize) -> PretrainConfig {
             unet_channels: 32,
             unet_heads: 2,
             vae_channels: 32,
+            vae_ch_mult: vec![1, 1, 1],
             text_width: 32,
             text_layers: 1,
             text_heads: 2,
@@ -254,6 +255,23 @@ fn settings_that_cannot_train_are_refused() {
                 ..base.clone()
             },
         ),
+        (
+            "vae ch_mult",
+            PretrainConfig {
+                model: TinyBase {
+                    vae_ch_mult: vec![1, 0, 1],
+                    ..base.model.clone()
+                },
+                ..base.clone()
+            },
+        ),
+        (
+            "min-SNR gamma",
+            PretrainConfig {
+                min_snr_gamma: Some(0.0),
+                ..base.clone()
+            },
+        ),
     ];
     for (what, config) in cases {
         let (r, _) = run(
@@ -363,49 +381,6 @@ fn named_count(unet: &UNet) -> usize {
     params::named_values(unet, "unet").len()
 }
 
-/// Reconstructions by the autoencoder of a run's saved state, for a look at its quality:
-/// `STATE=work/pretrain-state.safetensors CORPUS=corpus OUT=recon.png cargo test -p slider-worker
-/// --lib pretrain::tests::reconstructions -- --ignored --nocapture` (top row originals).
-#[test]
-#[ignore = "diagnostic: needs STATE, CORPUS and OUT of a pretraining run"]
-fn reconstructions() {
-    let var = |k: &str| std::env::var(k).unwrap_or_else(|_| panic!("set {k}"));
-    let device = Device::flex();
-    let config = PretrainConfig::default();
-    let (mut values, _, run) = load_state(Path::new(&var("STATE")), &{
-        let fingerprint = PretrainConfig {
-            vae_steps: 0,
-            unet_steps: 0,
-            ..config.clone()
-        };
-        serde_json::to_string(&fingerprint).unwrap()
-    })
-    .unwrap()
-    .unwrap();
-    eprintln!("state at {} step {}", run.stage, run.step);
-    let spec = config.model.spec();
-    let vae = params::load_named(spec.vae.unwrap().init(&device), "vae", &mut values).unwrap();
-    let corpus = Corpus::load(Path::new(&var("CORPUS")), &device).unwrap();
-    let x = corpus.images.clone().narrow(0, 0, 12);
-    let (mean, _) = vae.encode(x.clone());
-    let recon = vae.decode(mean);
-    let err = (recon.clone() - x.clone())
-        .abs()
-        .mean()
-        .into_scalar::<f32>();
-    eprintln!("mean absolute error {err}");
-    let rows: Vec<Vec<image::RgbImage>> = [x, recon]
-        .into_iter()
-        .map(|t| {
-            let v = t.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
-            (0..12)
-                .map(|i| corpus::to_rgb(&v[i * 3 * 64 * 64..(i + 1) * 3 * 64 * 64], 64, 64))
-                .collect()
-        })
-        .collect();
-    preview::write_png(Path::new(&var("OUT")), &preview::tile(&rows)).unwrap();
-}
-
 /// Can the autoencoder learn flat colours? Eight 16x16 images, each one solid colour, trained
 /// whole (`CH=32|64 cargo test -p slider-worker --lib pretrain::tests::solid_colours --
 /// --ignored --nocapture`).
@@ -440,6 +415,10 @@ fn solid_colours() {
     let config = PretrainConfig {
         model: TinyBase {
             vae_channels: env("CH", 64),
+            vae_ch_mult: std::env::var("MULT").map_or_else(
+                |_| TinyBase::default().vae_ch_mult,
+                |v| v.split(',').filter_map(|m| m.parse().ok()).collect(),
+            ),
             ..TinyBase::default()
         },
         vae_batch_size: 8,
@@ -465,5 +444,8 @@ fn solid_colours() {
         .abs()
         .mean()
         .into_scalar::<f32>();
-    eprintln!("ch {} mean absolute error {err}", config.model.vae_channels);
+    eprintln!(
+        "ch {} ch_mult {:?}: mean absolute error {err}",
+        config.model.vae_channels, config.model.vae_ch_mult
+    );
 }
