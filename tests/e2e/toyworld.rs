@@ -32,9 +32,10 @@ fn toyworld_pairs_reproduce_the_shipped_assets() {
 #[test]
 fn toyworld_corpus_writes_images_captions_and_labels() {
     let dir = tempfile::tempdir().unwrap();
+    // `-v` before the subcommand: global flags go either side of it.
     let out = slider_run()
         .args([
-            "toyworld", "corpus", "--count", "6", "--size", "32", "--out",
+            "-v", "toyworld", "corpus", "--count", "6", "--size", "32", "--out",
         ])
         .arg(dir.path())
         .output()

@@ -15,12 +15,7 @@ use clap::{Parser, Subcommand};
 
 /// Declarative, cached, resumable slider-LoRA pipelines.
 #[derive(Parser, Debug)]
-#[command(
-    name = "slider-run",
-    version,
-    about,
-    args_conflicts_with_subcommands = true
-)]
+#[command(name = "slider-run", version, about)]
 struct Cli {
     /// Increase log detail (-v info, -vv debug, -vvv trace). RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
