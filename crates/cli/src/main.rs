@@ -5,7 +5,6 @@ mod lora_cmd;
 mod model_cmd;
 mod pipeline_cmd;
 mod pretrain_cmd;
-mod report;
 mod sample_cmd;
 mod toyworld_cmd;
 

@@ -178,7 +178,7 @@ pub fn run_recipe(args: RunArgs, quiet: bool) -> miette::Result<ExitCode> {
     let summary = slider_engine::run(&plan, &store, &opts, &bars).into_diagnostic();
     bars.finish();
     let summary = summary?;
-    let report = crate::report::write_or_warn(&plan, &summary, &worker_kinds());
+    let report = slider_engine::report::write_or_warn(&plan, &summary, &worker_kinds());
     if args.json {
         println!("{}", summary_json(&summary, report.as_deref()));
     } else if !quiet {

@@ -5,7 +5,8 @@
 //! under that key ([`store`]). [`run`] walks the DAG, serves cached nodes from the store and
 //! executes the rest (LoRA kinds in-process, `command` as a child process, GPU kinds on
 //! workers speaking the [`protocol`]); [`inspect`] says what is stale and why; [`verify`]
-//! re-executes a recipe and compares it with its lockfile.
+//! re-executes a recipe and compares it with its lockfile; [`report`] writes a finished run's
+//! static HTML page.
 //!
 //! ```no_run
 //! # fn demo(plan: slider_recipe::Plan) -> Result<(), slider_engine::EngineError> {
@@ -29,6 +30,7 @@ mod journal;
 mod lockfile;
 mod lora_exec;
 pub mod protocol;
+pub mod report;
 mod run;
 pub mod store;
 pub mod verify;

@@ -5,12 +5,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::io;
 use std::path::{Component, Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
 use serde::Deserialize;
-use slider_engine::{Manifest, NodeReport, RunSummary, Store, WorkerKind, kind_versions};
 use slider_recipe::{Input, NodeParams, Plan};
+
+use crate::fsutil::write_atomic;
+use crate::{Manifest, NodeReport, RunSummary, Store, WorkerKind, kind_versions};
 
 /// Where the report of `recipe` goes: beside its lockfile, `eyesize.yaml` ->
 /// `eyesize.report.html`.
@@ -27,16 +29,30 @@ pub fn write_or_warn(
 ) -> Option<PathBuf> {
     let path = report_path(&plan.recipe_path);
     let html = render(&gather(plan, summary, worker_kinds, &path));
-    match slider_toyworld::write_atomic(&path, html.as_bytes()) {
+    match write_atomic(&path, html.as_bytes()) {
         Ok(()) => Some(path),
         Err(e) => {
-            tracing::warn!(
-                "could not write the run report: {:#}",
-                anyhow::Error::from(e)
-            );
+            tracing::warn!("could not write the run report: {e}");
             None
         }
     }
+}
+
+/// Why a loss curve or a quality table is missing from the page; shown there and in a
+/// warning, never returned to the caller.
+#[derive(Debug, thiserror::Error)]
+enum ReportError {
+    #[error("reading {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("parsing {}: {source}", path.display())]
+    Parse {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("expected a `step,loss,...` header, found `{0}`")]
+    LossHeader(String),
+    #[error("no loss values")]
+    NoLossValues,
 }
 
 /// Everything the page shows, read from the plan, the summary and the store.
@@ -181,9 +197,12 @@ fn gather(plan: &Plan, summary: &RunSummary, worker_kinds: &[WorkerKind], report
         };
         let path = store.object_dir(&m.key).join(&file.file);
         let curve = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))
+            .map_err(|source| ReportError::Read {
+                path: path.clone(),
+                source,
+            })
             .and_then(|text| parse_loss_csv(&text))
-            .map_err(|e| format!("{e:#}"));
+            .map_err(|e| e.to_string());
         match &curve {
             Ok(c) if !c.skipped_lines.is_empty() => tracing::warn!(
                 "run report: skipped malformed lines {:?} of {}",
@@ -218,12 +237,19 @@ fn gather(plan: &Plan, summary: &RunSummary, worker_kinds: &[WorkerKind], report
             }),
             Some("json") if matches!(node.params, NodeParams::Evaluate(_)) => {
                 let parsed = std::fs::read(dest)
-                    .with_context(|| format!("reading {}", dest.display()))
-                    .and_then(|bytes| {
-                        serde_json::from_slice::<QualityFile>(&bytes)
-                            .with_context(|| format!("parsing {}", dest.display()))
+                    .map_err(|source| ReportError::Read {
+                        path: dest.clone(),
+                        source,
                     })
-                    .map_err(|e| format!("{e:#}"));
+                    .and_then(|bytes| {
+                        serde_json::from_slice::<QualityFile>(&bytes).map_err(|source| {
+                            ReportError::Parse {
+                                path: dest.clone(),
+                                source,
+                            }
+                        })
+                    })
+                    .map_err(|e| e.to_string());
                 if let Err(e) = &parsed {
                     tracing::warn!("run report: no quality table for `{name}`: {e}");
                 }
@@ -568,12 +594,12 @@ struct LossCurve {
     skipped_lines: Vec<usize>,
 }
 
-fn parse_loss_csv(text: &str) -> Result<LossCurve> {
+fn parse_loss_csv(text: &str) -> Result<LossCurve, ReportError> {
     let mut lines = text.lines().enumerate();
     let header = lines.next().map(|(_, l)| l.trim()).unwrap_or("");
     let mut columns = header.split(',').map(str::trim);
     if columns.next() != Some("step") || columns.next() != Some("loss") {
-        bail!("expected a `step,loss,...` header, found `{header}`");
+        return Err(ReportError::LossHeader(header.to_string()));
     }
     let mut points = Vec::new();
     let mut skipped_lines = Vec::new();
@@ -590,7 +616,7 @@ fn parse_loss_csv(text: &str) -> Result<LossCurve> {
         }
     }
     if points.is_empty() {
-        bail!("no loss values");
+        return Err(ReportError::NoLossValues);
     }
     Ok(LossCurve {
         points,
