@@ -2,7 +2,7 @@
 //! and exactly what changed since a stale node's last successful run (a diff of the
 //! canonical documents its keys were computed from).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
@@ -101,12 +101,7 @@ pub fn status(
     let locked = Lockfile::read(&lockfile_path(&plan.recipe_path)).ok();
     let runner_alive = StoreLock::holder(store_root).is_some();
     let versions = kind_versions(worker_kinds);
-    let index: HashMap<&str, usize> = plan
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.name.as_str(), i))
-        .collect();
+    let index = plan.index_by_name();
     let order = topological(plan);
     let mut produced: Vec<Option<Produced>> = vec![None; plan.nodes.len()];
     let mut out: Vec<Option<NodeStatus>> = vec![None; plan.nodes.len()];

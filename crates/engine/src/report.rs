@@ -133,12 +133,7 @@ fn gather(plan: &Plan, summary: &RunSummary, worker_kinds: &[WorkerKind], report
             outcome.insert(r.name.as_str(), (state, r));
         }
     }
-    let index: HashMap<&str, usize> = plan
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.name.as_str(), i))
-        .collect();
+    let index = plan.index_by_name();
 
     let mut nodes = Vec::new();
     let mut edges = Vec::new();

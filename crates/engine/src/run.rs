@@ -287,12 +287,7 @@ pub fn run(
     }
 
     let n = plan.nodes.len();
-    let index: HashMap<&str, usize> = plan
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.name.as_str(), i))
-        .collect();
+    let index = plan.index_by_name();
     let deps = dependencies(plan);
     let mut consumers = vec![Vec::new(); n];
     for (i, ds) in deps.iter().enumerate() {

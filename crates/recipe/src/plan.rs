@@ -2,7 +2,7 @@
 //! and `slider-engine`. Names and paths here are for people and publishing; the engine keys
 //! nodes by content only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use petgraph::graph::DiGraph;
@@ -22,6 +22,17 @@ pub struct Plan {
     pub graph: DiGraph<usize, ()>,
     /// Where finished outputs are published: node name -> absolute path.
     pub outputs: BTreeMap<String, PathBuf>,
+}
+
+impl Plan {
+    /// Each node's position in `nodes`, by name.
+    pub fn index_by_name(&self) -> HashMap<&str, usize> {
+        self.nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.as_str(), i))
+            .collect()
+    }
 }
 
 /// One node of the plan.
