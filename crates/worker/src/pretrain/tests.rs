@@ -449,3 +449,52 @@ fn solid_colours() {
         config.model.vae_channels, config.model.vae_ch_mult
     );
 }
+
+/// Min-SNR weights are `min(SNR, gamma) / SNR` <= 1 per sample: a huge gamma weights every
+/// timestep 1 (the plain loss, to the bit), a small one lowers the loss of the same batch.
+#[test]
+fn min_snr_weighting_scales_each_samples_loss() {
+    let device = Device::flex();
+    let base = small_config(1, 1);
+    let spec = base.model.spec();
+    let n = 4;
+    let latents = normal(&mut ChaCha8Rng::seed_from_u64(3), [n, 4, 8, 8], &device);
+    let tokenizer = Tokenizer::clip().unwrap();
+    let ids = |c: &str| -> Vec<i64> {
+        tokenizer
+            .tokenize(c, Padding::EndToken)
+            .into_iter()
+            .map(i64::from)
+            .collect()
+    };
+    let captions: Vec<Vec<i64>> = (0..n).map(|i| ids(&format!("disc {i}"))).collect();
+    let empty = ids("");
+    let loss_with = |gamma: Option<f64>| {
+        let config = PretrainConfig {
+            min_snr_gamma: gamma,
+            ..base.clone()
+        };
+        let parts = fresh_parts(&spec, config.seed, &device);
+        let batch = UnetBatch::draw(&config, 0, &latents, &captions, &empty, &device);
+        let mut optimizer = AdamW::new(AdamWConfig::default());
+        let (_, _, loss) = unet_step(
+            &config,
+            parts.unet,
+            parts.text,
+            batch,
+            &NoiseSchedule::stable_diffusion(),
+            &mut optimizer,
+            1e-4,
+            0,
+        )
+        .unwrap();
+        loss
+    };
+    let plain = loss_with(None);
+    assert_eq!(loss_with(Some(1e9)), plain);
+    let weighted = loss_with(Some(0.05));
+    assert!(
+        weighted < plain,
+        "gamma 0.05 gave {weighted}, unweighted {plain}"
+    );
+}
