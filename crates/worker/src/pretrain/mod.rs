@@ -468,15 +468,12 @@ pub fn pretrain(
 
     let latents = encode_corpus(&parts.vae, &corpus.images, 16);
     let tokenizer = Tokenizer::clip().map_err(|e| PretrainError::Config(e.to_string()))?;
-    let tokenize = |caption: &str| -> Vec<i64> {
-        tokenizer
-            .tokenize(caption, Padding::EndToken)
-            .into_iter()
-            .map(i64::from)
-            .collect()
-    };
-    let captions: Vec<Vec<i64>> = corpus.captions.iter().map(|c| tokenize(c)).collect();
-    let empty = tokenize("");
+    let captions: Vec<Vec<i64>> = corpus
+        .captions
+        .iter()
+        .map(|c| token_ids(&tokenizer, c))
+        .collect();
+    let empty = token_ids(&tokenizer, "");
     let schedule = LrSchedule::new(
         ScheduleKind::Cosine,
         config.lr,
@@ -552,6 +549,15 @@ pub fn pretrain(
         final_vae_loss: tail(Stage::Vae),
         final_unet_loss: tail(Stage::Unet),
     })
+}
+
+/// CLIP token ids of `caption`, padded with the end token to 77, as the text encoder takes them.
+fn token_ids(tokenizer: &Tokenizer, caption: &str) -> Vec<i64> {
+    tokenizer
+        .tokenize(caption, Padding::EndToken)
+        .into_iter()
+        .map(i64::from)
+        .collect()
 }
 
 fn check(config: &PretrainConfig, corpus: &Corpus) -> Result<(), PretrainError> {

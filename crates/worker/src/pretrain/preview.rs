@@ -12,7 +12,7 @@ use rand_distr::StandardNormal;
 use super::PretrainError;
 use super::corpus::to_rgb;
 use crate::checkpoint::StableDiffusion;
-use crate::tokenizer::{Padding, Tokenizer};
+use crate::tokenizer::Tokenizer;
 use crate::train::NoiseSchedule;
 use crate::vae::{SD1_SCALING_FACTOR, Vae};
 
@@ -44,11 +44,7 @@ pub fn generate(
     };
     let tokenizer = Tokenizer::clip().map_err(|e| PretrainError::Config(e.to_string()))?;
     let encode = |caption: &str| {
-        let ids: Vec<i64> = tokenizer
-            .tokenize(caption, Padding::EndToken)
-            .into_iter()
-            .map(i64::from)
-            .collect();
+        let ids = super::token_ids(&tokenizer, caption);
         let n = ids.len();
         text.forward(Tensor::<2, Int>::from_data(
             TensorData::new(ids, [1, n]),

@@ -460,15 +460,10 @@ fn min_snr_weighting_scales_each_samples_loss() {
     let n = 4;
     let latents = normal(&mut ChaCha8Rng::seed_from_u64(3), [n, 4, 8, 8], &device);
     let tokenizer = Tokenizer::clip().unwrap();
-    let ids = |c: &str| -> Vec<i64> {
-        tokenizer
-            .tokenize(c, Padding::EndToken)
-            .into_iter()
-            .map(i64::from)
-            .collect()
-    };
-    let captions: Vec<Vec<i64>> = (0..n).map(|i| ids(&format!("disc {i}"))).collect();
-    let empty = ids("");
+    let captions: Vec<Vec<i64>> = (0..n)
+        .map(|i| token_ids(&tokenizer, &format!("disc {i}")))
+        .collect();
+    let empty = token_ids(&tokenizer, "");
     let loss_with = |gamma: Option<f64>| {
         let config = PretrainConfig {
             min_snr_gamma: gamma,
