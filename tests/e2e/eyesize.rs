@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use slider_worker::grid::read_png_text;
 
-use crate::slider_run;
+use crate::{json_of, slider_run};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -42,19 +42,7 @@ const SHORT: &[&str] = &[
 ];
 
 fn run(recipe: &Path) -> Value {
-    let out = slider_run()
-        .arg(recipe)
-        .args(SHORT)
-        .arg("--json")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    json_of(slider_run().arg(recipe).args(SHORT).arg("--json"))
 }
 
 #[test]

@@ -11,7 +11,7 @@ use slider_worker::checkpoint::{StoreDtype, write_random_checkpoint};
 use slider_worker::grid::read_png_text;
 use slider_worker::{LoraNetwork, ModelSpec};
 
-use crate::slider_run;
+use crate::{json_of, slider_run};
 
 /// A random base and a LoRA with non-zero factors on every one of its UNet targets.
 fn setup(dir: &Path) {
@@ -122,18 +122,11 @@ outputs:
 "#;
 
 fn run_recipe(dir: &Path) -> Value {
-    let out = slider_run()
-        .current_dir(dir)
-        .args(["recipe.yaml", "--json"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    json_of(
+        slider_run()
+            .current_dir(dir)
+            .args(["recipe.yaml", "--json"]),
+    )
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde_json::Value;
 use slider_worker::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
 
-use crate::slider_run;
+use crate::{json_of, slider_run};
 
 const RECIPE: &str = r#"
 defaults:
@@ -47,18 +47,11 @@ outputs:
 "#;
 
 fn run(dir: &Path) -> Value {
-    let out = slider_run()
-        .current_dir(dir)
-        .args(["recipe.yaml", "--json"])
-        .output()
-        .expect("slider-run runs");
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("json summary")
+    json_of(
+        slider_run()
+            .current_dir(dir)
+            .args(["recipe.yaml", "--json"]),
+    )
 }
 
 fn names(v: &Value, key: &str) -> Vec<String> {
