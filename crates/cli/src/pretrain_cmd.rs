@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use miette::{IntoDiagnostic, WrapErr};
 use slider_engine::CancelToken;
 use slider_worker::open_device;
+use slider_worker::pretrain::caption_gain;
 use slider_worker::pretrain::{
     Corpus, PretrainConfig, PretrainError, PreviewConfig, TinyBase, pretrain, preview,
 };
@@ -221,6 +222,16 @@ pub fn run(args: PretrainArgs, quiet: bool) -> miette::Result<ExitCode> {
         println!(
             "final loss  vae {:.4}, unet {:.4} (mean of the last 50 steps); latent std before scaling {:.3}",
             outcome.final_vae_loss, outcome.final_unet_loss, outcome.latent_std
+        );
+        let gain = outcome.caption_gain;
+        println!(
+            "captions    the right caption lowers the denoising loss by {:.1}% ({:.4} vs {:.4} with another image's caption; {} probes, t {}..{})",
+            100.0 * gain.gain(),
+            gain.own,
+            gain.other,
+            caption_gain::PROBES,
+            caption_gain::TIMESTEPS.start,
+            caption_gain::TIMESTEPS.end
         );
         println!(
             "time        {seconds:.0} s this invocation ({} vae + {} unet steps in all)",

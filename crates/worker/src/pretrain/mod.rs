@@ -28,6 +28,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod caption_gain;
 pub mod corpus;
 pub mod latent_scale;
 pub mod params;
@@ -43,6 +44,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 
+pub use caption_gain::CaptionGain;
 pub use corpus::Corpus;
 pub use preview::PreviewConfig;
 
@@ -325,6 +327,8 @@ pub struct PretrainOutcome {
     pub final_vae_loss: f32,
     /// Same, UNet stage.
     pub final_unet_loss: f32,
+    /// How much the right caption lowers the UNet's loss ([`caption_gain`]).
+    pub caption_gain: CaptionGain,
 }
 
 /// The parts being trained.
@@ -516,6 +520,20 @@ pub fn pretrain(
         }
     }
     save(&parts, &optimizer, &run)?;
+    let caption_gain = caption_gain::measure(
+        &parts.unet,
+        &parts.text,
+        &latents,
+        &captions,
+        &noise_schedule,
+        config.batch_size,
+    )?;
+    tracing::info!(
+        own = caption_gain.own,
+        other = caption_gain.other,
+        gain = caption_gain.gain(),
+        "denoising loss with the right caption and with another image's"
+    );
 
     let model = StableDiffusion {
         spec,
@@ -548,6 +566,7 @@ pub fn pretrain(
         reconstructions,
         final_vae_loss: tail(Stage::Vae),
         final_unet_loss: tail(Stage::Unet),
+        caption_gain,
     })
 }
 
