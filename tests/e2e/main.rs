@@ -4,6 +4,7 @@ mod eyesize;
 mod lora_tools;
 mod model;
 mod pipeline;
+mod pretrain;
 mod sample;
 mod toyworld;
 mod train;

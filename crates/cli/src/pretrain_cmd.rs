@@ -14,7 +14,7 @@ use slider_engine::CancelToken;
 use slider_worker::open_device;
 use slider_worker::pretrain::caption_gain;
 use slider_worker::pretrain::{
-    Corpus, PretrainConfig, PretrainError, PreviewConfig, TinyBase, pretrain, preview,
+    Corpus, PretrainConfig, PretrainError, PreviewConfig, Stage, TinyBase, pretrain, preview,
 };
 use slider_worker::{Checkpoint, StableDiffusion};
 
@@ -80,6 +80,11 @@ pub struct PretrainArgs {
     /// Save the resumable state every N steps.
     #[arg(long, default_value_t = 100)]
     checkpoint_every: usize,
+    /// Pause (save the state and exit 0) once the UNet stage has done this many steps, e.g.
+    /// to go on later with another `--unet-steps` (docs/pretrain.md: the shipped base was
+    /// made so). No effect when the state is already at or past it.
+    #[arg(long, value_name = "STEP")]
+    stop_at_unet_step: Option<usize>,
     /// Captions of the preview grid's rows (repeatable).
     #[arg(long = "preview-caption")]
     preview_captions: Vec<String>,
@@ -156,7 +161,8 @@ pub fn run(args: PretrainArgs, quiet: bool) -> miette::Result<ExitCode> {
             if p.step % 50 == 0 {
                 tracing::info!(stage = %p.stage, step = p.step, loss = p.loss, "pretraining");
             }
-            if cancel.is_cancelled() {
+            let pause = p.stage == Stage::Unet && Some(p.step) == args.stop_at_unet_step;
+            if cancel.is_cancelled() || pause {
                 stop.store(true, Ordering::Relaxed);
             }
         },
@@ -165,6 +171,14 @@ pub fn run(args: PretrainArgs, quiet: bool) -> miette::Result<ExitCode> {
     bar.finish_and_clear();
     let outcome = match result {
         Ok(o) => o,
+        Err(PretrainError::Stopped { stage, step })
+            if stage == Stage::Unet && Some(step) == args.stop_at_unet_step =>
+        {
+            eprintln!(
+                "paused at step {step} of the {stage} stage (--stop-at-unet-step); run again to go on"
+            );
+            return Ok(ExitCode::SUCCESS);
+        }
         Err(PretrainError::Stopped { stage, step }) => {
             eprintln!(
                 "stopped at step {step} of the {stage} stage; run the same command to resume"
