@@ -35,7 +35,11 @@ impl CaptionGain {
     /// `1 - own / other`: 0 when the captions make no difference, larger the more the right
     /// caption helps (negative would mean a wrong caption helps more).
     pub fn gain(&self) -> f32 {
-        1.0 - self.own / self.other
+        if self.other > 0.0 {
+            1.0 - self.own / self.other
+        } else {
+            0.0
+        }
     }
 }
 
@@ -52,7 +56,8 @@ pub fn measure(
 ) -> Result<CaptionGain, DdpmError> {
     let device = latents.device();
     let [n, c, h, w] = latents.dims();
-    let m = PROBES.min(n).min(captions.len());
+    let n = n.min(captions.len());
+    let m = PROBES.min(n);
     if m == 0 {
         return Ok(CaptionGain {
             own: 0.0,
