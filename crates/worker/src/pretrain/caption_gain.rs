@@ -122,17 +122,7 @@ mod tests {
 
     fn model() -> (UNet, ClipTextModel, Device) {
         let device = Device::flex();
-        let spec = TinyBase {
-            unet_channels: 32,
-            unet_heads: 2,
-            vae_channels: 32,
-            vae_ch_mult: vec![1, 1, 1],
-            text_width: 32,
-            text_layers: 1,
-            text_heads: 2,
-            text_mlp: 64,
-        }
-        .spec();
+        let spec = TinyBase::small_test().spec();
         // Random everywhere (no zero-initialised outputs), so the prediction depends on the
         // text from the start.
         let unet = spec.unet.init(&device);

@@ -199,6 +199,21 @@ impl Default for TinyBase {
 }
 
 impl TinyBase {
+    /// Half the widths and one text layer: the model the unit tests train in seconds.
+    #[cfg(test)]
+    pub(crate) fn small_test() -> Self {
+        Self {
+            unet_channels: 32,
+            unet_heads: 2,
+            vae_channels: 32,
+            vae_ch_mult: vec![1, 1, 1],
+            text_width: 32,
+            text_layers: 1,
+            text_heads: 2,
+            text_mlp: 64,
+        }
+    }
+
     /// The checkpoint architecture: SD1 family, CLIP-L layout with the full 49408-token
     /// vocabulary (so CLIP's tokenizer works unchanged) and 77 positions.
     pub fn spec(&self) -> ModelSpec {

@@ -43,16 +43,7 @@ fn write_corpus(dir: &Path) {
 
 fn small_config(vae_steps: usize, unet_steps: usize) -> PretrainConfig {
     PretrainConfig {
-        model: TinyBase {
-            unet_channels: 32,
-            unet_heads: 2,
-            vae_channels: 32,
-            vae_ch_mult: vec![1, 1, 1],
-            text_width: 32,
-            text_layers: 1,
-            text_heads: 2,
-            text_mlp: 64,
-        },
+        model: TinyBase::small_test(),
         seed: 11,
         vae_steps,
         unet_steps,
