@@ -69,6 +69,7 @@ pub fn measure(
     let timesteps: Vec<usize> = (0..m).map(|k| TIMESTEPS.start + k * span / m).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(PROBE_SEED);
     let noise: Tensor<4> = normal(&mut rng, [m, c, h, w], &device);
+    let width = captions[picks[0]].len();
 
     let (mut own, mut other) = (0.0f64, 0.0f64);
     for start in (0..m).step_by(batch.max(1)) {
@@ -89,19 +90,19 @@ pub fn measure(
             ),
             &device,
         );
-        let squared_error = |caption_of: &dyn Fn(usize) -> usize| {
-            let ids: Vec<i64> = rows
-                .clone()
-                .flat_map(|k| captions[caption_of(k)].iter().copied())
+        // Sum of squared errors with the captions of these corpus images, one per row.
+        let squared_error = |caption_rows: Vec<usize>| {
+            let ids: Vec<i64> = caption_rows
+                .iter()
+                .flat_map(|&i| captions[i].iter().copied())
                 .collect();
-            let width = captions[picks[0]].len();
             let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [len, width]), &device);
             let context = text.forward(ids).last;
             let pred = unet.forward(noisy.clone(), t.clone(), context, None);
             f64::from((pred - noise.clone()).square().sum().into_scalar::<f32>())
         };
-        own += squared_error(&|k| picks[k]);
-        other += squared_error(&|k| picks[(k + 1) % m]);
+        own += squared_error(rows.clone().map(|k| picks[k]).collect());
+        other += squared_error(rows.clone().map(|k| picks[(k + 1) % m]).collect());
     }
     let count = (m * c * h * w) as f64;
     Ok(CaptionGain {
