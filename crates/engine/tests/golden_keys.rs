@@ -1,0 +1,166 @@
+//! The node keys of the shipped recipes, pinned. A key is blake3 of the canonical
+//! serialisation of a node's typed parameters, so renaming a field, changing a default or
+//! changing how a value is written would silently invalidate every user's store. This test
+//! makes such a change fail; when it is made on purpose, update the table and say so in
+//! docs/architecture.md ("What is in a key").
+//!
+//! Input nodes are given fixed stand-in hashes (blake3 of their name), so every node of the
+//! plan has a key without running anything; code versions are fixed at 0 here (they are
+//! pinned by each kind's own golden-bytes test).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use slider_engine::fingerprint::{FileHashMemo, fingerprint};
+use slider_recipe::Input;
+
+fn keys_of(recipe: &str) -> BTreeMap<String, String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../recipes")
+        .join(recipe);
+    let plan = slider_recipe::load(&path, &[]).expect("shipped recipe compiles");
+    let mut memo = FileHashMemo::default();
+    plan.nodes
+        .iter()
+        .map(|node| {
+            let fp = fingerprint(&node.params, 0, |input| match input {
+                Input::File(p) => Ok(Some(memo.hash(p).expect("input file readable"))),
+                Input::Node(n) => Ok(Some(blake3::hash(n.as_bytes()).to_hex().to_string())),
+            })
+            .expect("fingerprint");
+            (node.name.clone(), fp.key.expect("all inputs known"))
+        })
+        .collect()
+}
+
+fn print_table(keys: &BTreeMap<String, String>) -> String {
+    keys.iter()
+        .map(|(n, k)| format!("        (\"{n}\", \"{k}\"),\n"))
+        .collect()
+}
+
+#[test]
+fn shipped_recipes_keep_their_node_keys() {
+    for (recipe, pinned) in PINNED {
+        let keys = keys_of(recipe);
+        let want: BTreeMap<String, String> = pinned
+            .iter()
+            .map(|(n, k)| (n.to_string(), k.to_string()))
+            .collect();
+        assert_eq!(
+            keys,
+            want,
+            "the keys of {recipe} changed; if on purpose, pin these:\n{}",
+            print_table(&keys)
+        );
+    }
+}
+
+type Pinned = &'static [(&'static str, &'static str)];
+
+const PINNED: [(&str, Pinned); 2] = [("eyesize.yaml", EYESIZE), ("merge-only.yaml", MERGE_ONLY)];
+
+const EYESIZE: Pinned = &[
+    (
+        "big_45deg",
+        "173fe5c12f2e2b5c9f2ca385c43a1aea056757c6a30d758c81fbce8675e4a6fc",
+    ),
+    (
+        "big_front",
+        "acf03631f7fb8b27426c1eda69fb0a155b0a4d42c4f789c85579d7bd8e7ff3d8",
+    ),
+    (
+        "big_side",
+        "f0239ed179b4c5a9a4d6bc6865116a16e9ff2c942626f62ea2b0bf38ab283b42",
+    ),
+    (
+        "check_big_45deg",
+        "8da78a5dec5f1cc3b8963f944af6da2fdc8cb1dd7406f505f9922bdfdc43b48a",
+    ),
+    (
+        "check_big_front",
+        "84dfaaae331184d9ad2a4dc5fa5681fd12d65615eea8f8926e39670ede830d7c",
+    ),
+    (
+        "check_big_side",
+        "0d5d84a054e829b32fc9340c03cd5f3129aafd7469c55ec95ca5a32fa006ff64",
+    ),
+    (
+        "check_eyesize",
+        "3242d004ded1681b5e37932fd62beebfc39c4472507466756ae93e94f828c668",
+    ),
+    (
+        "check_small_45deg",
+        "51e94e9b9d95f7e5f6cfea961bc5ba2cfc29836dbcdf4481369256b84f997e31",
+    ),
+    (
+        "check_small_front",
+        "f250c5fe7c9709a76423860a29869f404ed9a232b6d4772f213c8249a46a0821",
+    ),
+    (
+        "check_small_side",
+        "62d38e6eecadb7d6ac8ce39aa242a39a558407086e3804c92ea03015ec3e88e9",
+    ),
+    (
+        "eyesize",
+        "83e1f21f4b3495c3ded70fc69cd6656ac86733944d89abdb7a6e04612a42d7bc",
+    ),
+    (
+        "quality_eyesize",
+        "35b7d39457f0ac50c94759160a273fe14fbd47a2fc9662144c2188915906513e",
+    ),
+    (
+        "quality_side",
+        "39e8ba5b51f919d7fea4a2af72c611316fc74276b4488147621be9253d11c62c",
+    ),
+    (
+        "slider",
+        "328ac60ccae72b9f2e47b7ea5d74c0bd60296a59c98f38dded3a90d273aeb88a",
+    ),
+    (
+        "slider_45deg",
+        "2af20639d441e5fb85c724aee7f28feaab9345ed3f9c1b3e7784ded6c48fdac0",
+    ),
+    (
+        "slider_front",
+        "77cfa7afaad5887dbc57d962a7d92263c13fc8b5ac14d5ee3f1969bf0d79e9e9",
+    ),
+    (
+        "slider_side",
+        "632c499e0f4d21695664ce5cf16d528550f4a3ab96eda5102203e03e755990e5",
+    ),
+    (
+        "small_45deg",
+        "92830fe465838e615330348993b67f90345e99245e0dd2fc43a91548154177f4",
+    ),
+    (
+        "small_front",
+        "ac1057a359de6a70b4965ed1a905314e411e8262d0ec0ccc8e55e89573a76ec2",
+    ),
+    (
+        "small_side",
+        "3fc3a6b9e3af49ddfc0b50cd10a91be281f335d98b9245c997ae7b32a297c848",
+    ),
+];
+const MERGE_ONLY: Pinned = &[
+    (
+        "eyesize",
+        "83e1f21f4b3495c3ded70fc69cd6656ac86733944d89abdb7a6e04612a42d7bc",
+    ),
+    (
+        "slider",
+        "15e8153bf6c3ec09c8efcc8130d98ae15974af8b4672ab8eebad25442248b611",
+    ),
+    (
+        "slider_45deg",
+        "0ed7030314f9c2850ad819beaf009e7345cff2f3b65e78244f0b2ab5ab739040",
+    ),
+    (
+        "slider_front",
+        "d7a92b9a3494dd2e6099012297d385c84c27d26bf44426bf6d21d848372f6ab1",
+    ),
+    (
+        "slider_side",
+        "8a2942dfddf58814de356ff517b8446b182cd07a7c9ebf0c11ad525f6d00a3d7",
+    ),
+];
