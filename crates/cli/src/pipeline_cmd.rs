@@ -510,20 +510,23 @@ fn gc(keep: &[PathBuf], store: Option<PathBuf>, json: bool) -> miette::Result<Ex
 }
 
 fn worker(device: &str) -> miette::Result<ExitCode> {
-    let kinds: Vec<String> = worker_kinds().into_iter().map(|k| k.kind).collect();
+    let kinds: Vec<(String, u32)> = worker_kinds()
+        .into_iter()
+        .map(|k| (k.kind, k.code_version))
+        .collect();
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
-    protocol::serve_worker(device, &kinds, stdin, stdout, |req, progress| {
+    protocol::serve(device, &kinds, stdin, stdout, |req, progress| {
+        let params = serde_json::to_value(&req.params).map_err(|e| e.to_string())?;
         let resolve = |input: &serde_json::Value| {
-            req.inputs
-                .iter()
-                .find(|i| &i.input == input)
-                .map(|i| i.path.clone())
+            serde_json::from_value::<slider_recipe::Input>(input.clone())
+                .ok()
+                .and_then(|i| req.path_of(&i).map(Path::to_path_buf))
         };
         match req.kind.as_str() {
-            "train" => worker_train(req, device, resolve, progress),
-            "xy_plot" => worker_xy_plot(req, device, resolve, progress),
-            "evaluate" => worker_evaluate(req, device, resolve, progress),
+            "train" => worker_train(req, &params, device, resolve, progress),
+            "xy_plot" => worker_xy_plot(req, &params, device, resolve, progress),
+            "evaluate" => worker_evaluate(req, &params, device, resolve, progress),
             other => Err(format!("no executor for `{other}` in this build")),
         }
     })
@@ -533,11 +536,12 @@ fn worker(device: &str) -> miette::Result<ExitCode> {
 
 fn worker_train(
     req: &protocol::Request,
+    params: &serde_json::Value,
     device: &str,
     resolve: impl Fn(&serde_json::Value) -> Option<PathBuf>,
     progress: &mut dyn FnMut(slider_engine::Progress),
 ) -> Result<Vec<protocol::WorkerOutput>, String> {
-    let config = TrainConfig::from_node_params(&req.params, resolve).map_err(|e| e.to_string())?;
+    let config = TrainConfig::from_node_params(params, resolve).map_err(|e| e.to_string())?;
     let dev = slider_worker::open_device(device).map_err(|e| e.to_string())?;
     let stop = AtomicBool::new(false);
     train(
@@ -568,11 +572,12 @@ fn worker_train(
 
 fn worker_xy_plot(
     req: &protocol::Request,
+    params: &serde_json::Value,
     device: &str,
     resolve: impl Fn(&serde_json::Value) -> Option<PathBuf>,
     progress: &mut dyn FnMut(slider_engine::Progress),
 ) -> Result<Vec<protocol::WorkerOutput>, String> {
-    let config = XyPlotConfig::from_node_params(&req.params, resolve).map_err(|e| e.to_string())?;
+    let config = XyPlotConfig::from_node_params(params, resolve).map_err(|e| e.to_string())?;
     let dev = slider_worker::open_device(device).map_err(|e| e.to_string())?;
     xy_plot::run(&config, &req.output_dir, &dev, |p| {
         progress(slider_engine::Progress {
@@ -591,12 +596,13 @@ fn worker_xy_plot(
 
 fn worker_evaluate(
     req: &protocol::Request,
+    params: &serde_json::Value,
     device: &str,
     resolve: impl Fn(&serde_json::Value) -> Option<PathBuf>,
     progress: &mut dyn FnMut(slider_engine::Progress),
 ) -> Result<Vec<protocol::WorkerOutput>, String> {
     let config =
-        EvaluateConfig::from_node_params(&req.params, resolve).map_err(|e| e.to_string())?;
+        EvaluateConfig::from_node_params(params, resolve).map_err(|e| e.to_string())?;
     let dev = slider_worker::open_device(device).map_err(|e| e.to_string())?;
     evaluate::run(&config, &req.output_dir, &dev, |p| {
         progress(slider_engine::Progress {

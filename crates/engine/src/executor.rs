@@ -7,7 +7,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use serde::{Deserialize, Serialize};
 use slider_recipe::{Input, NodeParams};
 
 use crate::cancel::CancelToken;
@@ -19,18 +18,7 @@ pub enum Placement {
     Worker,
 }
 
-/// A progress report from a running node.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Progress {
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub total: Option<u64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub loss: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
-}
+pub use slider_protocol::Progress;
 
 /// Why a node did not produce its outputs.
 #[derive(Debug, thiserror::Error)]

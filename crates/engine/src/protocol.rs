@@ -1,22 +1,9 @@
-//! The worker protocol and the engine's worker pool.
-//!
-//! A worker (`slider-run worker --device D`) speaks JSON lines: one JSON object per line on
-//! stdin (from the engine) and stdout (to the engine); anything else goes to stderr.
-//!
-//! ```text
-//! worker -> engine  {"type":"hello","kinds":["train"],"device":"cpu","version":"0.1.0"}
-//! engine -> worker  {"type":"run","node":"small_front","key":"…","kind":"train","params":{…},
-//!                    "inputs":[{"input":{"File":"/…/a.png"},"path":"/…/a.png"}],
-//!                    "work_dir":"/…/work/<key>","output_dir":"/…/tmp/<key>-…"}
-//! worker -> engine  {"type":"progress","step":10,"total":400,"loss":0.12,"message":"…"}
-//! worker -> engine  {"type":"result","outputs":[{"name":"lora","file":"lora.safetensors"}]}
-//!                or {"type":"error","message":"…"}
-//! engine -> worker  {"type":"shutdown"}            (or stdin closed: the worker exits)
-//! ```
-//! Output files are written inside `output_dir`; the first output is the primary one. The
-//! engine runs one worker per device, one request at a time; a worker that dies fails its
-//! node (not the run) and is restarted for the next request.
+//! The engine's side of the worker protocol: a pool of worker processes, one per device.
+//! The messages themselves are `slider_protocol::worker`'s (their wire format is documented
+//! there). The engine runs one worker per device, one request at a time; a worker that dies
+//! fails its node (not the run) and is restarted for the next request.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -25,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use slider_recipe::Input;
+pub use slider_protocol::worker::{
+    EngineMessage, Request, RequestInput, WorkerMessage, WorkerOutput, serve, to_line,
+};
 
 use crate::cancel::CancelToken;
 use crate::child;
@@ -35,61 +22,6 @@ use crate::executor::{ExecError, Executor, Job, Placement, Produced, Progress};
 
 /// How long a starting worker may take to say hello (loading a backend can be slow).
 const HELLO_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A message from a worker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum WorkerMessage {
-    Hello {
-        kinds: Vec<String>,
-        device: String,
-        #[serde(default)]
-        version: String,
-    },
-    Progress(Progress),
-    Result {
-        outputs: Vec<WorkerOutput>,
-    },
-    Error {
-        message: String,
-    },
-}
-
-/// One output file a worker wrote into `output_dir`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WorkerOutput {
-    pub name: String,
-    pub file: String,
-}
-
-/// A message to a worker.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum EngineMessage {
-    Run(Request),
-    Shutdown,
-}
-
-/// One node for a worker to execute.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Request {
-    pub node: String,
-    pub key: String,
-    pub kind: String,
-    /// The node's parameters as `slider_recipe::NodeParams` serialises them.
-    pub params: Value,
-    /// Every input with the file holding its content.
-    pub inputs: Vec<RequestInput>,
-    /// Persistent across interrupted runs: checkpoints go here.
-    pub work_dir: PathBuf,
-    pub output_dir: PathBuf,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RequestInput {
-    pub input: Value,
-    pub path: PathBuf,
-}
 
 /// A node kind the worker program of this build supports, with its code version.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -105,6 +37,8 @@ enum PoolEvent {
 
 struct PoolJob {
     request: Request,
+    /// The runner's code version of the request's kind (part of the node's key).
+    code_version: u32,
     events: Sender<PoolEvent>,
 }
 
@@ -149,6 +83,7 @@ impl WorkerPool {
     pub fn run(
         &self,
         request: Request,
+        code_version: u32,
         progress: &dyn Fn(Progress),
     ) -> Result<Vec<WorkerOutput>, ExecError> {
         let (tx, rx) = mpsc::channel();
@@ -163,6 +98,7 @@ impl WorkerPool {
             queue
                 .send(PoolJob {
                     request,
+                    code_version,
                     events: tx,
                 })
                 .map_err(|_| ExecError::Failed("worker pool is shut down".into()))?;
@@ -193,6 +129,7 @@ struct Running {
     stdin: ChildStdin,
     messages: Receiver<Result<WorkerMessage, String>>,
     kinds: Vec<String>,
+    code_versions: BTreeMap<String, u32>,
 }
 
 /// One device: owns its worker process (spawned from this long-lived thread, so the
@@ -217,7 +154,9 @@ impl Slot {
             let _ = job.events.send(PoolEvent::Done(result));
         }
         if let Some(mut running) = self.proc.take() {
-            let _ = writeln!(running.stdin, "{}", json_line(&EngineMessage::Shutdown));
+            if let Ok(line) = to_line(&EngineMessage::Shutdown) {
+                let _ = writeln!(running.stdin, "{line}");
+            }
             drop(running.stdin);
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             while std::time::Instant::now() < deadline {
@@ -245,7 +184,18 @@ impl Slot {
                 running.kinds.join(", ")
             )));
         }
-        let line = json_line(&EngineMessage::Run(job.request.clone()));
+        if let Some(theirs) = running.code_versions.get(&job.request.kind)
+            && *theirs != job.code_version
+        {
+            return Err(ExecError::Failed(format!(
+                "the worker on {} runs `{}` at code version {theirs}, this runner keys it at \
+                 version {}: the worker program is another build of slider-run; use the same \
+                 build for both",
+                self.device, job.request.kind, job.code_version
+            )));
+        }
+        let line = to_line(&EngineMessage::Run(Box::new(job.request.clone())))
+            .map_err(|e| ExecError::Failed(format!("cannot encode the request: {e}")))?;
         if writeln!(running.stdin, "{line}")
             .and_then(|_| running.stdin.flush())
             .is_err()
@@ -356,13 +306,19 @@ impl Slot {
             }
         });
         match messages.recv_timeout(HELLO_TIMEOUT) {
-            Ok(Ok(WorkerMessage::Hello { kinds, device, .. })) => {
-                tracing::debug!("worker on {device} supports {kinds:?}");
+            Ok(Ok(WorkerMessage::Hello {
+                kinds,
+                device,
+                code_versions,
+                ..
+            })) => {
+                tracing::debug!("worker on {device} supports {kinds:?} ({code_versions:?})");
                 Ok(Running {
                     child: proc,
                     stdin,
                     messages,
                     kinds,
+                    code_versions,
                 })
             }
             other => {
@@ -380,73 +336,6 @@ impl Slot {
             }
         }
     }
-}
-
-/// The worker side of the protocol: says hello, then serves requests from `input` until
-/// it closes or asks to shut down. `handler` runs one request (reporting progress through
-/// its callback) and returns the output files or an error message.
-pub fn serve_worker(
-    device: &str,
-    kinds: &[String],
-    input: impl BufRead,
-    mut output: impl Write,
-    mut handler: impl FnMut(&Request, &mut dyn FnMut(Progress)) -> Result<Vec<WorkerOutput>, String>,
-) -> std::io::Result<()> {
-    let send = |out: &mut dyn Write, msg: &WorkerMessage| -> std::io::Result<()> {
-        let line = serde_json::to_string(msg).map_err(std::io::Error::other)?;
-        writeln!(out, "{line}")?;
-        out.flush()
-    };
-    send(
-        &mut output,
-        &WorkerMessage::Hello {
-            kinds: kinds.to_vec(),
-            device: device.to_string(),
-            version: env!("CARGO_PKG_VERSION").into(),
-        },
-    )?;
-    for line in input.lines() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let reply = match serde_json::from_str::<EngineMessage>(&line) {
-            Ok(EngineMessage::Shutdown) => return Ok(()),
-            Ok(EngineMessage::Run(req)) => {
-                let result = if kinds.contains(&req.kind) {
-                    let out = &mut output;
-                    // A failed progress write shows up again when the reply is sent.
-                    let mut report = |p: Progress| {
-                        let _ = send(out, &WorkerMessage::Progress(p));
-                    };
-                    handler(&req, &mut report)
-                } else {
-                    Err(format!(
-                        "this build of slider-run's worker cannot run `{}` nodes (it supports: {})",
-                        req.kind,
-                        if kinds.is_empty() {
-                            "nothing yet".to_string()
-                        } else {
-                            kinds.join(", ")
-                        }
-                    ))
-                };
-                match result {
-                    Ok(outputs) => WorkerMessage::Result { outputs },
-                    Err(message) => WorkerMessage::Error { message },
-                }
-            }
-            Err(e) => WorkerMessage::Error {
-                message: format!("malformed request: {e}"),
-            },
-        };
-        send(&mut output, &reply)?;
-    }
-    Ok(())
-}
-
-fn json_line(msg: &EngineMessage) -> String {
-    serde_json::to_string(msg).unwrap_or_else(|_| "{\"type\":\"shutdown\"}".into())
 }
 
 /// Runs one worker-placed kind through a [`WorkerPool`].
@@ -474,13 +363,11 @@ impl Executor for WorkerExecutor {
     }
 
     fn execute(&self, job: &Job) -> Result<Vec<Produced>, ExecError> {
-        let params = serde_json::to_value(job.params)
-            .map_err(|e| ExecError::Failed(format!("serialising params: {e}")))?;
         let inputs = job
             .inputs
             .iter()
             .map(|(input, path)| RequestInput {
-                input: input_json(input),
+                input: input.clone(),
                 path: path.clone(),
             })
             .collect();
@@ -488,12 +375,12 @@ impl Executor for WorkerExecutor {
             node: job.node.to_string(),
             key: job.key.to_string(),
             kind: self.kind.clone(),
-            params,
+            params: job.params.clone(),
             inputs,
             work_dir: job.work_dir.unwrap_or(job.scratch_dir).to_path_buf(),
             output_dir: job.out_dir.to_path_buf(),
         };
-        let outputs = self.pool.run(request, &|p| {
+        let outputs = self.pool.run(request, self.code_version, &|p| {
             if let Some(m) = &p.message {
                 job.log.line(m);
             }
@@ -529,10 +416,6 @@ impl Executor for WorkerExecutor {
             })
             .collect()
     }
-}
-
-fn input_json(input: &Input) -> Value {
-    serde_json::to_value(input).unwrap_or(Value::Null)
 }
 
 #[cfg(test)]

@@ -387,7 +387,7 @@ fn gc_keeps_only_what_lockfiles_reference() {
     assert_eq!(go(&diamond(dir.path(), "two", ""), &store).ran.len(), 0);
 }
 
-fn train(base: Input) -> NodeParams {
+pub(crate) fn train(base: Input) -> NodeParams {
     NodeParams::Train(slider_recipe::TrainParams {
         base,
         images: vec![],
@@ -401,18 +401,19 @@ fn train(base: Input) -> NodeParams {
         conv_dim: None,
         conv_alpha: None,
         network_train_unet_only: true,
-        lr_scheduler: "constant".into(),
+        lr_scheduler: slider_recipe::LrScheduler::Constant,
         lr_warmup_steps: 0,
-        optimizer_type: "CAME".into(),
+        optimizer_type: slider_recipe::Optimizer::Came,
         optimizer_args: BTreeMap::new(),
         seed: 1,
         resolution: 64,
         noise_offset: 0.0,
         min_snr_gamma: None,
-        mixed_precision: "no".into(),
+        mixed_precision: slider_recipe::MixedPrecision::No,
         gradient_checkpointing: false,
         save_precision: Precision::Float,
         checkpoint_every: 0,
+        training_comment: String::new(),
     })
 }
 

@@ -49,7 +49,7 @@ use std::path::Path;
 
 pub use compile::TOP_KEYS;
 pub use diag::{Location, Problem, RecipeError};
-pub use params::{KINDS, LR_SCHEDULERS, MIXED_PRECISIONS, OPTIMIZERS, SAMPLERS, param_names};
+pub use params::{KINDS, param_names};
 pub use plan::*;
 
 /// Parse, expand, validate and compile a recipe file. `overrides` are `--set` strings such

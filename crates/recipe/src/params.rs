@@ -67,6 +67,7 @@ pub fn param_names(kind: &str) -> &'static [&'static str] {
             "gradient_checkpointing",
             "save_precision",
             "checkpoint_every",
+            "training_comment",
         ],
         "xy_plot" => &[
             "base",
@@ -102,17 +103,6 @@ pub fn param_names(kind: &str) -> &'static [&'static str] {
 /// Kinds whose `base` defaults to the recipe's top-level `base`.
 pub const KINDS_WITH_BASE: [&str; 3] = ["train", "xy_plot", "evaluate"];
 
-pub const LR_SCHEDULERS: [&str; 6] = [
-    "constant",
-    "constant_with_warmup",
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-];
-pub const OPTIMIZERS: [&str; 2] = ["AdamW", "CAME"];
-pub const MIXED_PRECISIONS: [&str; 3] = ["no", "fp16", "bf16"];
-pub const SAMPLERS: [&str; 4] = ["ddim", "euler", "euler_a", "dpmpp_2m"];
 pub const AXES: [&str; 4] = ["weight", "seed", "prompt", "lora"];
 
 /// What a node reference must produce to fit the slot it is used in.
@@ -275,6 +265,13 @@ impl Fields<'_> {
         );
     }
 
+    /// A value that is valid kohya but that this build cannot honour: refused rather than
+    /// ignored.
+    fn not_implemented(&mut self, span: Span, message: String, label: &str, help: &str) {
+        self.diags
+            .push(Diag::new("recipe::not_implemented", message, span, label.to_owned()).help(help));
+    }
+
     fn bad_value(&mut self, span: Span, message: String, label: &str, help: String) {
         self.diags
             .push(Diag::new("recipe::bad_value", message, span, label.to_owned()).help(help));
@@ -422,6 +419,17 @@ impl Fields<'_> {
             .help(help),
         );
         None
+    }
+
+    /// One value of a protocol choice enum, by its recipe name.
+    fn named<T: Copy>(
+        &mut self,
+        key: &str,
+        names: &[&'static str],
+        from_name: impl Fn(&str) -> Option<T>,
+    ) -> Got<(T, Span)> {
+        let (name, span) = self.choice(key, names)?;
+        from_name(name).map(|v| (v, span))
     }
 
     fn precision(&mut self, key: &str) -> Option<Precision> {
@@ -826,8 +834,9 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
     let network_train_unet_only = f.bool_or("network_train_unet_only", false);
     let warmup = f.whole("lr_warmup_steps");
     let lr_warmup_steps = warmup.map_or(0, |(w, _)| w as usize);
-    let lr_scheduler = match f.choice("lr_scheduler", &LR_SCHEDULERS) {
-        Some(("constant", span)) if lr_warmup_steps > 0 => {
+    let schedulers = LrScheduler::names();
+    let lr_scheduler = match f.named("lr_scheduler", &schedulers, LrScheduler::from_name) {
+        Some((LrScheduler::Constant, span)) if lr_warmup_steps > 0 => {
             let d = Diag::new(
                 "recipe::bad_value",
                 "`lr_warmup_steps` needs a scheduler with warmup, but `lr_scheduler` is `constant`",
@@ -843,29 +852,68 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
                 None => d,
             };
             f.diags.push(d);
-            "constant"
+            LrScheduler::Constant
         }
         Some((s, _)) => s,
-        None if lr_warmup_steps > 0 => "constant_with_warmup",
-        None => "constant",
+        None if lr_warmup_steps > 0 => LrScheduler::ConstantWithWarmup,
+        None => LrScheduler::Constant,
     };
     let optimizer_type = match f.get("optimizer_type") {
-        Some(y) if matches!(&y.value, Value::Str(s) if s.is_empty()) => "AdamW",
+        Some(y) if matches!(&y.value, Value::Str(s) if s.is_empty()) => Optimizer::AdamW,
         _ => f
-            .choice("optimizer_type", &OPTIMIZERS)
-            .map_or("AdamW", |(c, _)| c),
+            .named("optimizer_type", &Optimizer::names(), Optimizer::from_name)
+            .map_or(Optimizer::AdamW, |(c, _)| c),
     };
     let optimizer_args = optimizer_args(f);
     let seed = f.whole("seed").map_or(0, |(s, _)| s);
     let resolution = f.count_or("resolution", 512, 64);
     let noise_offset = f.f64_or("noise_offset", 0.0);
     let min_snr_gamma = f.opt_f64("min_snr_gamma");
-    let mixed_precision = f
-        .choice("mixed_precision", &MIXED_PRECISIONS)
-        .map_or("no", |(c, _)| c);
+    let mixed_precision = match f.named(
+        "mixed_precision",
+        &MixedPrecision::names(),
+        MixedPrecision::from_name,
+    ) {
+        Some((MixedPrecision::No, _)) | None => MixedPrecision::No,
+        Some((other, span)) => {
+            f.not_implemented(
+                span,
+                format!("`mixed_precision: {other}` is not implemented yet"),
+                "the trainer holds every weight in f32",
+                "remove the key (or write `mixed_precision: no`); training then runs in f32",
+            );
+            MixedPrecision::No
+        }
+    };
     let gradient_checkpointing = f.bool_or("gradient_checkpointing", false);
+    if gradient_checkpointing && let Some(span) = f.get("gradient_checkpointing").map(|y| y.span) {
+        f.not_implemented(
+            span,
+            "`gradient_checkpointing: true` is not implemented yet".into(),
+            "the trainer keeps every activation",
+            "remove the key (or write `gradient_checkpointing: false`)",
+        );
+    }
+    // Refused when absent or `false`; a value of the wrong type already has its error.
+    let unet_only_span = match f.get("network_train_unet_only") {
+        None => Some(f.node_span),
+        Some(y) if matches!(y.value, Value::Bool(false)) => Some(y.span),
+        Some(_) => None,
+    };
+    if let Some(span) = unet_only_span {
+        f.not_implemented(
+            span,
+            format!(
+                "`train` node `{}` would train the text encoders, which is not implemented",
+                f.node
+            ),
+            "kohya's default `network_train_unet_only: false` trains them",
+            "add `network_train_unet_only: true` (the method's setting: text encoders frozen)",
+        );
+    }
     let save_precision = f.precision("save_precision").unwrap_or(Precision::Float);
     let checkpoint_every = f.count_or("checkpoint_every", 100, 1);
+    let training_comment = f.text_or("training_comment", "");
     TrainParams {
         base: base.unwrap_or(Input::Node(String::new())),
         images,
@@ -879,18 +927,19 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
         conv_dim,
         conv_alpha,
         network_train_unet_only,
-        lr_scheduler: lr_scheduler.to_owned(),
+        lr_scheduler,
         lr_warmup_steps,
-        optimizer_type: optimizer_type.to_owned(),
+        optimizer_type,
         optimizer_args,
         seed,
         resolution,
         noise_offset,
         min_snr_gamma,
-        mixed_precision: mixed_precision.to_owned(),
+        mixed_precision,
         gradient_checkpointing,
         save_precision,
         checkpoint_every,
+        training_comment,
     }
 }
 
@@ -1091,7 +1140,9 @@ fn xy_plot(f: &mut Fields<'_>) -> XyPlotParams {
     }
     let steps = f.count_or("steps", 20, 1);
     let cfg_scale = f.f64_or("cfg_scale", 7.0);
-    let sampler = f.choice("sampler", &SAMPLERS).map_or("euler_a", |(c, _)| c);
+    let sampler = f
+        .named("sampler", &Sampler::names(), Sampler::from_name)
+        .map_or(Sampler::EulerA, |(c, _)| c);
     let width = image_size(f, "width");
     let height = image_size(f, "height");
     XyPlotParams {
@@ -1103,7 +1154,7 @@ fn xy_plot(f: &mut Fields<'_>) -> XyPlotParams {
         y: y.map_or(Axis::Seed(vec![0]), |(a, _)| a),
         steps,
         cfg_scale,
-        sampler: sampler.to_owned(),
+        sampler,
         width,
         height,
     }
@@ -1220,7 +1271,9 @@ fn evaluate(f: &mut Fields<'_>) -> EvaluateParams {
     let negative_prompt = f.text_or("negative_prompt", "");
     let steps = f.count_or("steps", 20, 1);
     let cfg_scale = f.f64_or("cfg_scale", 7.0);
-    let sampler = f.choice("sampler", &SAMPLERS).map_or("euler_a", |(c, _)| c);
+    let sampler = f
+        .named("sampler", &Sampler::names(), Sampler::from_name)
+        .map_or(Sampler::EulerA, |(c, _)| c);
     let width = image_size(f, "width");
     let height = image_size(f, "height");
     EvaluateParams {
@@ -1233,7 +1286,7 @@ fn evaluate(f: &mut Fields<'_>) -> EvaluateParams {
         negative_prompt,
         steps,
         cfg_scale,
-        sampler: sampler.to_owned(),
+        sampler,
         width,
         height,
     }

@@ -63,6 +63,37 @@ nodes:
         codes: &["recipe::wrong_type"],
     },
     Case {
+        name: "text_encoder_training_is_refused",
+        recipe: "\
+base: base.safetensors
+nodes:
+  small:
+    kind: train
+    images: [small.png]
+  big:
+    kind: train
+    images: [small.png]
+    network_train_unet_only: false
+",
+        set: &[],
+        codes: &["recipe::not_implemented", "recipe::not_implemented"],
+    },
+    Case {
+        name: "mixed_precision_and_recompute_are_refused_until_implemented",
+        recipe: "\
+base: base.safetensors
+nodes:
+  small:
+    kind: train
+    images: [small.png]
+    network_train_unet_only: true
+    mixed_precision: bf16
+    gradient_checkpointing: true
+",
+        set: &[],
+        codes: &["recipe::not_implemented", "recipe::not_implemented"],
+    },
+    Case {
         name: "yes_is_not_a_boolean",
         recipe: "\
 base: base.safetensors
@@ -202,6 +233,7 @@ nodes:
   slider: {kind: merge, models: [big.safetensors], ratios: [1]}
   small:
     kind: train
+    network_train_unet_only: true
     images: [slider]
 ",
         set: &[],
@@ -214,6 +246,7 @@ base: base.safetensors
 nodes:
   small:
     kind: train
+    network_train_unet_only: true
     images: [small.png]
     lr_scheduler: constant
     lr_warmup_steps: 20
@@ -322,7 +355,7 @@ nodes:
         recipe: "\
 base: base.safetensors
 nodes:
-  small: {kind: train, images: [small.png]}
+  small: {kind: train, images: [small.png], network_train_unet_only: true}
 ",
         set: &["train.max_train_steps=ten"],
         codes: &["recipe::wrong_type"],
@@ -356,7 +389,7 @@ vars:
   base: null
 base: ${base}
 nodes:
-  small: {kind: train, images: [small.png]}
+  small: {kind: train, images: [small.png], network_train_unet_only: true}
 ",
         set: &[],
         codes: &["recipe::unset_var"],
@@ -491,6 +524,7 @@ defaults:
 nodes:
   small:
     kind: train
+    network_train_unet_only: true
     images: [small.png]
     learning_rate: fast
   slider:

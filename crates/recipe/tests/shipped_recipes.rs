@@ -135,12 +135,12 @@ fn eyesize_is_the_method_dag() {
                 t.base,
                 Input::File(dir.path().join("assets/tiny-sd/tiny-sd.safetensors"))
             );
-            assert_eq!(t.optimizer_type, "CAME");
+            assert_eq!(t.optimizer_type.name(), "CAME");
             assert_eq!(t.learning_rate, 5e-5);
             assert_eq!((t.train_batch_size, t.network_dim), (1, 4));
             assert_eq!(t.network_alpha, 1.0);
             assert_eq!(t.lr_warmup_steps, 20);
-            assert_eq!(t.lr_scheduler, "constant_with_warmup");
+            assert_eq!(t.lr_scheduler.name(), "constant_with_warmup");
             assert!(t.network_train_unet_only);
             assert_eq!(t.max_train_steps, 400);
             assert_eq!(t.resolution, 64, "the tiny base model's size");
@@ -242,7 +242,7 @@ fn eyesize_sdxl_needs_the_users_base() {
     };
     assert_eq!(t.base, Input::File(ckpt));
     assert_eq!(t.resolution, 1024);
-    assert_eq!(t.optimizer_type, "CAME");
+    assert_eq!(t.optimizer_type.name(), "CAME");
     let NodeParams::XyPlot(x) = node(&plan, "check_eyesize") else {
         panic!()
     };

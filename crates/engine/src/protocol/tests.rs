@@ -10,7 +10,7 @@ use super::*;
 const TEST_WORKER: &str = r#"#!/bin/sh
 here=$(dirname "$0")
 echo start >> "$here/starts"
-echo "{\"type\":\"hello\",\"kinds\":[\"train\"],\"device\":\"$2\"}"
+echo "{\"type\":\"hello\",\"kinds\":[\"train\"],\"device\":\"$2\",\"code_versions\":{\"train\":2}}"
 while read -r line; do
   case "$line" in
     *'"type":"shutdown"'*) exit 0 ;;
@@ -29,7 +29,7 @@ fn request(node: &str, kind: &str, out: &Path) -> Request {
         node: node.into(),
         key: format!("key-{node}"),
         kind: kind.into(),
-        params: serde_json::json!({"kind": kind}),
+        params: crate::test_plans::train(slider_recipe::Input::Node("base".into())),
         inputs: vec![],
         work_dir: out.to_path_buf(),
         output_dir: out.to_path_buf(),
@@ -65,7 +65,9 @@ fn pool_starts_feeds_reports_progress_and_restarts_a_crashed_worker() {
     ];
     for (node, kind, want, want_starts) in cases {
         let seen = Mutex::new(Vec::new());
-        let got = pool.run(request(node, kind, &out), &|p| seen.lock().unwrap().push(p));
+        let got = pool.run(request(node, kind, &out), 2, &|p| {
+            seen.lock().unwrap().push(p)
+        });
         match (got, want) {
             (Ok(outputs), Ok(file)) => {
                 assert_eq!(outputs[0].file, file, "{node}");
@@ -94,73 +96,33 @@ fn pool_starts_feeds_reports_progress_and_restarts_a_crashed_worker() {
     );
 
     let err = pool
-        .run(request("plot", "xy_plot", &out), &|_| {})
+        .run(request("plot", "xy_plot", &out), 1, &|_| {})
         .unwrap_err()
         .to_string();
     assert!(err.contains("does not support `xy_plot`"), "{err}");
 }
 
 #[test]
-fn messages_round_trip_as_json_lines() {
-    let cases = [
-        r#"{"type":"hello","kinds":["train"],"device":"cuda:0","version":"1"}"#,
-        r#"{"type":"progress","step":3,"total":10,"loss":0.25}"#,
-        r#"{"type":"result","outputs":[{"name":"lora","file":"lora.safetensors"}]}"#,
-        r#"{"type":"error","message":"out of memory"}"#,
-    ];
-    for line in cases {
-        let msg: WorkerMessage = serde_json::from_str(line).unwrap();
-        assert_eq!(serde_json::to_string(&msg).unwrap(), line);
-    }
-}
-
-#[test]
-fn serve_worker_says_hello_answers_requests_and_refuses_unknown_kinds() {
+fn a_worker_of_another_build_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let run = |kind: &str| json_line(&EngineMessage::Run(request("n", kind, dir.path())));
-    let input = format!(
-        "{}\n{}\n{}\n{}\n",
-        run("train"),
-        run("xy_plot"),
-        "not json",
-        json_line(&EngineMessage::Shutdown)
+    let script = dir.path().join("worker.sh");
+    fs::write(&script, TEST_WORKER).unwrap();
+    let pool = WorkerPool::new(
+        vec!["sh".into(), script.display().to_string()],
+        &["cpu".to_string()],
+        dir.path().to_path_buf(),
+        CancelToken::new(),
     );
-    let mut out = Vec::new();
-    serve_worker(
-        "cpu",
-        &["train".to_string()],
-        input.as_bytes(),
-        &mut out,
-        |req, progress| {
-            progress(Progress {
-                step: Some(1),
-                total: Some(1),
-                ..Progress::default()
-            });
-            Ok(vec![WorkerOutput {
-                name: "lora".into(),
-                file: format!("{}.safetensors", req.node),
-            }])
-        },
-    )
-    .unwrap();
-    let replies: Vec<WorkerMessage> = String::from_utf8(out)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let kinds: Vec<&str> = replies
-        .iter()
-        .map(|m| match m {
-            WorkerMessage::Hello { .. } => "hello",
-            WorkerMessage::Progress(_) => "progress",
-            WorkerMessage::Result { .. } => "result",
-            WorkerMessage::Error { .. } => "error",
-        })
-        .collect();
-    assert_eq!(kinds, ["hello", "progress", "result", "error", "error"]);
-    let WorkerMessage::Error { message } = &replies[3] else {
-        unreachable!()
-    };
-    assert!(message.contains("cannot run `xy_plot`"), "{message}");
+    let out = dir.path().join("out");
+    fs::create_dir_all(&out).unwrap();
+    // The worker says `train` is at version 2; this runner keys it at 3.
+    let err = pool
+        .run(request("n", "train", &out), 3, &|_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("code version 2") && err.contains("version 3"),
+        "{err}"
+    );
+    assert!(!out.join("lora.safetensors").exists(), "nothing ran");
 }

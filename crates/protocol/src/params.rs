@@ -1,0 +1,217 @@
+//! Node parameters: one typed struct per node kind, every field with kohya's name. The
+//! recipe compiles into these types, the engine keys their canonical serialisation (a golden
+//! test pins it: `crates/engine/tests/golden_keys.rs`), and the worker deserialises them.
+//! Renaming a field or changing how a value serialises changes users' keys: do it on
+//! purpose, with a note in docs/architecture.md.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::names::{LrScheduler, MixedPrecision, Optimizer, Sampler};
+
+/// A reference to something a node reads: another node's output or a file on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Input {
+    /// The primary output of the named node.
+    Node(String),
+    /// A file, absolute path. Its content hash (never its path) enters the node key.
+    File(PathBuf),
+}
+
+/// The kind of a node, with its parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum NodeParams {
+    SvdMerge(SvdMergeParams),
+    Merge(MergeParams),
+    Resize(ResizeParams),
+    Command(CommandParams),
+    Train(TrainParams),
+    XyPlot(XyPlotParams),
+    Evaluate(EvaluateParams),
+}
+
+/// Floating-point formats kohya's tools accept for `--precision` / `--save_precision`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    Float,
+    Fp16,
+    Bf16,
+}
+
+/// `svd_merge_lora.py`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SvdMergeParams {
+    pub models: Vec<Input>,
+    pub ratios: Vec<f64>,
+    pub new_rank: usize,
+    /// Defaults to `new_rank`.
+    pub new_conv_rank: usize,
+    pub precision: Precision,
+    /// Defaults to `precision`.
+    pub save_precision: Precision,
+    /// The quantile of the clamp applied after the SVD; kohya's is 0.99. `None` = no clamp.
+    pub clamp_quantile: Option<f64>,
+}
+
+/// Exact rank-concatenating merge: delta = sum ratio_i * delta_i.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeParams {
+    pub models: Vec<Input>,
+    pub ratios: Vec<f64>,
+    pub save_precision: Precision,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DynamicMethod {
+    SvRatio,
+    SvFro,
+    SvCumulative,
+}
+
+/// `resize_lora.py`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResizeParams {
+    pub model: Input,
+    pub new_rank: usize,
+    /// Defaults to `new_rank`.
+    pub new_conv_rank: usize,
+    pub dynamic_method: Option<DynamicMethod>,
+    pub dynamic_param: Option<f64>,
+    pub save_precision: Precision,
+}
+
+/// Runs an external program. `{name}` placeholders in `run` are replaced by the paths of the
+/// declared inputs and outputs; outputs are files the program must create in its work dir.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandParams {
+    /// argv; the first element is the program.
+    pub run: Vec<String>,
+    pub inputs: BTreeMap<String, Input>,
+    /// Output name -> file name inside the node's output directory. The first declared
+    /// output (in recipe order) is the node's primary output.
+    pub outputs: Vec<(String, String)>,
+}
+
+/// kohya `train_network.py` options (REFERENCE.md "Training").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainParams {
+    pub base: Input,
+    pub images: Vec<Input>,
+    pub caption: String,
+    pub learning_rate: f64,
+    pub unet_lr: Option<f64>,
+    pub train_batch_size: usize,
+    pub max_train_steps: usize,
+    pub network_dim: usize,
+    pub network_alpha: f64,
+    pub conv_dim: Option<usize>,
+    pub conv_alpha: Option<f64>,
+    pub network_train_unet_only: bool,
+    pub lr_scheduler: LrScheduler,
+    pub lr_warmup_steps: usize,
+    pub optimizer_type: Optimizer,
+    pub optimizer_args: BTreeMap<String, String>,
+    pub seed: u64,
+    pub resolution: usize,
+    pub noise_offset: f64,
+    pub min_snr_gamma: Option<f64>,
+    pub mixed_precision: MixedPrecision,
+    pub gradient_checkpointing: bool,
+    pub save_precision: Precision,
+    pub checkpoint_every: usize,
+    /// kohya's `training_comment`, written as `ss_training_comment`. Left out of the
+    /// serialisation when empty, so recipes without it keep their keys.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub training_comment: String,
+}
+
+/// An X/Y grid of samples.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct XyPlotParams {
+    pub base: Input,
+    /// LoRAs applied to every cell (at weight 1 unless an axis varies it).
+    pub loras: Vec<Input>,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub x: Axis,
+    pub y: Axis,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub sampler: Sampler,
+    pub width: usize,
+    pub height: usize,
+}
+
+/// Slider quality on the toy eye-size world: for each prompt x seed x weight, sample with the
+/// LoRA at that weight, measure the eyes with `meter`, and report how measured eye size
+/// follows the weight (Spearman) and how much changes outside the eyes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EvaluateParams {
+    pub base: Input,
+    /// The slider under test.
+    pub lora: Input,
+    /// The eye-size meter's weights (a file, or a node that writes one).
+    pub meter: Input,
+    pub weights: Vec<f64>,
+    pub seeds: Vec<u64>,
+    pub prompts: Vec<String>,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub cfg_scale: f64,
+    pub sampler: Sampler,
+    pub width: usize,
+    pub height: usize,
+}
+
+/// One axis of an X/Y grid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "axis", content = "values", rename_all = "snake_case")]
+pub enum Axis {
+    /// The weight of the first LoRA.
+    Weight(Vec<f64>),
+    Seed(Vec<u64>),
+    Prompt(Vec<String>),
+    /// Which LoRA is applied (`None` = the base model alone).
+    Lora(Vec<Option<Input>>),
+}
+
+impl NodeParams {
+    /// Every input the node reads, in a stable order.
+    pub fn inputs(&self) -> Vec<&Input> {
+        match self {
+            NodeParams::SvdMerge(p) => p.models.iter().collect(),
+            NodeParams::Merge(p) => p.models.iter().collect(),
+            NodeParams::Resize(p) => vec![&p.model],
+            NodeParams::Command(p) => p.inputs.values().collect(),
+            NodeParams::Train(p) => std::iter::once(&p.base).chain(&p.images).collect(),
+            NodeParams::XyPlot(p) => {
+                let mut v: Vec<&Input> = std::iter::once(&p.base).chain(&p.loras).collect();
+                for axis in [&p.x, &p.y] {
+                    if let Axis::Lora(items) = axis {
+                        v.extend(items.iter().flatten());
+                    }
+                }
+                v
+            }
+            NodeParams::Evaluate(p) => vec![&p.base, &p.lora, &p.meter],
+        }
+    }
+
+    /// The kind's name as written in recipes (`svd_merge`, `train`, ...).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            NodeParams::SvdMerge(_) => "svd_merge",
+            NodeParams::Merge(_) => "merge",
+            NodeParams::Resize(_) => "resize",
+            NodeParams::Command(_) => "command",
+            NodeParams::Train(_) => "train",
+            NodeParams::XyPlot(_) => "xy_plot",
+            NodeParams::Evaluate(_) => "evaluate",
+        }
+    }
+}
