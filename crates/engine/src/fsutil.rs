@@ -2,49 +2,23 @@
 //! writes (temp file in the same directory, fsync, rename, fsync the directory) and hashing.
 
 use std::fs::{self, File};
-use std::io::{self, Write};
+use std::io;
 use std::path::Path;
 
-/// Writes `bytes` to `path` atomically: readers see the old file or the whole new one.
+/// Writes `bytes` to `path` atomically (the project's one atomic write, `slider_atomic`),
+/// creating the directory first: the store's and the publish paths' directories are ours.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = parent_dir(path);
-    fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .permissions(output_permissions())
-        .tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    sync_dir(dir)
+    fs::create_dir_all(parent_dir(path))?;
+    slider_atomic::write(path, bytes)
 }
 
-/// Copies `from` to `to` atomically (same guarantees as [`write_atomic`]).
+/// Copies `from` to `to` atomically, streaming (same guarantees as [`write_atomic`]).
 pub fn copy_atomic(from: &Path, to: &Path) -> io::Result<()> {
-    let dir = parent_dir(to);
-    fs::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .permissions(output_permissions())
-        .tempfile_in(dir)?;
-    let mut src = File::open(from)?;
-    io::copy(&mut src, tmp.as_file_mut())?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(to).map_err(|e| e.error)?;
-    sync_dir(dir)
+    fs::create_dir_all(parent_dir(to))?;
+    slider_atomic::copy(from, to)
 }
 
-/// The mode of the files we write: `rw-rw-rw-` less the umask, as any program's new file
-/// (temp files are otherwise created private, `rw-------`).
-pub fn output_permissions() -> fs::Permissions {
-    use std::os::unix::fs::PermissionsExt;
-    fs::Permissions::from_mode(0o666)
-}
-
-/// fsyncs a directory so that a rename inside it survives a power loss.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub use slider_atomic::sync_dir;
 
 /// fsyncs every regular file directly inside `dir`, then `dir` itself.
 pub fn sync_tree(dir: &Path) -> io::Result<()> {

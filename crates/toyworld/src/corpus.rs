@@ -5,8 +5,6 @@
 //! bigger one with the same seed.
 
 use std::fmt::Write as _;
-use std::fs::File;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use image::RgbImage;
@@ -189,37 +187,12 @@ pub fn png_bytes(path: &Path, image: &RgbImage) -> Result<Vec<u8>, ToyError> {
     Ok(bytes)
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
+/// Writes `bytes` to `path` atomically, through the project's one atomic write.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ToyError> {
-    let write_err = |source| ToyError::Write {
+    slider_atomic::write(path, bytes).map_err(|source| ToyError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".toyworld-")
-        .suffix(".tmp")
-        .tempfile_in(&dir)
-        .map_err(write_err)?;
-    tmp.write_all(bytes).map_err(write_err)?;
-    #[cfg(unix)]
-    {
-        // Temporary files are created private; outputs get the usual rw-r--r--.
-        use std::os::unix::fs::PermissionsExt;
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))
-            .map_err(write_err)?;
-    }
-    tmp.as_file().sync_all().map_err(write_err)?;
-    tmp.persist(path).map_err(|e| write_err(e.error))?;
-    if let Ok(d) = File::open(&dir) {
-        // Best effort: some filesystems cannot fsync a directory.
-        let _ = d.sync_all();
-    }
-    Ok(())
+    })
 }
 
 fn create_dir(dir: &Path) -> Result<(), ToyError> {
