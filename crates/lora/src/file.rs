@@ -11,8 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -616,32 +615,13 @@ pub fn to_bytes(lora: &Lora, precision: Precision) -> Vec<u8> {
     serialize(&tensors, &metadata)
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync,
-/// rename over the target, fsync of the directory.
+/// Writes `bytes` to `path` atomically, through the project's one atomic write
+/// (`slider_atomic`: temp file beside the target, fsync, rename, directory fsync).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), LoraError> {
-    let write_err = |source| LoraError::Write {
+    slider_atomic::write(path, bytes).map_err(|source| LoraError::Write {
         path: path.to_path_buf(),
         source,
-    };
-    let dir: PathBuf = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".slider-lora-")
-        .suffix(".tmp")
-        // Not private like a temp file: `rw-rw-rw-` less the umask, as kohya's files.
-        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666))
-        .tempfile_in(&dir)
-        .map_err(write_err)?;
-    tmp.write_all(bytes).map_err(write_err)?;
-    tmp.as_file().sync_all().map_err(write_err)?;
-    tmp.persist(path).map_err(|e| write_err(e.error))?;
-    if let Ok(d) = File::open(&dir) {
-        // Best effort: some filesystems do not support fsync on directories.
-        let _ = d.sync_all();
-    }
-    Ok(())
+    })
 }
 
 #[cfg(test)]
