@@ -39,6 +39,9 @@ pub(crate) fn group_modules<'a>(
             "ratio {r} is not finite"
         )));
     }
+    for lora in models {
+        lora.validate()?;
+    }
     check_layouts(models)?;
     let mut grouped: BTreeMap<&'a str, Vec<Contribution<'a>>> = BTreeMap::new();
     for (input, (lora, &ratio)) in models.iter().zip(ratios).enumerate() {

@@ -21,6 +21,74 @@ pub enum LoraError {
     #[error("`{path}` is not a valid safetensors file: malformed header: {detail}")]
     MalformedHeader { path: PathBuf, detail: String },
     #[error(
+        "`{path}` is not a valid safetensors file: malformed header: key `{key}` appears twice"
+    )]
+    DuplicateKey { path: PathBuf, key: String },
+    #[error(
+        "`{path}` is not a valid safetensors file: malformed header: tensor `{key}` has \
+         unknown dtype `{dtype}`"
+    )]
+    UnknownDtype {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+    },
+    #[error(
+        "`{path}` is not a valid safetensors file: malformed header: tensor `{key}` has \
+         data_offsets {found:?} but must start at {expected_start}{}, with its end not \
+         before its start (tensors' byte ranges are contiguous, non-overlapping and start at 0)",
+        previous.as_ref().map(|k| format!(", where `{k}` ends")).unwrap_or_default()
+    )]
+    BadOffsets {
+        path: PathBuf,
+        key: String,
+        found: [usize; 2],
+        expected_start: usize,
+        previous: Option<String>,
+    },
+    #[error(
+        "`{path}` is not a valid safetensors file: malformed header: tensor `{key}`: shape \
+         {shape:?} of {dtype} needs {expected} bytes but its data_offsets span {found}"
+    )]
+    SizeMismatch {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+        shape: Vec<usize>,
+        expected: usize,
+        found: usize,
+    },
+    #[error(
+        "`{path}` is not a valid safetensors file: malformed header: tensor `{key}`: the byte \
+         size of shape {shape:?} of {dtype} overflows or is not a whole number of bytes"
+    )]
+    SizeOverflow {
+        path: PathBuf,
+        key: String,
+        dtype: String,
+        shape: Vec<usize>,
+    },
+    #[error(
+        "`{path}` is not a valid safetensors file: the tensors end at byte {expected} but the \
+         file has {found} bytes"
+    )]
+    TrailingBytes {
+        path: PathBuf,
+        expected: usize,
+        found: usize,
+    },
+    #[error(
+        "`{path}`: module `{module}`: two tensors give its {part}: `{first_key}` and \
+         `{second_key}`"
+    )]
+    DuplicatePart {
+        path: PathBuf,
+        module: String,
+        part: &'static str,
+        first_key: String,
+        second_key: String,
+    },
+    #[error(
         "`{path}`: tensor `{key}` has dtype {dtype}, which is not supported \
          (LoRA weights must be F32, F16 or BF16; alpha may also be F64 or an integer)"
     )]

@@ -1,5 +1,7 @@
 //! Reading and writing kohya LoRA safetensors files, byte-compatible with Python's
 //! `safetensors.torch.save_file`, and kohya's `sshs_model_hash` / `sshs_legacy_hash`.
+//! Files are read whole into memory; the header is validated first (`header.rs`), so every
+//! tensor's bytes exist and match its dtype and shape before a value is decoded.
 //!
 //! Layout of what we write (the same as the safetensors library writes it):
 //! 8-byte little-endian header length, a compact JSON header (`__metadata__` first, then
@@ -9,8 +11,7 @@
 //! sorted order (Python's writer uses a hash map, so its order varies from run to run; the
 //! hashes below do not depend on it).
 
-use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use half::{bf16, f16};
@@ -18,23 +19,15 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::error::LoraError;
+use crate::header::{self, Dtype};
 use crate::module::{AlphaStorage, Module, ModuleKind, TensorDtype};
 use crate::{Lora, Precision};
 
-/// Largest header we accept (the safetensors library's own limit).
-const MAX_HEADER: usize = 100_000_000;
-
-#[derive(Debug, serde::Deserialize)]
-struct RawInfo {
-    dtype: String,
-    shape: Vec<usize>,
-    data_offsets: (usize, usize),
-}
-
-/// One tensor of a file, still in its stored bytes.
+/// One tensor of a file, still in its stored bytes (whose length the header check has
+/// matched to `dtype` x `shape`).
 struct Raw<'a> {
     key: String,
-    dtype: String,
+    dtype: Dtype,
     shape: Vec<usize>,
     bytes: &'a [u8],
 }
@@ -47,137 +40,54 @@ enum Part {
     Alpha,
 }
 
-/// Reads a LoRA from a memory-mapped safetensors file.
+impl Part {
+    fn label(self) -> &'static str {
+        match self {
+            Part::Down => "down weight",
+            Part::Up => "up weight",
+            Part::Alpha => "alpha",
+        }
+    }
+}
+
+/// Reads a LoRA file into memory and parses it. No memory map: a file truncated or
+/// rewritten while it is read gives a parse error (its length no longer matches its
+/// header), never a SIGBUS.
 pub fn load(path: &Path) -> Result<Lora, LoraError> {
-    let read_err = |source| LoraError::Read {
+    let bytes = std::fs::read(path).map_err(|source| LoraError::Read {
         path: path.to_path_buf(),
         source,
-    };
-    let file = File::open(path).map_err(read_err)?;
-    let len = file.metadata().map_err(read_err)?.len();
-    if len < 8 {
-        return Err(LoraError::Truncated {
-            path: path.to_path_buf(),
-            detail: format!("{len} bytes, shorter than the 8-byte header length"),
-        });
-    }
-    // SAFETY: the map is read-only and lives only for this call; a file changed by another
-    // process while we read it can give wrong values but not unsoundness on the platforms
-    // we support (the bytes are copied out immediately).
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(read_err)?;
-    parse(path, &map)
+    })?;
+    parse(path, &bytes)
 }
 
 /// Parses the bytes of a safetensors LoRA file (`path` only labels errors).
 pub fn parse(path: &Path, bytes: &[u8]) -> Result<Lora, LoraError> {
-    let (metadata, raws) = parse_tensors(path, bytes)?;
-    let modules = assemble(path, raws)?;
-    Ok(Lora { modules, metadata })
-}
-
-fn parse_tensors<'a>(
-    path: &Path,
-    bytes: &'a [u8],
-) -> Result<(BTreeMap<String, String>, Vec<Raw<'a>>), LoraError> {
-    let malformed = |detail: String| LoraError::MalformedHeader {
-        path: path.to_path_buf(),
-        detail,
-    };
-    let truncated = |detail: String| LoraError::Truncated {
-        path: path.to_path_buf(),
-        detail,
-    };
-    let Some(len_bytes) = bytes.get(..8) else {
-        return Err(truncated(format!(
-            "{} bytes, shorter than the 8-byte header length",
-            bytes.len()
-        )));
-    };
-    let mut n = [0u8; 8];
-    n.copy_from_slice(len_bytes);
-    let n = u64::from_le_bytes(n);
-    if n > MAX_HEADER as u64 {
-        return Err(malformed(format!(
-            "header length {n} is over the 100 MB limit"
-        )));
-    }
-    let n = n as usize;
-    let Some(header) = bytes.get(8..8 + n) else {
-        return Err(truncated(format!(
-            "the header needs {} bytes but the file has {}",
-            8 + n,
-            bytes.len()
-        )));
-    };
-    let header = std::str::from_utf8(header).map_err(|e| malformed(format!("not UTF-8: {e}")))?;
-    let json: serde_json::Value =
-        serde_json::from_str(header).map_err(|e| malformed(format!("invalid JSON: {e}")))?;
-    let serde_json::Value::Object(entries) = json else {
-        return Err(malformed("the header is not a JSON object".into()));
-    };
-    let data = &bytes[8 + n..];
-    let mut metadata = BTreeMap::new();
-    let mut raws = Vec::with_capacity(entries.len());
-    for (key, value) in entries {
-        if key == "__metadata__" {
-            let map: HashMap<String, String> = serde_json::from_value(value).map_err(|e| {
-                malformed(format!("`__metadata__` is not a string-to-string map: {e}"))
-            })?;
-            metadata.extend(map);
-            continue;
-        }
-        let info: RawInfo =
-            serde_json::from_value(value).map_err(|e| malformed(format!("entry `{key}`: {e}")))?;
-        let (start, end) = info.data_offsets;
-        let elems = info
-            .shape
-            .iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d));
-        let width = dtype_width(&info.dtype);
-        let expected = match (elems, width) {
-            (Some(e), Some(w)) => e.checked_mul(w),
-            _ => None,
-        };
-        if end < start {
-            return Err(malformed(format!(
-                "entry `{key}`: data_offsets [{start}, {end}] run backwards"
-            )));
-        }
-        if let Some(expected) = expected
-            && expected != end - start
-        {
-            return Err(malformed(format!(
-                "entry `{key}`: shape {:?} of {} needs {expected} bytes but data_offsets \
-                 span {}",
-                info.shape,
-                info.dtype,
-                end - start
-            )));
-        }
-        let Some(slice) = data.get(start..end) else {
-            return Err(truncated(format!(
-                "tensor `{key}` ends at byte {} but the file has {}",
-                8 + n + end,
-                bytes.len()
-            )));
+    let header = header::parse(path, bytes)?;
+    let mut raws = Vec::with_capacity(header.entries.len());
+    for entry in header.entries {
+        let Some(slice) = bytes.get(entry.range.clone()) else {
+            return Err(LoraError::Truncated {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "tensor `{}` ends at byte {} but the file has {}",
+                    entry.key,
+                    entry.range.end,
+                    bytes.len()
+                ),
+            });
         };
         raws.push(Raw {
-            key,
-            dtype: info.dtype,
-            shape: info.shape,
+            key: entry.key,
+            dtype: entry.dtype,
+            shape: entry.shape,
             bytes: slice,
         });
     }
-    Ok((metadata, raws))
-}
-
-fn dtype_width(dtype: &str) -> Option<usize> {
-    Some(match dtype {
-        "BOOL" | "U8" | "I8" | "F8_E5M2" | "F8_E4M3" | "F8_E8M0" => 1,
-        "I16" | "U16" | "F16" | "BF16" => 2,
-        "I32" | "U32" | "F32" => 4,
-        "I64" | "U64" | "F64" => 8,
-        _ => return None,
+    let modules = assemble(path, raws)?;
+    Ok(Lora {
+        modules,
+        metadata: header.metadata,
     })
 }
 
@@ -201,11 +111,23 @@ fn split_key(key: &str) -> Option<(String, Part)> {
     None
 }
 
-/// PEFT / diffusers module paths to kohya names: `unet.down_blocks.0.attentions.0.proj_in`
-/// -> `lora_unet_down_blocks_0_attentions_0_proj_in`. Names are not re-mapped between the
-/// diffusers and original-UNet layouts.
+/// PEFT / diffusers module paths of the UNet models to kohya names:
+/// `unet.down_blocks.0.attentions.0.proj_in` -> `lora_unet_down_blocks_0_attentions_0_proj_in`
+/// (not re-mapped between the diffusers and original-UNet layouts). Names of the
+/// transformer models (`transformer.*`, a PEFT `base_model.model.` prefix of their blocks
+/// becomes `transformer.`) and names already in kohya's (`lora_*`) or ComfyUI's
+/// (`diffusion_model.*`) form are kept: their layout is converted by `convert`, not here.
 fn peft_to_kohya(module: &str) -> String {
+    if module.starts_with("lora_")
+        || module.starts_with("diffusion_model.")
+        || module.starts_with("transformer.")
+    {
+        return module.to_string();
+    }
     let module = module.strip_prefix("base_model.model.").unwrap_or(module);
+    if is_transformer_block_path(module) {
+        return format!("transformer.{module}");
+    }
     let (prefix, rest) = if let Some(rest) = module.strip_prefix("text_encoder_2.") {
         ("lora_te2_", rest)
     } else if let Some(rest) = module.strip_prefix("text_encoder.") {
@@ -216,6 +138,22 @@ fn peft_to_kohya(module: &str) -> String {
         ("lora_unet_", module)
     };
     format!("{prefix}{}", rest.replace('.', "_"))
+}
+
+/// Module paths of the diffusers FLUX.1 / SD3 transformers (as PEFT writes them without a
+/// `transformer.` prefix); the UNet models' paths start with `down_blocks`, `mid_block`, ...
+fn is_transformer_block_path(module: &str) -> bool {
+    [
+        "transformer_blocks.",
+        "single_transformer_blocks.",
+        "time_text_embed.",
+        "norm_out.",
+        "x_embedder",
+        "context_embedder",
+        "proj_out",
+    ]
+    .iter()
+    .any(|p| module.starts_with(p))
 }
 
 #[derive(Default)]
@@ -234,12 +172,24 @@ fn assemble(path: &Path, raws: Vec<Raw<'_>>) -> Result<BTreeMap<String, Module>,
                 key: raw.key,
             });
         };
-        let entry = grouped.entry(module).or_default();
-        match part {
-            Part::Down => entry.down = Some(raw),
-            Part::Up => entry.up = Some(raw),
-            Part::Alpha => entry.alpha = Some(raw),
+        let entry = grouped.entry(module.clone()).or_default();
+        let slot = match part {
+            Part::Down => &mut entry.down,
+            Part::Up => &mut entry.up,
+            Part::Alpha => &mut entry.alpha,
+        };
+        // Two spellings of one module (kohya's and PEFT's) must not silently replace
+        // each other.
+        if let Some(first) = slot {
+            return Err(LoraError::DuplicatePart {
+                path: path.to_path_buf(),
+                module,
+                part: part.label(),
+                first_key: first.key.clone(),
+                second_key: raw.key,
+            });
         }
+        *slot = Some(raw);
     }
     let grouped: Vec<(String, Parts<'_>)> = grouped.into_iter().collect();
     let modules: Result<Vec<(String, Module)>, LoraError> = grouped
@@ -322,6 +272,9 @@ fn build_module(path: &Path, name: &str, parts: Parts<'_>) -> Result<Module, Lor
     if rank == 0 {
         return Err(bad_shape(&down, "rank 0"));
     }
+    if let Some(raw) = [&down, &up].into_iter().find(|r| r.shape.contains(&0)) {
+        return Err(bad_shape(raw, "a dimension is 0"));
+    }
     let (down_values, down_dtype) = decode_weight(path, name, &down)?;
     let (up_values, up_dtype) = decode_weight(path, name, &up)?;
     let (alpha, alpha_storage) = match &parts.alpha {
@@ -345,7 +298,7 @@ fn unsupported(path: &Path, raw: &Raw<'_>) -> LoraError {
     LoraError::UnsupportedDtype {
         path: path.to_path_buf(),
         key: raw.key.clone(),
-        dtype: raw.dtype.clone(),
+        dtype: raw.dtype.to_string(),
     }
 }
 
@@ -354,16 +307,16 @@ fn decode_weight(
     module: &str,
     raw: &Raw<'_>,
 ) -> Result<(Vec<f32>, TensorDtype), LoraError> {
-    let (values, dtype): (Vec<f32>, TensorDtype) = match raw.dtype.as_str() {
-        "F32" => (
-            raw.bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            TensorDtype::F32,
-        ),
-        "F16" => (half_to_f32::<f16>(raw.bytes), TensorDtype::F16),
-        "BF16" => (half_to_f32::<bf16>(raw.bytes), TensorDtype::Bf16),
+    let (values, dtype): (Vec<f32>, TensorDtype) = match raw.dtype {
+        Dtype::F32 => {
+            let (words, _) = raw.bytes.as_chunks::<4>();
+            (
+                words.iter().map(|w| f32::from_le_bytes(*w)).collect(),
+                TensorDtype::F32,
+            )
+        }
+        Dtype::F16 => (half_to_f32::<f16>(raw.bytes), TensorDtype::F16),
+        Dtype::Bf16 => (half_to_f32::<bf16>(raw.bytes), TensorDtype::Bf16),
         _ => return Err(unsupported(path, raw)),
     };
     check_finite(path, module, &raw.key, &values)?;
@@ -377,23 +330,28 @@ where
     [H]: half::slice::HalfFloatSliceExt,
 {
     use half::slice::HalfFloatSliceExt;
-    let n = bytes.len() / 2;
-    let mut h = vec![H::default(); n];
-    // The mapped bytes may be unaligned for 2-byte values: copy them into place.
-    bytemuck::cast_slice_mut::<H, u8>(&mut h).copy_from_slice(&bytes[..n * 2]);
+    let (pairs, _) = bytes.as_chunks::<2>();
+    let mut h = vec![H::default(); pairs.len()];
+    // The file's bytes may be unaligned for 2-byte values: copy them into place.
+    for (dst, src) in bytemuck::cast_slice_mut::<H, [u8; 2]>(&mut h)
+        .iter_mut()
+        .zip(pairs)
+    {
+        *dst = *src;
+    }
     let mut out = vec![0f32; h.len()];
     h.convert_to_f32_slice(&mut out);
     out
 }
 
 fn check_finite(path: &Path, module: &str, key: &str, values: &[f32]) -> Result<(), LoraError> {
-    match values.iter().position(|v| !v.is_finite()) {
+    match values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
         None => Ok(()),
-        Some(index) => Err(LoraError::NonFinite {
+        Some((index, &value)) => Err(LoraError::NonFinite {
             path: path.to_path_buf(),
             module: module.into(),
             key: key.into(),
-            value: values[index],
+            value,
             index,
         }),
     }
@@ -414,35 +372,33 @@ fn decode_alpha(
         });
     }
     let b = raw.bytes;
-    let (value, storage) = match raw.dtype.as_str() {
-        "F32" => (
-            f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
-            AlphaStorage::Float,
-        ),
-        "F16" => (
-            f16::from_le_bytes([b[0], b[1]]).to_f32(),
-            AlphaStorage::Float,
-        ),
-        "BF16" => (
-            bf16::from_le_bytes([b[0], b[1]]).to_f32(),
-            AlphaStorage::Float,
-        ),
-        "F64" => {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[..8]);
-            (f64::from_le_bytes(a) as f32, AlphaStorage::Float)
-        }
-        "I64" => {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[..8]);
-            (i64::from_le_bytes(a) as f32, AlphaStorage::Integer)
-        }
-        "I32" => (
-            i32::from_le_bytes([b[0], b[1], b[2], b[3]]) as f32,
-            AlphaStorage::Integer,
-        ),
+    let value = match raw.dtype {
+        Dtype::F32 => b
+            .first_chunk()
+            .map(|w| (f32::from_le_bytes(*w), AlphaStorage::Float)),
+        Dtype::F16 => b
+            .first_chunk()
+            .map(|w| (f16::from_le_bytes(*w).to_f32(), AlphaStorage::Float)),
+        Dtype::Bf16 => b
+            .first_chunk()
+            .map(|w| (bf16::from_le_bytes(*w).to_f32(), AlphaStorage::Float)),
+        Dtype::F64 => b
+            .first_chunk()
+            .map(|w| (f64::from_le_bytes(*w) as f32, AlphaStorage::Float)),
+        Dtype::I64 => b
+            .first_chunk()
+            .map(|w| (i64::from_le_bytes(*w) as f32, AlphaStorage::Integer)),
+        Dtype::I32 => b
+            .first_chunk()
+            .map(|w| (i32::from_le_bytes(*w) as f32, AlphaStorage::Integer)),
         _ => return Err(unsupported(path, raw)),
     };
+    // The header check matched the byte length to the dtype, so `None` is unreachable;
+    // still an error rather than a panic.
+    let (value, storage) = value.ok_or_else(|| LoraError::Truncated {
+        path: path.to_path_buf(),
+        detail: format!("alpha `{}` has {} bytes", raw.key, b.len()),
+    })?;
     check_finite(path, module, &raw.key, &[value])?;
     Ok((value, storage))
 }
@@ -588,14 +544,22 @@ fn serialize(tensors: &[Out], metadata: &BTreeMap<String, String>) -> Vec<u8> {
 /// kohya's `(sshs_model_hash, sshs_legacy_hash)` of a serialised file: sha256 of the bytes
 /// after the header, and the first 8 hex digits of sha256 of bytes `0x100000..0x110000`.
 pub fn kohya_hashes(serialized: &[u8]) -> (String, String) {
-    let mut n = [0u8; 8];
-    n.copy_from_slice(&serialized[..8]);
-    let start = (8 + u64::from_le_bytes(n) as usize).min(serialized.len());
-    let model = hex::encode(Sha256::digest(&serialized[start..]));
+    // Any bytes give some hash (a short or odd input is hashed from where its header says
+    // the data starts, clamped to its length), never a panic.
+    let n = serialized
+        .first_chunk::<8>()
+        .map_or(0, |n| u64::from_le_bytes(*n));
+    let start = usize::try_from(n)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .map_or(serialized.len(), |s| s.min(serialized.len()));
+    let tail = serialized.get(start..).unwrap_or_default();
+    let model = hex::encode(Sha256::digest(tail));
     let lo = 0x100000.min(serialized.len());
     let hi = 0x110000.min(serialized.len());
-    let legacy = hex::encode(Sha256::digest(&serialized[lo..hi]));
-    (model, legacy[..8].to_string())
+    let legacy = hex::encode(Sha256::digest(serialized.get(lo..hi).unwrap_or_default()));
+    let legacy = legacy.get(..8).unwrap_or(&legacy).to_string();
+    (model, legacy)
 }
 
 /// The bytes of the file `save` writes: hashes computed as kohya does (over a

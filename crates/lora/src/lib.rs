@@ -1,7 +1,8 @@
 //! kohya-format LoRA files: read, write, inspect; exact merge, SVD merge and resize.
 //!
-//! Files are read memory-mapped (f32, f16, bf16; kohya's `lora_down`/`lora_up`/`alpha`
-//! names, PEFT's `lora_A`/`lora_B` on input) and written atomically, byte for byte as
+//! Files are read into memory (never mapped) with their headers validated as the
+//! safetensors library validates them (f32, f16, bf16; kohya's `lora_down`/`lora_up`/`alpha`
+//! names, PEFT's `lora_A`/`lora_B` on input), and written atomically, byte for byte as
 //! Python's safetensors writes them, with kohya's `sshs_*` hashes. The operations follow
 //! kohya-ss/sd-scripts' semantics but never build a full `out x in` delta when the LoRA's
 //! rank is smaller: QR of the stacked factors, SVD of the small core. Everything runs in
@@ -26,6 +27,7 @@ mod compare;
 pub mod dense;
 mod error;
 mod file;
+mod header;
 pub mod inspect;
 pub mod layout;
 mod linalg;
@@ -92,7 +94,8 @@ impl std::fmt::Display for Precision {
 }
 
 impl Lora {
-    /// Reads a LoRA safetensors file (memory-mapped). Errors name the file and the key.
+    /// Reads a LoRA safetensors file (into memory, never mapped: a file truncated while it
+    /// is read is an error, not a signal). Errors name the file and the key.
     pub fn load(path: &Path) -> Result<Lora, LoraError> {
         file::load(path)
     }
@@ -103,9 +106,23 @@ impl Lora {
     }
 
     /// Writes the LoRA atomically with weights (and float alphas) in `precision`, setting
-    /// `sshs_model_hash` / `sshs_legacy_hash` as kohya computes them.
+    /// `sshs_model_hash` / `sshs_legacy_hash` as kohya computes them. Refuses a LoRA that
+    /// fails [`Lora::validate`] (it would write a file whose header lies).
     pub fn save(&self, path: &Path, precision: Precision) -> Result<(), LoraError> {
+        self.validate()?;
         file::write_atomic(path, &self.to_bytes(precision))
+    }
+
+    /// Checks every module with [`Module::check`]; the first failure names its module.
+    /// LoRAs read by [`Lora::load`] always pass; operations check their inputs with this.
+    pub fn validate(&self) -> Result<(), LoraError> {
+        for (name, m) in &self.modules {
+            m.check().map_err(|detail| LoraError::BadModule {
+                module: name.clone(),
+                detail,
+            })?;
+        }
+        Ok(())
     }
 
     /// The exact bytes `save` writes.

@@ -139,6 +139,47 @@ impl Module {
         self.kind == other.kind && self.out_dim == other.out_dim && self.in_dim == other.in_dim
     }
 
+    /// Checks what every operation relies on: non-zero dimensions and rank, factor lengths
+    /// that match the shape, finite values and alpha. Modules read from files always pass;
+    /// this guards modules built in code before they reach an operation or a tensor
+    /// library (a length that disagrees with the shape would otherwise panic there).
+    pub fn check(&self) -> Result<(), String> {
+        if self.rank == 0 || self.out_dim == 0 || self.in_flat() == 0 {
+            return Err(format!(
+                "a dimension is 0 (rank {}, {})",
+                self.rank,
+                self.base_shape_label()
+            ));
+        }
+        let want_up = self.out_dim.checked_mul(self.rank);
+        if want_up != Some(self.up.len()) {
+            return Err(format!(
+                "up factor has {} values but its shape {:?} needs {}",
+                self.up.len(),
+                self.up_shape(),
+                want_up.map_or("more than usize".to_string(), |n| n.to_string())
+            ));
+        }
+        let want_down = self.in_flat().checked_mul(self.rank);
+        if want_down != Some(self.down.len()) {
+            return Err(format!(
+                "down factor has {} values but its shape {:?} needs {}",
+                self.down.len(),
+                self.down_shape(),
+                want_down.map_or("more than usize".to_string(), |n| n.to_string())
+            ));
+        }
+        if !self.alpha.is_finite() {
+            return Err(format!("alpha {} is not finite", self.alpha));
+        }
+        for (what, values) in [("up", &self.up), ("down", &self.down)] {
+            if let Some((i, v)) = values.iter().enumerate().find(|(_, v)| !v.is_finite()) {
+                return Err(format!("{what} factor holds {v} at flat index {i}"));
+            }
+        }
+        Ok(())
+    }
+
     /// Frobenius norm of the applied delta `scale * up @ down`, computed without
     /// materialising the `out x in` matrix.
     pub fn delta_norm(&self) -> f64 {

@@ -196,6 +196,7 @@ pub(crate) fn resize_with(
             "new_rank and new_conv_rank must be at least 1".into(),
         ));
     }
+    model.validate()?;
     if let Some(d) = opts.dynamic
         && !(d.param().is_finite() && d.param() > 0.0)
     {

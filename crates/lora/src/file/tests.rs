@@ -298,8 +298,8 @@ fn bad_inputs_give_messages_naming_file_and_key() {
             craft(vec![("m.lora_down.weight", "F32", vec![2, 4], down())]),
             &[
                 "malformed header",
-                "entry `m.lora_down.weight`",
-                "needs 32 bytes",
+                "tensor `m.lora_down.weight`",
+                "shape [2, 4] of F32 needs 32 bytes but its data_offsets span 24",
             ],
         ),
         (
@@ -329,4 +329,228 @@ fn loading_a_missing_file_names_it() {
         err.to_string()
             .contains("cannot read `/nonexistent/dir/none.safetensors`")
     );
+}
+
+/// A file from a hand-written header (tensor entries as JSON text) and data bytes.
+fn raw_file(header: &str, data: &[u8]) -> Vec<u8> {
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(header.as_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+#[test]
+fn headers_are_validated_as_the_safetensors_library_does() {
+    let t = |name: &str, dtype: &str, shape: &str, s: usize, e: usize| {
+        format!("\"{name}\":{{\"dtype\":\"{dtype}\",\"shape\":{shape},\"data_offsets\":[{s},{e}]}}")
+    };
+    let down = t("m.lora_down.weight", "F32", "[2,3]", 0, 24);
+    let up = t("m.lora_up.weight", "F32", "[4,2]", 24, 56);
+    let data = vec![0u8; 56];
+    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        (
+            "overlapping ranges",
+            raw_file(
+                &format!(
+                    "{{{down},{}}}",
+                    t("m.lora_up.weight", "F32", "[4,2]", 16, 48)
+                ),
+                &data[..48],
+            ),
+            &[
+                "tensor `m.lora_up.weight` has data_offsets [16, 48] but must start at 24",
+                "where `m.lora_down.weight` ends",
+                "non-overlapping",
+            ],
+        ),
+        (
+            "a gap between tensors",
+            raw_file(
+                &format!(
+                    "{{{down},{}}}",
+                    t("m.lora_up.weight", "F32", "[4,2]", 28, 60)
+                ),
+                &[0u8; 60],
+            ),
+            &["`m.lora_up.weight` has data_offsets [28, 60] but must start at 24"],
+        ),
+        (
+            "data not starting at 0",
+            raw_file(
+                &format!(
+                    "{{{},{}}}",
+                    t("m.lora_down.weight", "F32", "[2,3]", 8, 32),
+                    t("m.lora_up.weight", "F32", "[4,2]", 32, 64)
+                ),
+                &[0u8; 64],
+            ),
+            &["`m.lora_down.weight` has data_offsets [8, 32] but must start at 0"],
+        ),
+        (
+            "offsets running backwards",
+            raw_file(
+                &format!("{{{}}}", t("m.lora_down.weight", "F32", "[2,3]", 0, 0)),
+                &[],
+            ),
+            &["needs 24 bytes but its data_offsets span 0"],
+        ),
+        (
+            "bytes after the last tensor",
+            raw_file(&format!("{{{down},{up}}}"), &[0u8; 64]),
+            &["the tensors end at byte", "but the file has"],
+        ),
+        (
+            "unknown dtype",
+            raw_file(
+                &format!(
+                    "{{{},{up}}}",
+                    t("m.lora_down.weight", "F33", "[2,3]", 0, 24)
+                ),
+                &data,
+            ),
+            &["tensor `m.lora_down.weight` has unknown dtype `F33`"],
+        ),
+        (
+            "a key twice",
+            raw_file(&format!("{{{down},{down},{up}}}"), &data),
+            &["key `m.lora_down.weight` appears twice"],
+        ),
+        (
+            "size overflow",
+            raw_file(
+                &format!(
+                    "{{{}}}",
+                    t(
+                        "m.lora_down.weight",
+                        "F32",
+                        "[4294967296,4294967296,16]",
+                        0,
+                        24
+                    )
+                ),
+                &[0u8; 24],
+            ),
+            &["tensor `m.lora_down.weight`", "overflows"],
+        ),
+        (
+            "sub-byte size",
+            raw_file(
+                &format!("{{{}}}", t("m.lora_down.weight", "F4", "[3]", 0, 1)),
+                &[0u8; 1],
+            ),
+            &["not a whole number of bytes"],
+        ),
+        (
+            "header is a JSON array",
+            raw_file("[1,2]   ", &[]),
+            &["invalid JSON", "a JSON object"],
+        ),
+        (
+            "metadata not strings",
+            raw_file("{\"__metadata__\":{\"a\":1}}", &[]),
+            &["`__metadata__` is not a string-to-string map"],
+        ),
+        (
+            "a zero dimension",
+            craft(vec![
+                ("m.lora_down.weight", "F32", vec![2, 0], vec![]),
+                ("m.lora_up.weight", "F32", vec![4, 2], f32_bytes(&[1.0; 8])),
+            ]),
+            &[
+                "`m.lora_down.weight` has a bad shape [2, 0]",
+                "a dimension is 0",
+            ],
+        ),
+        (
+            "kohya and PEFT names of one module",
+            craft(vec![
+                (
+                    "lora_unet_a.lora_down.weight",
+                    "F32",
+                    vec![2, 3],
+                    f32_bytes(&[1.0; 6]),
+                ),
+                (
+                    "unet.a.lora_A.weight",
+                    "F32",
+                    vec![2, 3],
+                    f32_bytes(&[1.0; 6]),
+                ),
+                (
+                    "lora_unet_a.lora_up.weight",
+                    "F32",
+                    vec![4, 2],
+                    f32_bytes(&[1.0; 8]),
+                ),
+            ]),
+            &[
+                "module `lora_unet_a`: two tensors give its down weight",
+                "`lora_unet_a.lora_down.weight`",
+                "`unet.a.lora_A.weight`",
+            ],
+        ),
+        (
+            "alpha not a scalar",
+            craft(vec![
+                (
+                    "m.lora_down.weight",
+                    "F32",
+                    vec![2, 3],
+                    f32_bytes(&[1.0; 6]),
+                ),
+                ("m.lora_up.weight", "F32", vec![4, 2], f32_bytes(&[1.0; 8])),
+                ("m.alpha", "F32", vec![2], f32_bytes(&[1.0; 2])),
+            ]),
+            &["`m.alpha` has a bad shape [2]", "alpha is a scalar"],
+        ),
+    ];
+    for (what, bytes, needles) in cases {
+        let message = error_of(&bytes);
+        assert!(message.contains("`x.safetensors`"), "{what}: {message}");
+        for needle in needles {
+            assert!(
+                message.contains(needle),
+                "{what}: `{message}` lacks `{needle}`"
+            );
+        }
+    }
+    // The reference accepts tensors listed out of data order: so do we.
+    let reordered = raw_file(&format!("{{{up},{down}}}"), &data);
+    assert!(parse(Path::new("x"), &reordered).is_ok());
+}
+
+#[test]
+fn a_file_truncated_on_disk_is_an_error_not_a_signal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("t.safetensors");
+    let bytes = tiny(9).to_bytes(Precision::F16);
+    for cut in [bytes.len() - 1, bytes.len() / 2, 100, 8, 3] {
+        std::fs::write(&path, &bytes[..cut]).expect("writes");
+        let err = Lora::load(&path).expect_err("truncated");
+        assert!(
+            err.to_string().contains("is truncated"),
+            "cut at {cut}: {err}"
+        );
+    }
+}
+
+#[test]
+fn modules_built_in_code_are_checked_before_use() {
+    let mut lora = tiny(10);
+    let name = lora.modules.keys().next().cloned().expect("modules");
+    if let Some(m) = lora.modules.get_mut(&name) {
+        m.up.pop();
+    }
+    let err = lora.validate().expect_err("inconsistent");
+    assert!(
+        err.to_string()
+            .contains(&format!("module `{name}`: up factor has"))
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert!(
+        lora.save(&dir.path().join("x.safetensors"), Precision::F32)
+            .is_err()
+    );
+    assert!(crate::merge(&[&lora], &[1.0]).is_err());
+    assert!(crate::resize(&lora, &crate::ResizeOptions::default()).is_err());
 }
