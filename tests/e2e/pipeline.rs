@@ -459,11 +459,15 @@ fn the_worker_says_hello_and_refuses_kinds_it_does_not_have() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let request = r#"{"type":"run","node":"n","key":"k","kind":"train","params":{},"inputs":[],"work_dir":"/tmp","output_dir":"/tmp"}"#;
+    // A merge runs in the engine, never in the worker; a train request without its
+    // parameters is malformed.
+    let merge = r#"{"type":"run","node":"n","key":"k","kind":"merge","params":{"kind":"merge","models":[{"Node":"a"}],"ratios":[1.0],"save_precision":"float"},"inputs":[],"work_dir":"/tmp","output_dir":"/tmp"}"#;
+    let train = r#"{"type":"run","node":"n","key":"k","kind":"train","params":{},"inputs":[],"work_dir":"/tmp","output_dir":"/tmp"}"#;
     {
         use std::io::Write;
         let mut stdin = child.stdin.take().unwrap();
-        writeln!(stdin, "{request}").unwrap();
+        writeln!(stdin, "{merge}").unwrap();
+        writeln!(stdin, "{train}").unwrap();
     }
     let out = child.wait_with_output().unwrap();
     let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
@@ -473,7 +477,11 @@ fn the_worker_says_hello_and_refuses_kinds_it_does_not_have() {
     assert_eq!(lines[0]["type"], "hello");
     assert_eq!(lines[0]["device"], "cpu");
     assert_eq!(lines[1]["type"], "error");
-    assert!(lines[1]["message"].as_str().unwrap().contains("`train`"));
+    let refused = lines[1]["message"].as_str().unwrap();
+    assert!(refused.contains("`merge`"), "{refused}");
+    assert_eq!(lines[2]["type"], "error");
+    let malformed = lines[2]["message"].as_str().unwrap();
+    assert!(malformed.contains("malformed request"), "{malformed}");
 }
 
 #[test]
