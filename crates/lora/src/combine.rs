@@ -2,6 +2,7 @@
 //! mixed layouts and shape disagreements), stacking their scaled factors, and the minimal
 //! kohya metadata of a merged file.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use faer::Mat;
@@ -16,6 +17,38 @@ pub(crate) struct Contribution<'a> {
     pub input: usize,
     pub module: &'a Module,
     pub ratio: f64,
+}
+
+/// Inputs of one FLUX.1 / SD3.5 layout written in different namings (kohya, diffusers,
+/// ComfyUI), converted exactly to the naming of the first of them, so that the same layer
+/// has the same module names in every input. Other inputs are passed through.
+pub(crate) fn same_naming<'a>(models: &[&'a Lora]) -> Result<Vec<Cow<'a, Lora>>, LoraError> {
+    let detected: Vec<_> = models.iter().map(|l| layout::detect(l)).collect();
+    let target = detected.iter().find_map(|r| {
+        r.known()
+            .filter(|l| l.transformer().is_some())
+            .zip(r.naming)
+    });
+    models
+        .iter()
+        .zip(&detected)
+        .enumerate()
+        .map(
+            |(i, (&lora, report))| match (target, report.known(), report.naming) {
+                (Some((tl, tn)), Some(l), Some(n)) if l == tl && n != tn => {
+                    let (converted, _) = crate::convert::convert(lora, tn)?;
+                    tracing::info!(
+                        input = i + 1,
+                        from = n.label(),
+                        to = tn.label(),
+                        "converted before combining"
+                    );
+                    Ok(Cow::Owned(converted))
+                }
+                _ => Ok(Cow::Borrowed(lora)),
+            },
+        )
+        .collect()
 }
 
 /// Every module name of any input with its contributions (a module absent from an input

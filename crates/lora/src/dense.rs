@@ -9,7 +9,9 @@ use crate::combine::Contribution;
 use crate::error::LoraError;
 use crate::linalg::{self, DenseScalar};
 use crate::module::Module;
-use crate::resize::{ModuleResizeStats, ResizeOptions, new_rank_for_spectrum, resize_with};
+use crate::resize::{
+    ModuleResizeStats, RankRule, ResizeOptions, new_rank_for_spectrum, resize_with,
+};
 use crate::svd_merge::{SvdMergeOptions, clamp_to_quantile, svd_merge_with, truncate};
 use crate::{DynamicMethod, Lora};
 
@@ -63,7 +65,16 @@ pub fn resize_dense(
     model: &Lora,
     opts: &ResizeOptions,
 ) -> Result<(Lora, Vec<ModuleResizeStats>), LoraError> {
-    resize_with(model, opts, |name, m| {
+    resize_dense_by_rule(model, opts, RankRule::default())
+}
+
+/// [`resize_dense`] with a chosen sd-scripts rank rule.
+pub fn resize_dense_by_rule(
+    model: &Lora,
+    opts: &ResizeOptions,
+    rule: RankRule,
+) -> Result<(Lora, Vec<ModuleResizeStats>), LoraError> {
+    resize_with(model, opts, rule, |name, m| {
         // kohya's W = up @ down, without alpha.
         let w = product_in::<f64>(m, 1.0);
         linalg::dense_svd(&w).ok_or_else(|| LoraError::SvdFailed {

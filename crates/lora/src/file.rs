@@ -9,7 +9,8 @@
 //! tensor bytes. Tensors are ordered by dtype, widest alignment first (I64, F32, BF16, F16:
 //! the library's `Dtype` order, descending), then by name. Metadata keys are written in
 //! sorted order (Python's writer uses a hash map, so its order varies from run to run; the
-//! hashes below do not depend on it).
+//! hashes below do not depend on it). Modules in diffusers names (`transformer.*`) are
+//! written as diffusers writes them: `lora_A` / `lora_B`, no alpha (folded into the up).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,6 +22,7 @@ use sha2::{Digest, Sha256};
 use crate::error::LoraError;
 use crate::header::{self, Dtype};
 use crate::module::{AlphaStorage, Module, ModuleKind, TensorDtype};
+use crate::transformer::Naming;
 use crate::{Lora, Precision};
 
 /// One tensor of a file, still in its stored bytes (whose length the header check has
@@ -453,18 +455,33 @@ fn tensors(lora: &Lora, precision: Precision) -> Vec<Out> {
         .modules
         .par_iter()
         .flat_map_iter(|(name, m)| {
+            // diffusers / ai-toolkit names are written as they write them: `lora_A` /
+            // `lora_B` and no alpha (`alpha / rank` folded into the up factor).
+            let diffusers = Naming::of(name) == Some(Naming::Diffusers);
+            let folded;
+            let m = if diffusers && m.alpha_storage != AlphaStorage::Absent {
+                folded = crate::convert::fold_alpha(m.clone());
+                &folded
+            } else {
+                m
+            };
+            let (up_key, down_key) = if diffusers {
+                ("lora_B.weight", "lora_A.weight")
+            } else {
+                ("lora_up.weight", "lora_down.weight")
+            };
             let (dtype, order, up) = encode(&m.up, precision);
             let (_, _, down) = encode(&m.down, precision);
             let mut v = vec![
                 Out {
-                    name: format!("{name}.lora_up.weight"),
+                    name: format!("{name}.{up_key}"),
                     dtype,
                     order,
                     shape: m.up_shape(),
                     bytes: up,
                 },
                 Out {
-                    name: format!("{name}.lora_down.weight"),
+                    name: format!("{name}.{down_key}"),
                     dtype,
                     order,
                     shape: m.down_shape(),

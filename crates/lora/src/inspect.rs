@@ -13,6 +13,8 @@ use crate::module::ModuleKind;
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub layout: String,
+    /// The naming of the modules: `kohya`, `diffusers` or `comfyui` (`None` if unknown).
+    pub naming: Option<String>,
     pub text_encoders: Vec<String>,
     pub module_count: usize,
     /// Count of modules per kind (`linear`, `conv1x1`, `conv3x3`).
@@ -81,6 +83,7 @@ pub fn summarize(lora: &Lora) -> Summary {
     };
     Summary {
         layout,
+        naming: report.naming.map(|n| n.label().to_string()),
         text_encoders: report.text_encoders,
         module_count: modules.len(),
         kinds,

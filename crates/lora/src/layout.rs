@@ -1,5 +1,6 @@
-//! The module lists of the UNet layouts we know (SD1.x, SDXL, and a tiny made-up one for
-//! tests and demos), derived from the architectures, and layout detection of a LoRA.
+//! The module lists of the layouts we know (SD1.x, SDXL, a tiny made-up UNet for tests and
+//! demos; FLUX.1 and SD3.5 transformers from `transformer.rs` in each of their namings),
+//! derived from the architectures, and layout detection of a LoRA.
 //!
 //! SD1.x: 16 transformer blocks (3 down levels x 2, mid x 1, 3 up levels x 3) x 12 modules
 //! = 192, diffusers-style names, 1x1-conv `proj_in`/`proj_out`, context 768.
@@ -10,8 +11,9 @@ use std::collections::BTreeMap;
 
 use crate::Lora;
 use crate::module::{Module, ModuleKind};
+use crate::transformer::{Model, Naming};
 
-/// A UNet layout with a known list of adapted modules.
+/// A model layout with a known list of adapted modules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Layout {
     Sd1,
@@ -19,7 +21,20 @@ pub enum Layout {
     /// A small made-up UNet-like layout (channels <= 64) with kohya-style names, a mix of
     /// linear, 1x1-conv and 3x3-conv modules: for tests and demos.
     Tiny,
+    Flux,
+    Sd35Large,
+    Sd35Medium,
 }
+
+/// Every layout, in detection order.
+pub const LAYOUTS: [Layout; 6] = [
+    Layout::Sd1,
+    Layout::Sdxl,
+    Layout::Tiny,
+    Layout::Flux,
+    Layout::Sd35Large,
+    Layout::Sd35Medium,
+];
 
 impl Layout {
     pub fn label(self) -> &'static str {
@@ -27,20 +42,80 @@ impl Layout {
             Layout::Sd1 => "SD1.x UNet",
             Layout::Sdxl => "SDXL UNet",
             Layout::Tiny => "tiny test UNet",
+            Layout::Flux => Model::Flux.label(),
+            Layout::Sd35Large => Model::Sd35Large.label(),
+            Layout::Sd35Medium => Model::Sd35Medium.label(),
+        }
+    }
+
+    /// The transformer model of a FLUX.1 / SD3.5 layout.
+    pub fn transformer(self) -> Option<Model> {
+        match self {
+            Layout::Flux => Some(Model::Flux),
+            Layout::Sd35Large => Some(Model::Sd35Large),
+            Layout::Sd35Medium => Some(Model::Sd35Medium),
+            Layout::Sd1 | Layout::Sdxl | Layout::Tiny => None,
+        }
+    }
+
+    /// The namings files of this layout use: kohya only for the UNet layouts (diffusers
+    /// names of those are renamed to kohya's on reading).
+    pub fn namings(self) -> &'static [Naming] {
+        match self.transformer() {
+            Some(_) => &[Naming::Kohya, Naming::Diffusers, Naming::ComfyUi],
+            None => &[Naming::Kohya],
         }
     }
 
     /// The modules kohya's `networks.lora` adapts in this layout (no conv_dim options, plus
-    /// the tiny layout's two 3x3 convs), sorted by name.
+    /// the tiny layout's two 3x3 convs; for the transformers every linear layer), in kohya
+    /// names, sorted by name.
     pub fn modules(self) -> Vec<ModuleSpec> {
-        let mut v = match self {
-            Layout::Sd1 => sd1_modules(),
-            Layout::Sdxl => sdxl_modules(),
-            Layout::Tiny => tiny_modules(),
+        self.modules_named(Naming::Kohya)
+    }
+
+    /// The modules in one naming (empty for a naming the layout does not use), sorted.
+    pub fn modules_named(self, naming: Naming) -> Vec<ModuleSpec> {
+        let mut v = match (self, naming) {
+            (Layout::Sd1, Naming::Kohya) => sd1_modules(),
+            (Layout::Sdxl, Naming::Kohya) => sdxl_modules(),
+            (Layout::Tiny, Naming::Kohya) => tiny_modules(),
+            (Layout::Sd1 | Layout::Sdxl | Layout::Tiny, _) => Vec::new(),
+            _ => self
+                .transformer()
+                .map(|m| transformer_modules(m, naming))
+                .unwrap_or_default(),
         };
         v.sort_by(|a, b| a.name.cmp(&b.name));
         v
     }
+}
+
+fn transformer_modules(model: Model, naming: Naming) -> Vec<ModuleSpec> {
+    let mut v = Vec::new();
+    for layer in model.layers() {
+        let whole = |name: String| ModuleSpec {
+            name,
+            kind: ModuleKind::Linear,
+            out_dim: layer.out_dim,
+            in_dim: layer.in_dim,
+        };
+        match naming {
+            Naming::Kohya => v.push(whole(layer.kohya_name())),
+            Naming::ComfyUi => v.push(whole(layer.comfyui_name())),
+            Naming::Diffusers => {
+                for (part, name) in layer.parts.iter().zip(layer.diffusers_names()) {
+                    v.push(ModuleSpec {
+                        name,
+                        kind: ModuleKind::Linear,
+                        out_dim: part.rows,
+                        in_dim: layer.in_dim,
+                    });
+                }
+            }
+        }
+    }
+    v
 }
 
 /// Name and base-weight shape of one adaptable module.
@@ -166,12 +241,16 @@ fn tiny_modules() -> Vec<ModuleSpec> {
     v
 }
 
-/// What a LoRA adapts: its UNet layout (if it has UNet modules) and text-encoder parts.
+/// What a LoRA adapts: its UNet / transformer layout (if it has such modules), the naming
+/// its modules are written in, and its text-encoder parts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayoutReport {
-    /// `None` when the LoRA has no UNet modules.
+    /// `None` when the LoRA has no UNet / transformer modules.
     pub unet: Option<UnetLayout>,
-    /// Text-encoder parts present: `te` (SD1 CLIP), `te1`, `te2` (SDXL).
+    /// The naming of the detected layout's modules (kohya for the UNet layouts).
+    pub naming: Option<Naming>,
+    /// Text-encoder parts present: `te` (SD1 CLIP), `te1`, `te2`, `te3` (kohya's SDXL /
+    /// FLUX.1 / SD3 prefixes), `text_encoder`, `text_encoder_2`, `text_encoder_3` (diffusers).
     pub text_encoders: Vec<String>,
 }
 
@@ -186,7 +265,10 @@ impl LayoutReport {
     /// A one-line description, e.g. `SDXL UNet + text encoders te1, te2`.
     pub fn describe(&self) -> String {
         let unet = match self.unet {
-            Some(UnetLayout::Known(l)) => l.label().to_string(),
+            Some(UnetLayout::Known(l)) => match (l.transformer(), self.naming) {
+                (Some(_), Some(n)) => format!("{} ({} names)", l.label(), n.label()),
+                _ => l.label().to_string(),
+            },
             Some(UnetLayout::Unknown) => "unknown UNet layout".to_string(),
             None => "no UNet modules".to_string(),
         };
@@ -206,55 +288,70 @@ impl LayoutReport {
     }
 }
 
-/// Detects the layout: the known layout in which every UNet module of the LoRA that the
-/// layout lists has the listed shape, and that lists the most of them. Modules outside the
-/// list (e.g. LoCon's ResNet convs) do not prevent detection.
+/// Text-encoder module prefixes and how the report names them.
+const TEXT_ENCODERS: [(&str, &str); 7] = [
+    ("lora_te_", "te"),
+    ("lora_te1_", "te1"),
+    ("lora_te2_", "te2"),
+    ("lora_te3_", "te3"),
+    ("text_encoder.", "text_encoder"),
+    ("text_encoder_2.", "text_encoder_2"),
+    ("text_encoder_3.", "text_encoder_3"),
+];
+
+/// True for a text-encoder module (kept as it is by every layout conversion).
+pub fn is_text_encoder(name: &str) -> bool {
+    TEXT_ENCODERS.iter().any(|(p, _)| name.starts_with(p))
+}
+
+/// Detects the layout: the known (layout, naming) in which every module of the LoRA that
+/// it lists has the listed shape, and that lists the most of them. Modules outside the list
+/// (e.g. LoCon's ResNet convs) do not prevent detection.
 pub fn detect(lora: &Lora) -> LayoutReport {
-    let unet: Vec<(&String, &Module)> = lora
+    let text_encoders = TEXT_ENCODERS
+        .iter()
+        .filter(|(prefix, _)| lora.modules.keys().any(|n| n.starts_with(prefix)))
+        .map(|(_, label)| label.to_string())
+        .collect();
+    let model: Vec<(&String, &Module)> = lora
         .modules
         .iter()
-        .filter(|(n, _)| n.starts_with("lora_unet_"))
+        .filter(|(n, _)| !is_text_encoder(n))
         .collect();
-    let mut text_encoders = Vec::new();
-    for (prefix, label) in [
-        ("lora_te_", "te"),
-        ("lora_te1_", "te1"),
-        ("lora_te2_", "te2"),
-    ] {
-        if lora.modules.keys().any(|n| n.starts_with(prefix)) {
-            text_encoders.push(label.to_string());
-        }
-    }
-    if unet.is_empty() {
+    if model.is_empty() {
         return LayoutReport {
             unet: None,
+            naming: None,
             text_encoders,
         };
     }
-    let mut best: Option<(Layout, usize)> = None;
-    for layout in [Layout::Sd1, Layout::Sdxl, Layout::Tiny] {
-        let specs: BTreeMap<String, ModuleSpec> = layout
-            .modules()
-            .into_iter()
-            .map(|s| (s.name.clone(), s))
-            .collect();
-        let mut matched = 0;
-        let mut conflict = false;
-        for (name, m) in &unet {
-            if let Some(spec) = specs.get(*name) {
-                if spec.kind == m.kind && spec.out_dim == m.out_dim && spec.in_dim == m.in_dim {
-                    matched += 1;
-                } else {
-                    conflict = true;
+    let mut best: Option<(Layout, Naming, usize)> = None;
+    for layout in LAYOUTS {
+        for &naming in layout.namings() {
+            let specs: BTreeMap<String, ModuleSpec> = layout
+                .modules_named(naming)
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect();
+            let mut matched = 0;
+            let mut conflict = false;
+            for (name, m) in &model {
+                if let Some(spec) = specs.get(*name) {
+                    if spec.kind == m.kind && spec.out_dim == m.out_dim && spec.in_dim == m.in_dim {
+                        matched += 1;
+                    } else {
+                        conflict = true;
+                    }
                 }
             }
-        }
-        if !conflict && matched > 0 && best.is_none_or(|(_, b)| matched > b) {
-            best = Some((layout, matched));
+            if !conflict && matched > 0 && best.is_none_or(|(_, _, b)| matched > b) {
+                best = Some((layout, naming, matched));
+            }
         }
     }
     LayoutReport {
-        unet: Some(best.map_or(UnetLayout::Unknown, |(l, _)| UnetLayout::Known(l))),
+        unet: Some(best.map_or(UnetLayout::Unknown, |(l, _, _)| UnetLayout::Known(l))),
+        naming: best.map(|(_, n, _)| n),
         text_encoders,
     }
 }
@@ -265,7 +362,14 @@ mod tests {
 
     #[test]
     fn module_counts_match_the_architectures() {
-        let cases = [(Layout::Sd1, 192), (Layout::Sdxl, 722), (Layout::Tiny, 38)];
+        let cases = [
+            (Layout::Sd1, 192),
+            (Layout::Sdxl, 722),
+            (Layout::Tiny, 38),
+            (Layout::Flux, 314),
+            (Layout::Sd35Large, 384),
+            (Layout::Sd35Medium, 270),
+        ];
         for (layout, want) in cases {
             let modules = layout.modules();
             assert_eq!(modules.len(), want, "{layout:?}");
@@ -345,7 +449,26 @@ mod tests {
             let lora = crate::synth::random_lora(layout, 1, 1.0, 7);
             let report = detect(&lora);
             assert_eq!(report.known(), Some(layout));
+            assert_eq!(report.naming, Some(Naming::Kohya));
             assert!(report.text_encoders.is_empty());
+        }
+    }
+
+    #[test]
+    fn detects_transformer_layouts_in_every_naming_from_a_few_modules() {
+        for layout in [Layout::Flux, Layout::Sd35Large, Layout::Sd35Medium] {
+            for &naming in layout.namings() {
+                // A sample of the modules (every 25th) is enough, with a text encoder kept.
+                let mut lora = crate::synth::sampled_lora(layout, naming, 25, 1, 3);
+                let te = lora.modules.values().next().cloned().expect("modules");
+                lora.modules
+                    .insert("lora_te1_text_model_encoder_layers_0_mlp_fc1".into(), te);
+                let report = detect(&lora);
+                assert_eq!(report.known(), Some(layout), "{layout:?} {naming:?}");
+                assert_eq!(report.naming, Some(naming), "{layout:?} {naming:?}");
+                assert_eq!(report.text_encoders, ["te1"]);
+                assert!(report.describe().contains(naming.label()));
+            }
         }
     }
 

@@ -8,6 +8,11 @@
 //! rank is smaller: QR of the stacked factors, SVD of the small core. Everything runs in
 //! parallel over modules.
 //!
+//! Layouts: SD1.x and SDXL UNets (kohya names), and the FLUX.1 and SD3.5 (Large, Medium)
+//! transformers in kohya, diffusers / ai-toolkit and ComfyUI names (`transformer.rs`),
+//! detected by shape ([`detect_layout`]) and converted between exactly ([`convert`]);
+//! merges convert inputs of one model in different layouts to the first one's.
+//!
 //! ```
 //! use slider_lora::{svd_merge, resize, synth, DynamicMethod, ResizeOptions, SvdMergeOptions};
 //!
@@ -24,6 +29,7 @@
 pub mod bench;
 mod combine;
 mod compare;
+pub mod convert;
 pub mod dense;
 mod error;
 mod file;
@@ -36,21 +42,25 @@ mod module;
 mod resize;
 mod svd_merge;
 pub mod synth;
+pub mod transformer;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::str::FromStr;
 
 pub use compare::{delta_relative_error, module_delta_relative_error};
+pub use convert::{ConvertReport, convert};
 pub use error::{LayoutMismatch, LoraError};
 pub use file::kohya_hashes;
 pub use layout::{LayoutReport, UnetLayout, detect as detect_layout};
 pub use merge::merge;
 pub use module::{AlphaStorage, Module, ModuleKind, TensorDtype};
 pub use resize::{
-    DynamicMethod, ModuleResizeStats, ResizeOptions, new_rank_for_spectrum, resize, resize_metadata,
+    DynamicMethod, ModuleResizeStats, RankRule, ResizeOptions, new_rank_for_spectrum,
+    new_rank_for_spectrum_by, resize, resize_by_rule, resize_metadata,
 };
 pub use svd_merge::{SvdMergeOptions, svd_merge};
+pub use transformer::{Model, Naming};
 
 /// A LoRA: its adapted modules by kohya name (`lora_unet_...`) and its string metadata.
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -10,7 +10,13 @@ use crate::error::LoraError;
 use crate::module::{AlphaStorage, Module, TensorDtype};
 
 /// Merges LoRAs exactly; each module's rank is the sum of its inputs' ranks, alpha = rank.
+///
+/// Inputs of one FLUX.1 / SD3.5 model in different layouts (kohya, diffusers, ComfyUI) are
+/// converted exactly to the first one's layout before merging; the result is in that layout.
 pub fn merge(models: &[&Lora], ratios: &[f64]) -> Result<Lora, LoraError> {
+    let converted = combine::same_naming(models)?;
+    let models: Vec<&Lora> = converted.iter().map(|c| c.as_ref()).collect();
+    let models = models.as_slice();
     let grouped = combine::group_modules(models, ratios)?;
     let modules: Vec<(String, Module)> = grouped
         .par_iter()

@@ -2,14 +2,20 @@
 //! chosen per module from its singular values, with alpha rescaled so the kept part of the
 //! delta is unchanged. The SVD is exact (QR of the factors, SVD of the small core).
 //!
-//! Index rules (the ones kohya's `resize_lora.py` used for most of its life, and our
-//! project reference; later sd-scripts versions dropped one of the `+1`s): with `S` the full
-//! spectrum of length `min(out, in * kh * kw)`,
+//! Index rules, with `S` the full spectrum of length `min(out, in * kh * kw)`, in two
+//! versions ([`RankRule`]). [`RankRule::OnePastThreshold`], the default, is what
+//! `resize_lora.py` has done for most of its life (every sd-scripts release up to at least
+//! the 2026-02 `main`, and this project's reference):
 //! - `sv_ratio p`: `i = count(S > S[0] / p)`
 //! - `sv_cumulative p`: `i = searchsorted_left(cumsum(S) / sum(S), p) + 1`
 //! - `sv_fro p`: `i = searchsorted_left(cumsum(S^2) / sum(S^2), p^2) + 1`
 //! - then `i = max(1, min(i, len(S) - 1))` and `new_rank = i + 1`;
-//!   without a dynamic method `new_rank = --new_rank` (`--new_conv_rank` for every conv);
+//!
+//! [`RankRule::ReachThreshold`] is sd-scripts after PR #2194 ("Fix the 'off by 1' problem
+//! in dynamically resized LoRA rank"): the same without the `+ 1` in `sv_cumulative` and
+//! `sv_fro`, and the clamp `i = max(0, min(i, len(S) - 1))` for all three, so a module can
+//! be resized to rank 1. For both:
+//! - without a dynamic method `new_rank = --new_rank` (`--new_conv_rank` for every conv);
 //! - if `S[0] <= 1e-6` the module is a zero matrix and `new_rank = 1`, else `new_rank` is
 //!   capped at `--new_rank` / `--new_conv_rank` (and, unlike kohya, at `len(S)`).
 
@@ -99,26 +105,61 @@ pub struct ModuleResizeStats {
     pub max_ratio: f64,
 }
 
+/// Which sd-scripts version's dynamic rank rule a resize reproduces (see the module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RankRule {
+    /// sd-scripts before PR #2194: one rank past the first that reaches the target
+    /// (`sv_fro`, `sv_cumulative`), never fewer than 2. The default.
+    #[default]
+    OnePastThreshold,
+    /// sd-scripts after PR #2194: the first rank that reaches the target, at least 1.
+    ReachThreshold,
+}
+
+impl RankRule {
+    /// The CLI spelling: `one-past-threshold` or `reach-threshold`.
+    pub fn name(self) -> &'static str {
+        match self {
+            RankRule::OnePastThreshold => "one-past-threshold",
+            RankRule::ReachThreshold => "reach-threshold",
+        }
+    }
+}
+
 /// The rank kohya keeps for a module with full spectrum `s` (non-increasing, length
-/// `min(out, in * kh * kw)`), at most `max_rank`; see the module docs for the rules.
+/// `min(out, in * kh * kw)`), at most `max_rank`, by the default [`RankRule`].
 pub fn new_rank_for_spectrum(s: &[f64], max_rank: usize, dynamic: Option<DynamicMethod>) -> usize {
+    new_rank_for_spectrum_by(s, max_rank, dynamic, RankRule::default())
+}
+
+/// [`new_rank_for_spectrum`] by a chosen [`RankRule`].
+pub fn new_rank_for_spectrum_by(
+    s: &[f64],
+    max_rank: usize,
+    dynamic: Option<DynamicMethod>,
+    rule: RankRule,
+) -> usize {
     let Some(&s0) = s.first() else {
         return 1;
     };
     let len = s.len();
+    let (extra, floor) = match rule {
+        RankRule::OnePastThreshold => (1, 1),
+        RankRule::ReachThreshold => (0, 0),
+    };
     let mut new_rank = match dynamic {
         None => max_rank,
         Some(method) => {
             let i = match method {
                 DynamicMethod::SvRatio(p) => s.iter().filter(|&&x| x > s0 / p).count(),
                 DynamicMethod::SvCumulative(p) => {
-                    searchsorted_left(&normalised_cumsum(s.iter().copied()), p) + 1
+                    searchsorted_left(&normalised_cumsum(s.iter().copied()), p) + extra
                 }
                 DynamicMethod::SvFro(p) => {
-                    searchsorted_left(&normalised_cumsum(s.iter().map(|x| x * x)), p * p) + 1
+                    searchsorted_left(&normalised_cumsum(s.iter().map(|x| x * x)), p * p) + extra
                 }
             };
-            i.min(len.saturating_sub(1)).max(1) + 1
+            i.min(len.saturating_sub(1)).max(floor) + 1
         }
     };
     if s0 <= MIN_SINGULAR_VALUE {
@@ -154,13 +195,22 @@ pub fn resize(
     model: &Lora,
     opts: &ResizeOptions,
 ) -> Result<(Lora, Vec<ModuleResizeStats>), LoraError> {
-    resize_with(model, opts, |name, m| {
+    resize_by_rule(model, opts, RankRule::default())
+}
+
+/// [`resize`] with the dynamic rank rule of a chosen sd-scripts version.
+pub fn resize_by_rule(
+    model: &Lora,
+    opts: &ResizeOptions,
+    rule: RankRule,
+) -> Result<(Lora, Vec<ModuleResizeStats>), LoraError> {
+    resize_with(model, opts, rule, |name, m| {
         let a = linalg::mat_from_rows(&m.up, m.out_dim, m.rank, 1.0);
         let bt = linalg::mat_from_rows_transposed(&m.down, m.rank, m.in_flat());
         let max_rank = max_rank_of(m, opts);
         let full_len = m.out_dim.min(m.in_flat());
         linalg::product_svd(a.as_ref(), bt.as_ref(), |s| {
-            new_rank_for_spectrum(&padded(s, full_len), max_rank, opts.dynamic)
+            new_rank_for_spectrum_by(&padded(s, full_len), max_rank, opts.dynamic, rule)
         })
         .ok_or_else(|| LoraError::SvdFailed {
             module: name.to_string(),
@@ -189,6 +239,7 @@ fn padded(s: &[f64], full_len: usize) -> Vec<f64> {
 pub(crate) fn resize_with(
     model: &Lora,
     opts: &ResizeOptions,
+    rule: RankRule,
     svd: impl Fn(&str, &Module) -> Result<Spectral, LoraError> + Sync,
 ) -> Result<(Lora, Vec<ModuleResizeStats>), LoraError> {
     if opts.new_rank == 0 || opts.new_conv_rank == 0 {
@@ -211,7 +262,7 @@ pub(crate) fn resize_with(
         .map(|(name, m)| {
             let sp = svd(name, m)?;
             let s = padded(&sp.s, m.out_dim.min(m.in_flat()));
-            let k = new_rank_for_spectrum(&s, max_rank_of(m, opts), opts.dynamic);
+            let k = new_rank_for_spectrum_by(&s, max_rank_of(m, opts), opts.dynamic, rule);
             let new_alpha = m.scale() * k as f32;
             let (up, down) = truncate(&sp, k, m.out_dim, m.in_flat());
             let total: f64 = s.iter().map(|x| x.abs()).sum();
@@ -371,6 +422,45 @@ mod tests {
                 new_rank_for_spectrum(s, max_rank, method),
                 want,
                 "S={s:?} max={max_rank} {method:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn both_sd_scripts_rank_rules_on_crafted_spectra() {
+        use RankRule::*;
+        // (spectrum, method, rank before PR #2194, rank after), worked by hand.
+        let cases: &[(&[f64], DynamicMethod, usize, usize)] = &[
+            // PR #2194's example: cumsum(S)/sum = (0.9, 0.95, 1.0).
+            (&[18.0, 1.0, 1.0], SvCumulative(0.94), 3, 2),
+            (&[18.0, 1.0, 1.0], SvCumulative(0.95), 3, 2),
+            (&[18.0, 1.0, 1.0], SvCumulative(0.96), 3, 3),
+            // "almost rank 1": keeping 80% or 90% is rank 1 after the fix, 2 before.
+            (&[18.0, 1.0, 1.0], SvCumulative(0.8), 2, 1),
+            (&[18.0, 1.0, 1.0], SvCumulative(0.9), 2, 1),
+            // sv_fro: cumsum(S^2)/sum = (0.981, ...), p^2 = 0.5625 -> searchsorted 0.
+            (&[8.0, 1.0, 0.5, 0.1], SvFro(0.75), 2, 1),
+            // (.25, .5, .75, 1) and p^2 = .5625 -> searchsorted 2.
+            (&[1.0, 1.0, 1.0, 1.0], SvFro(0.75), 4, 3),
+            // p^2 = 1: searchsorted 3 = len - 1 after the clamp either way.
+            (&[1.0, 1.0, 1.0, 1.0], SvFro(1.0), 4, 4),
+            // sv_ratio: count(S > S0/p) has no +1 to drop; only the clamp differs.
+            (&[4.0, 3.0, 2.0, 1.0], SvRatio(2.0), 3, 3),
+            // p < 1: no value above S0/p, count 0: before clamps to 1, after keeps 0.
+            (&[4.0, 3.0, 2.0, 1.0], SvRatio(0.5), 2, 1),
+        ];
+        for &(s, method, before, after) in cases {
+            let got = [OnePastThreshold, ReachThreshold]
+                .map(|rule| new_rank_for_spectrum_by(s, 8, Some(method), rule));
+            assert_eq!(got, [before, after], "S={s:?} {method:?}");
+        }
+        // The default is the rule before the PR; fixed ranks ignore the rule.
+        assert_eq!(RankRule::default(), OnePastThreshold);
+        for rule in [OnePastThreshold, ReachThreshold] {
+            assert_eq!(new_rank_for_spectrum_by(&[3.0, 2.0, 1.0], 2, None, rule), 2);
+            assert_eq!(
+                new_rank_for_spectrum_by(&[1e-7, 0.0], 4, Some(SvFro(0.9)), rule),
+                1
             );
         }
     }

@@ -40,6 +40,8 @@ impl Default for SvdMergeOptions {
 /// entries. `alpha = k`, stored as an integer like kohya does (scale 1). When the merged
 /// delta has fewer than `k` non-zero singular values, the extra columns of `up` and rows of
 /// `down` are zero (kohya's are arbitrary unit vectors times a zero singular value).
+/// Inputs of one FLUX.1 / SD3.5 model in different layouts are converted exactly to the
+/// first one's layout before merging.
 pub fn svd_merge(
     models: &[&Lora],
     ratios: &[f64],
@@ -62,6 +64,9 @@ pub(crate) fn svd_merge_with(
     svd: impl Fn(&str, &[Contribution<'_>], usize) -> Result<Spectral, LoraError> + Sync,
 ) -> Result<Lora, LoraError> {
     validate(opts)?;
+    let converted = combine::same_naming(models)?;
+    let models: Vec<&Lora> = converted.iter().map(|c| c.as_ref()).collect();
+    let models = models.as_slice();
     let grouped = combine::group_modules(models, ratios)?;
     let modules: Result<Vec<(String, Module)>, LoraError> = grouped
         .par_iter()

@@ -11,6 +11,7 @@ use crate::Lora;
 pub use crate::layout::Layout;
 use crate::layout::ModuleSpec;
 use crate::module::{AlphaStorage, Module, TensorDtype};
+use crate::transformer::Naming;
 
 /// Half-width of the uniform distribution of `up` entries.
 const UP_BOUND: f32 = 0.05;
@@ -29,6 +30,31 @@ pub fn random_lora(layout: Layout, rank: usize, alpha: f32, seed: u64) -> Lora {
     Lora {
         modules,
         metadata: training_metadata(layout, rank, alpha),
+    }
+}
+
+/// A LoRA with every `every`-th module (sorted by name) of `layout` in `naming`, at `rank`
+/// and alpha 1: real shapes at a fraction of the size, for tests and the samples of the
+/// transformer benchmarks.
+pub fn sampled_lora(layout: Layout, naming: Naming, every: usize, rank: usize, seed: u64) -> Lora {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let modules = layout
+        .modules_named(naming)
+        .into_iter()
+        .step_by(every.max(1))
+        .map(|spec| {
+            let mut m = random_module(&spec, rank, 1.0, &mut rng);
+            if naming == Naming::Diffusers {
+                // diffusers / ai-toolkit files carry no alpha (scale 1).
+                m.alpha = rank as f32;
+                m.alpha_storage = AlphaStorage::Absent;
+            }
+            (spec.name, m)
+        })
+        .collect();
+    Lora {
+        modules,
+        metadata: training_metadata(layout, rank, 1.0),
     }
 }
 
@@ -69,6 +95,8 @@ fn training_metadata(layout: Layout, rank: usize, alpha: f32) -> BTreeMap<String
     let base = match layout {
         Layout::Sd1 => Some("sd_v1"),
         Layout::Sdxl => Some("sdxl_base_v1-0"),
+        Layout::Flux => Some("flux1"),
+        Layout::Sd35Large | Layout::Sd35Medium => Some("sd3"),
         Layout::Tiny => None,
     };
     if let Some(base) = base {
