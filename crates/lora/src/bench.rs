@@ -1,6 +1,10 @@
-//! The LoRA benchmark (`slider-run bench lora`): the method's merge chain on synthetic
-//! SDXL-layout LoRAs (722 modules, rank 4, alpha 1) by the fast path, against the dense
-//! path kohya takes (full `out x in` deltas, full SVD, f32) for the same work.
+//! The LoRA benchmarks, by the fast path against the dense path kohya takes (full
+//! `out x in` deltas, full SVD, f32) for the same work:
+//! - `slider-run bench lora`: the method's merge chain on synthetic SDXL-layout LoRAs (722
+//!   modules, rank 4, alpha 1);
+//! - `slider-run bench lora-flux`: a FLUX.1 pair merge (one input in kohya names, one in
+//!   diffusers / ai-toolkit names, converted before merging) and an `sv_fro` resize of the
+//!   result (314 layers, rank 16).
 //!
 //! The dense path is timed on a fixed sample, one module per distinct (kind, shape) class
 //! (8 classes in SDXL), and extrapolated by the number of modules in each class: every
@@ -12,6 +16,7 @@ use std::time::{Duration, Instant};
 use crate::error::LoraError;
 use crate::module::{Module, ModuleKind};
 use crate::synth::{self, Layout};
+use crate::transformer::Naming;
 use crate::{DynamicMethod, Lora, Precision, ResizeOptions, SvdMergeOptions, dense};
 
 /// One operation of the chain.
@@ -177,5 +182,68 @@ pub fn run_lora_bench(progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>, L
         modules: modules * rows.len(),
     };
     rows.push(total);
+    Ok(rows)
+}
+
+/// The FLUX.1 benchmark: `+1.5 big -1.5 small` svd-merged to rank 16 (clamp 0.99) with
+/// `small` in diffusers names (the merge converts it; the conversion is timed with the
+/// merge), then an `sv_fro 0.75` resize (max rank 16) written as fp16. Inputs: every layer
+/// of FLUX.1 (314) at `rank` 16, alpha 16.
+pub fn run_flux_bench(progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>, LoraError> {
+    let rank = 16;
+    progress("generating 2 synthetic FLUX.1 LoRAs (314 layers, rank 16)");
+    let big = synth::random_lora(Layout::Flux, rank, rank as f32, 300);
+    let small_kohya = synth::random_lora(Layout::Flux, rank, rank as f32, 301);
+    let (small, _) = crate::convert(&small_kohya, Naming::Diffusers)?;
+    let modules = big.modules.len();
+    let merge_opts = SvdMergeOptions {
+        new_rank: rank,
+        new_conv_rank: rank,
+        clamp_quantile: Some(0.99),
+    };
+    let mut rows = Vec::new();
+    let op = "svd-merge +1.5 kohya -1.5 diffusers, rank 16".to_string();
+    progress(&op);
+    let start = Instant::now();
+    let slider = crate::svd_merge(&[&big, &small], &[1.5, -1.5], &merge_opts)?;
+    let fast = start.elapsed();
+    // The dense route does the same sums and SVDs on the layers in one naming.
+    let (dense, timed) = dense_merge_time(&[&big, &small_kohya], &[1.5, -1.5], &merge_opts)?;
+    rows.push(BenchRow {
+        operation: op,
+        fast,
+        dense,
+        dense_modules_timed: timed,
+        modules,
+    });
+    let op = "resize sv_fro 0.75, max rank 16, to fp16".to_string();
+    progress(&op);
+    let resize_opts = ResizeOptions {
+        new_rank: rank,
+        new_conv_rank: rank,
+        dynamic: Some(DynamicMethod::SvFro(0.75)),
+    };
+    let start = Instant::now();
+    let (resized, _) = crate::resize(&slider, &resize_opts)?;
+    let resize_time = start.elapsed();
+    let start = Instant::now();
+    let bytes = resized.to_bytes(Precision::F16);
+    let serialise = start.elapsed();
+    tracing::debug!(bytes = bytes.len(), "fp16 file");
+    let (dense, timed) = dense_resize_time(&slider, &resize_opts)?;
+    rows.push(BenchRow {
+        operation: op,
+        fast: resize_time + serialise,
+        dense: dense + serialise,
+        dense_modules_timed: timed,
+        modules,
+    });
+    rows.push(BenchRow {
+        operation: "pair merge + resize".into(),
+        fast: rows.iter().map(|r| r.fast).sum(),
+        dense: rows.iter().map(|r| r.dense).sum(),
+        dense_modules_timed: rows.iter().map(|r| r.dense_modules_timed).sum(),
+        modules: modules * rows.len(),
+    });
     Ok(rows)
 }
