@@ -6,7 +6,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
-use slider_worker::grid::read_png_text;
+use slider_grid::read_png_text;
 
 use crate::{json_of, slider_run};
 
@@ -89,7 +89,14 @@ fn the_shortened_default_recipe_makes_every_output_and_then_runs_nothing() {
             prompts * 2 * 3,
             "prompts x seeds x weights"
         );
-        assert!(report["pooled"]["outside_change"].as_f64().unwrap() >= 0.0);
+        // A trained slider at weights -1 and 1 changes pixels, inside the eyes and out.
+        let pooled = &report["pooled"];
+        for figure in ["outside_change", "inside_change"] {
+            let v = pooled[figure].as_f64().unwrap();
+            assert!(v.is_finite() && v > 0.0, "{name} {figure}: {v}");
+        }
+        let spearman = pooled["spearman"].as_f64().unwrap();
+        assert!((-1.0..=1.0).contains(&spearman), "{name}: {spearman}");
     }
 
     let report = check_report(&first, &out);

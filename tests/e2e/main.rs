@@ -28,10 +28,47 @@ pub fn json_of(cmd: &mut Command) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("a JSON summary")
 }
 
+/// `--help` lists the commands a user needs (the worker stays hidden), and each listed
+/// command has its own help.
 #[test]
 fn help_lists_the_subcommands() {
     let out = slider_run().arg("--help").output().expect("binary runs");
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("Usage"), "{text}");
+    let listed: Vec<&str> = text
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for needed in [
+        "status",
+        "explain",
+        "verify",
+        "gc",
+        "svd-merge",
+        "merge",
+        "resize",
+        "inspect",
+        "bench",
+        "model",
+        "pretrain",
+        "sample",
+        "toyworld",
+    ] {
+        assert!(listed.contains(&needed), "`{needed}` not in {listed:?}");
+    }
+    assert!(
+        !listed.contains(&"worker"),
+        "the worker is internal: {listed:?}"
+    );
+    for command in listed.iter().filter(|c| **c != "help") {
+        let out = slider_run().args([command, "--help"]).output().unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && help.contains(&format!("slider-run {command}")),
+            "{command}: {help}"
+        );
+    }
 }

@@ -89,8 +89,8 @@ fn forward_writes_outputs_equal_to_the_reference() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let got = slider_worker::forward::read_tensors(&out_path).unwrap();
-    let io = slider_worker::forward::read_tensors(&fixture("sd1_tiny_io.safetensors")).unwrap();
+    let got = slider_models::forward::read_tensors(&out_path).unwrap();
+    let io = slider_models::forward::read_tensors(&fixture("sd1_tiny_io.safetensors")).unwrap();
     let mut compared = 0;
     for (key, want) in &io {
         let Some(name) = key.strip_prefix("expected.") else {
@@ -118,12 +118,12 @@ fn forward_refuses_inputs_it_cannot_use() {
     let mut t = std::collections::BTreeMap::new();
     t.insert(
         "pixels".to_string(),
-        slider_worker::HostTensor {
+        slider_models::HostTensor {
             shape: vec![1],
             values: vec![0.0],
         },
     );
-    slider_worker::forward::write_tensors(&inputs, t).unwrap();
+    slider_models::forward::write_tensors(&inputs, t).unwrap();
     let out = slider_run()
         .args(["model", "forward"])
         .arg(fixture("sdxl_tiny.safetensors"))

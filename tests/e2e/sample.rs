@@ -6,10 +6,10 @@ use std::fs;
 use std::path::Path;
 
 use serde_json::Value;
-use slider_worker::burn::tensor::Device;
-use slider_worker::checkpoint::{StoreDtype, write_random_checkpoint};
-use slider_worker::grid::read_png_text;
-use slider_worker::{LoraNetwork, ModelSpec};
+use slider_grid::read_png_text;
+use slider_models::burn::tensor::Device;
+use slider_models::checkpoint::{StoreDtype, write_random_checkpoint};
+use slider_models::{LoraNetwork, ModelSpec};
 
 use crate::{json_of, slider_run};
 

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 
 use serde_json::Value;
-use slider_worker::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
+use slider_models::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
 
 use crate::{json_of, slider_run};
 

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 
 use clap::Subcommand;
 use miette::{IntoDiagnostic, WrapErr};
-use slider_worker::forward::{read_tensors, write_tensors};
-use slider_worker::weights::TensorSource;
-use slider_worker::{Checkpoint, ModelSpec, StableDiffusion, check_keys, open_device};
+use slider_models::forward::{read_tensors, write_tensors};
+use slider_models::weights::TensorSource;
+use slider_models::{Checkpoint, ModelSpec, StableDiffusion, check_keys, open_device};
 
 #[derive(Subcommand, Debug)]
 pub enum ModelCommand {

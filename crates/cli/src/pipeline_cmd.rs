@@ -15,29 +15,20 @@ use slider_engine::inspect::{self, Freshness};
 use slider_engine::protocol::{self, WorkerKind};
 use slider_engine::verify::{self, Verdict};
 use slider_engine::{CancelToken, Lockfile, RunOptions, RunSummary, Store, lockfile_path};
+use slider_protocol::quality::QualityFile;
 use slider_recipe::Plan;
-use slider_worker::evaluate::{self, EvaluateConfig};
-use slider_worker::train::{TrainConfig, train};
-use slider_worker::xy_plot::{self, XyPlotConfig};
 
 /// The node kinds this build's worker (`slider-run worker`) executes, with their code
 /// versions. The one place the worker crate extends when it gains a trainer or sampler.
+/// The kinds the worker runs, with their code versions (owned by `slider-worker`).
 pub fn worker_kinds() -> Vec<WorkerKind> {
-    vec![
-        // 2: the LoRA branch beside frozen modules, LoCon (`conv_dim`) accepted.
-        WorkerKind {
-            kind: "train".into(),
-            code_version: 2,
-        },
-        WorkerKind {
-            kind: "xy_plot".into(),
-            code_version: 1,
-        },
-        WorkerKind {
-            kind: "evaluate".into(),
-            code_version: 1,
-        },
-    ]
+    slider_worker::KINDS
+        .iter()
+        .map(|k| WorkerKind {
+            kind: k.name.into(),
+            code_version: k.code_version,
+        })
+        .collect()
 }
 
 /// Arguments of the default command: `slider-run RECIPE`.
@@ -310,18 +301,8 @@ fn quality_line(path: &Path) -> Option<String> {
     if path.extension()? != "json" {
         return None;
     }
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    let pooled = report.get("pooled")?;
-    let figure = |key: &str| match pooled.get(key).and_then(serde_json::Value::as_f64) {
-        Some(v) => format!("{v:.3}"),
-        None => "n/a".into(),
-    };
-    Some(format!(
-        "slider quality of `{}`: Spearman(eye size, weight) {} (goal >= 0.95), change outside/inside the eyes {}",
-        report.get("lora")?.as_str()?,
-        figure("spearman"),
-        figure("outside_inside_ratio"),
-    ))
+    let report = QualityFile::parse(&std::fs::read(path).ok()?)?;
+    Some(report.summary_line())
 }
 
 fn failures_text(s: &RunSummary) -> String {
@@ -510,121 +491,18 @@ fn gc(keep: &[PathBuf], store: Option<PathBuf>, json: bool) -> miette::Result<Ex
 }
 
 fn worker(device: &str) -> miette::Result<ExitCode> {
-    let kinds: Vec<(String, u32)> = worker_kinds()
-        .into_iter()
-        .map(|k| (k.kind, k.code_version))
-        .collect();
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
-    protocol::serve(device, &kinds, stdin, stdout, |req, progress| {
-        let params = serde_json::to_value(&req.params).map_err(|e| e.to_string())?;
-        let resolve = |input: &serde_json::Value| {
-            serde_json::from_value::<slider_recipe::Input>(input.clone())
-                .ok()
-                .and_then(|i| req.path_of(&i).map(Path::to_path_buf))
-        };
-        match req.kind.as_str() {
-            "train" => worker_train(req, &params, device, resolve, progress),
-            "xy_plot" => worker_xy_plot(req, &params, device, resolve, progress),
-            "evaluate" => worker_evaluate(req, &params, device, resolve, progress),
-            other => Err(format!("no executor for `{other}` in this build")),
-        }
-    })
+    let stop = AtomicBool::new(false);
+    protocol::serve(
+        device,
+        &slider_worker::versions(),
+        stdin,
+        stdout,
+        |req, progress| slider_worker::execute(req, device, progress, &stop),
+    )
     .into_diagnostic()?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn worker_train(
-    req: &protocol::Request,
-    params: &serde_json::Value,
-    device: &str,
-    resolve: impl Fn(&serde_json::Value) -> Option<PathBuf>,
-    progress: &mut dyn FnMut(slider_engine::Progress),
-) -> Result<Vec<protocol::WorkerOutput>, String> {
-    let config = TrainConfig::from_node_params(params, resolve).map_err(|e| e.to_string())?;
-    let dev = slider_worker::open_device(device).map_err(|e| e.to_string())?;
-    let stop = AtomicBool::new(false);
-    train(
-        &config,
-        &req.work_dir,
-        &req.output_dir,
-        &dev,
-        |p| {
-            progress(slider_engine::Progress {
-                step: Some(p.step as u64),
-                total: Some(p.total as u64),
-                loss: Some(f64::from(p.loss)),
-                message: None,
-            })
-        },
-        &stop,
-    )
-    .map_err(|e| e.to_string())?;
-    Ok(["lora.safetensors", "loss.csv"]
-        .into_iter()
-        .zip(["lora", "loss"])
-        .map(|(file, name)| protocol::WorkerOutput {
-            name: name.into(),
-            file: file.into(),
-        })
-        .collect())
-}
-
-fn worker_xy_plot(
-    req: &protocol::Request,
-    params: &serde_json::Value,
-    device: &str,
-    resolve: impl Fn(&serde_json::Value) -> Option<PathBuf>,
-    progress: &mut dyn FnMut(slider_engine::Progress),
-) -> Result<Vec<protocol::WorkerOutput>, String> {
-    let config = XyPlotConfig::from_node_params(params, resolve).map_err(|e| e.to_string())?;
-    let dev = slider_worker::open_device(device).map_err(|e| e.to_string())?;
-    xy_plot::run(&config, &req.output_dir, &dev, |p| {
-        progress(slider_engine::Progress {
-            step: Some(p.cell as u64),
-            total: Some(p.cells as u64),
-            loss: None,
-            message: Some(format!("cell {}/{}: {}", p.cell, p.cells, p.label)),
-        })
-    })
-    .map_err(|e| e.to_string())?;
-    Ok(vec![protocol::WorkerOutput {
-        name: "grid".into(),
-        file: xy_plot::GRID_FILE.into(),
-    }])
-}
-
-fn worker_evaluate(
-    req: &protocol::Request,
-    params: &serde_json::Value,
-    device: &str,
-    resolve: impl Fn(&serde_json::Value) -> Option<PathBuf>,
-    progress: &mut dyn FnMut(slider_engine::Progress),
-) -> Result<Vec<protocol::WorkerOutput>, String> {
-    let config =
-        EvaluateConfig::from_node_params(params, resolve).map_err(|e| e.to_string())?;
-    let dev = slider_worker::open_device(device).map_err(|e| e.to_string())?;
-    evaluate::run(&config, &req.output_dir, &dev, |p| {
-        progress(slider_engine::Progress {
-            step: Some(p.done as u64),
-            total: Some(p.total as u64),
-            loss: None,
-            message: Some(format!("sample {}/{}: {}", p.done, p.total, p.label)),
-        })
-    })
-    .map_err(|e| e.to_string())?;
-    // The first output is the node's primary one (what `outputs:` publishes).
-    Ok([
-        ("quality", evaluate::QUALITY_JSON),
-        ("table", evaluate::QUALITY_MD),
-        ("grid", evaluate::GRID_FILE),
-    ]
-    .into_iter()
-    .map(|(name, file)| protocol::WorkerOutput {
-        name: name.into(),
-        file: file.into(),
-    })
-    .collect())
 }
 
 #[cfg(test)]
@@ -632,30 +510,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn quality_reports_get_one_summary_line_and_other_files_none() {
+    fn quality_reports_get_their_summary_line_and_other_files_none() {
         let dir = tempfile::tempdir().unwrap();
-        let cases: [(&str, &str, Option<&str>); 4] = [
-            (
-                "q.json",
-                r#"{"lora": "eyesize", "pooled": {"spearman": 0.96123, "outside_inside_ratio": 0.1}}"#,
-                Some(
-                    "slider quality of `eyesize`: Spearman(eye size, weight) 0.961 (goal >= 0.95), change outside/inside the eyes 0.100",
-                ),
-            ),
-            (
-                "constant.json",
-                r#"{"lora": "flat", "pooled": {"spearman": null, "outside_inside_ratio": null}}"#,
-                Some(
-                    "slider quality of `flat`: Spearman(eye size, weight) n/a (goal >= 0.95), change outside/inside the eyes n/a",
-                ),
-            ),
+        let quality =
+            r#"{"lora": "eyesize", "pooled": {"spearman": 0.96, "outside_inside_ratio": 0.1}}"#;
+        let want = QualityFile::parse(quality.as_bytes()).map(|q| q.summary_line());
+        assert!(want.is_some());
+        let cases = [
+            ("q.json", quality, want),
             ("other.json", r#"{"lora": "x"}"#, None),
-            ("grid.png", "not json", None),
+            ("grid.png", quality, None),
         ];
         for (name, content, want) in cases {
             let path = dir.path().join(name);
             std::fs::write(&path, content).unwrap();
-            assert_eq!(quality_line(&path).as_deref(), want, "{name}");
+            assert_eq!(quality_line(&path), want, "{name}");
         }
     }
 }

@@ -11,12 +11,12 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use miette::{IntoDiagnostic, WrapErr};
 use slider_engine::CancelToken;
-use slider_worker::open_device;
-use slider_worker::pretrain::caption_gain;
-use slider_worker::pretrain::{
+use slider_models::open_device;
+use slider_models::{Checkpoint, StableDiffusion};
+use slider_pretrain::caption_gain;
+use slider_pretrain::{
     Corpus, PretrainConfig, PretrainError, PreviewConfig, Stage, TinyBase, pretrain, preview,
 };
-use slider_worker::{Checkpoint, StableDiffusion};
 
 /// Train a small Stable Diffusion base model (VAE, CLIP text encoder, UNet) from scratch.
 #[derive(Args, Debug)]

@@ -10,9 +10,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use miette::{IntoDiagnostic, WrapErr};
 use serde_json::json;
-use slider_worker::grid;
-use slider_worker::open_device;
-use slider_worker::sample::{Generator, SampleJob, SamplerKind};
+use slider_models::open_device;
+use slider_models::sample::{Generator, SampleJob, SamplerKind};
 
 /// Arguments of `slider-run sample`.
 #[derive(Args, Debug)]
@@ -139,7 +138,7 @@ pub fn run(args: SampleArgs, quiet: bool) -> miette::Result<ExitCode> {
             .into_diagnostic()
             .wrap_err_with(|| format!("creating {}", dir.display()))?;
     }
-    grid::write_png(&args.out, &image, &text).into_diagnostic()?;
+    slider_grid::write_png(&args.out, &image, &text).into_diagnostic()?;
     if !quiet {
         println!(
             "wrote {} ({}x{}, {} {} steps): model loaded in {loaded_s:.2} s, sampled in {sampled_s:.2} s",

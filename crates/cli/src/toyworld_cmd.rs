@@ -9,10 +9,10 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use indicatif::{ProgressBar, ProgressStyle};
 use miette::{IntoDiagnostic, WrapErr};
+use slider_evaluate::eye_meter::{self, EyeMeterTrainConfig, ViewAccuracy};
 use slider_toyworld::{
     Identity, PAIR_SEED, View, caption, render, save_png, write_corpus, write_pairs,
 };
-use slider_worker::eye_meter::{self, EyeMeterTrainConfig, ViewAccuracy};
 
 #[derive(Subcommand, Debug)]
 pub enum ToyworldCommand {
@@ -151,7 +151,7 @@ fn train_meter(
     device: &str,
     quiet: bool,
 ) -> miette::Result<()> {
-    let device = slider_worker::open_device(device).into_diagnostic()?;
+    let device = slider_models::open_device(device).into_diagnostic()?;
     let bar = if quiet || !std::io::stderr().is_terminal() {
         ProgressBar::hidden()
     } else {

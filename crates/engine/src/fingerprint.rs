@@ -373,10 +373,24 @@ mod tests {
             vec![Input::File(a.clone()), Input::Node("renamed_up".into())],
             vec![1.5, -1.5],
         );
-        // a number written differently
-        let as_written = merge(
-            vec![Input::File(a.clone()), Input::Node("up".into())],
-            vec![1.5, -1.5],
+        // a number written differently in the recipe: 1.5 / 1.50 / 15e-1
+        let as_written = |ratios: &str| {
+            let text = format!(
+                "nodes:\n  up:\n    kind: merge\n    models: [{a}]\n    ratios: [1.0]\n  \
+                 m:\n    kind: merge\n    models: [{a}, up]\n    ratios: {ratios}\n",
+                a = a.display()
+            );
+            let plan = slider_recipe::load_str(&text, &dir.path().join("r.yaml"), &[]).unwrap();
+            let node = plan.nodes.iter().find(|n| n.name == "m").unwrap();
+            node.params.clone()
+        };
+        let spelled = as_written("[1.50, -15e-1]");
+        assert_eq!(
+            as_written("[1.5, -1.5]"),
+            merge(
+                vec![Input::File(a.clone()), Input::Node("up".into())],
+                vec![1.5, -1.5],
+            )
         );
 
         let cases: Vec<(&str, String, bool)> = vec![
@@ -392,8 +406,8 @@ mod tests {
                 false,
             ),
             (
-                "same params again",
-                key(&as_written, 1, &mut memo, &up),
+                "a number written differently",
+                key(&spelled, 1, &mut memo, &up),
                 false,
             ),
             (

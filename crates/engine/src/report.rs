@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use std::io;
 use std::path::{Component, Path, PathBuf};
 
-use serde::Deserialize;
+use slider_protocol::quality::{QualityFile, SPEARMAN_GOAL, figure};
 use slider_recipe::{Input, NodeParams, Plan};
 
 use crate::fsutil::write_atomic;
@@ -699,37 +699,6 @@ fn loss_svg(c: &LossCurve) -> String {
     )
 }
 
-/// An `evaluate` node's `quality.json` (slider_worker::evaluate::QualityReport), the fields
-/// the page shows.
-#[derive(Debug, Deserialize)]
-struct QualityFile {
-    lora: String,
-    #[serde(default)]
-    weights: Vec<f64>,
-    #[serde(default)]
-    seeds: Vec<u64>,
-    prompts: Vec<PromptFigures>,
-    pooled: Figures,
-}
-
-#[derive(Debug, Deserialize)]
-struct PromptFigures {
-    prompt: String,
-    #[serde(flatten)]
-    figures: Figures,
-}
-
-#[derive(Debug, Deserialize)]
-struct Figures {
-    spearman: Option<f64>,
-    outside_change: Option<f64>,
-    inside_change: Option<f64>,
-    outside_inside_ratio: Option<f64>,
-}
-
-/// The goal the method sets for a slider: eye size rises with the weight almost monotonically.
-const SPEARMAN_GOAL: f64 = 0.95;
-
 fn quality_table(node: &str, q: &QualityFile) -> String {
     let mut out = String::new();
     let _ = writeln!(
@@ -754,30 +723,19 @@ fn quality_table(node: &str, q: &QualityFile) -> String {
         .map(|p| (esc(&p.prompt), &p.figures))
         .chain([("<b>all prompts (pooled)</b>".to_string(), &q.pooled)]);
     for (prompt, f) in rows {
-        let goal = match f.spearman {
-            Some(s) if s >= SPEARMAN_GOAL => "met",
-            Some(_) => "not met",
-            None => "n/a",
-        };
+        let goal = f.goal();
         let _ = writeln!(
             out,
             "<tr><td>{prompt}</td><td class=\"num\">{}</td><td>{goal}</td><td class=\"num\">{}</td>\
              <td class=\"num\">{}</td><td class=\"num\">{}</td></tr>",
-            fmt_opt(f.spearman, 3),
-            fmt_opt(f.outside_inside_ratio, 3),
-            fmt_opt(f.outside_change, 2),
-            fmt_opt(f.inside_change, 2),
+            figure(f.spearman, 3),
+            figure(f.outside_inside_ratio, 3),
+            figure(f.outside_change, 2),
+            figure(f.inside_change, 2),
         );
     }
     out.push_str("</table>\n");
     out
-}
-
-fn fmt_opt(v: Option<f64>, digits: usize) -> String {
-    match v {
-        Some(v) => format!("{v:.digits$}"),
-        None => "n/a".to_string(),
-    }
 }
 
 /// A number for an axis label: 4 significant-ish digits, scientific when very small or large.

@@ -5,6 +5,7 @@
 //!   Nobody looks a field up by name in a JSON value.
 //! - [`names`]: every choice a recipe accepts (optimizers, schedulers, samplers, precisions)
 //!   as an enum.
+//! - [`quality`]: the quality file an `evaluate` node writes, its goal and its summary line.
 //! - [`worker`]: the messages between the engine and a worker process, and the worker's
 //!   serving loop.
 //!
@@ -23,6 +24,7 @@
 
 pub mod names;
 pub mod params;
+pub mod quality;
 pub mod worker;
 
 pub use names::{LrScheduler, MixedPrecision, Optimizer, Sampler};

@@ -20,6 +20,19 @@ pub enum Input {
     File(PathBuf),
 }
 
+impl Input {
+    /// What grids and reports call the input: the node's name, or the file's stem.
+    pub fn label(&self) -> String {
+        match self {
+            Input::Node(node) => node.clone(),
+            Input::File(path) => path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| path.display().to_string()),
+        }
+    }
+}
+
 /// The kind of a node, with its parameters.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]

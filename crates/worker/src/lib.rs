@@ -1,53 +1,9 @@
-//! `slider-worker`: the Stable Diffusion models on burn — the UNet (SD1.x, SDXL and a `tiny`
-//! configuration of the same architecture), the KL autoencoder, the CLIP text encoders and
-//! CLIP's tokenizer — loaded from the single-file checkpoints users have (original LDM/SGM key
-//! layout) and equal to the reference implementation within 1e-4 relative error.
-//!
-//! Compute runs on burn's pure-Rust `flex` CPU backend by default; the `wgpu` and `cuda`
-//! features add GPUs, chosen at run time with [`open_device`].
-//!
-//! ```no_run
-//! use slider_worker::{Checkpoint, StableDiffusion, Tokenizer, Padding, open_device};
-//! use burn::tensor::{Int, Tensor, TensorData};
-//!
-//! let device = open_device("cpu")?;
-//! let ckpt = Checkpoint::open("model.safetensors")?;
-//! let model = StableDiffusion::load(&ckpt, &device)?; // fails with every bad key listed
-//! let ids = Tokenizer::clip()?.tokenize("a photo of a cat", Padding::EndToken);
-//! let ids: Vec<i64> = ids.into_iter().map(i64::from).collect();
-//! let ids = Tensor::<2, Int>::from_data(TensorData::new(ids, [1, 77]), &device);
-//! let context = model.text_l.as_ref().map(|clip| clip.forward(ids).last);
-//! # Ok::<(), Box<dyn std::error::Error>>(())
-//! ```
+//! `slider-worker`: the process the engine sends model work to. It owns the node kinds that
+//! run on a device (`train`, `xy_plot`, `evaluate`) with their code versions, decodes each
+//! request's typed parameters (`slider-protocol`) and calls the crate that does the work:
+//! `slider-trainer`, the X/Y grid here, `slider-evaluate`.
 
-mod atomic_write;
-pub mod checkpoint;
-pub mod clip;
-pub mod device;
-pub mod evaluate;
-pub mod eye_meter;
-pub mod forward;
-pub mod grid;
-pub mod layers;
-pub mod lora;
-pub mod pretrain;
-pub mod sample;
-pub mod tokenizer;
-pub mod train;
-pub mod unet;
-pub mod vae;
-pub mod weights;
+pub mod kinds;
 pub mod xy_plot;
 
-pub use burn;
-pub use checkpoint::{
-    Checkpoint, CheckpointError, Family, KeyReport, ModelSpec, StableDiffusion, StoreDtype,
-    check_keys, write_random_checkpoint,
-};
-pub use clip::{ClipTextModel, OpenClipText, TextConfig, TextOutput};
-pub use device::{DeviceError, open_device, parse_device};
-pub use forward::{ForwardError, HostTensor};
-pub use lora::{AdapterError, LoraNetwork, lora_targets};
-pub use tokenizer::{Padding, Tokenizer};
-pub use unet::{Heads, UNet, UNetConfig};
-pub use vae::{Vae, VaeConfig};
+pub use kinds::{KINDS, Kind, execute, versions};

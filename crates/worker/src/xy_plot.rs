@@ -8,18 +8,19 @@
 //!
 //! ```no_run
 //! use std::path::{Path, PathBuf};
+//! use slider_protocol::params::Input;
 //! use slider_worker::xy_plot::{self, XyPlotConfig};
 //!
-//! let params: serde_json::Value = serde_json::from_str(r#"{"kind": "xy_plot",
+//! let params: slider_protocol::params::XyPlotParams = serde_json::from_str(r#"{
 //!     "base": {"File": "/m/tiny.safetensors"}, "loras": [{"Node": "eyesize"}],
 //!     "prompt": "1girl", "negative_prompt": "", "steps": 20, "cfg_scale": 7.0,
 //!     "sampler": "euler_a", "width": 64, "height": 64,
 //!     "x": {"axis": "weight", "values": [-2, 0, 2]}, "y": {"axis": "seed", "values": [1, 2]}}"#)?;
-//! let config = XyPlotConfig::from_node_params(&params, |input| match input.get("Node") {
-//!     Some(_) => Some(PathBuf::from("/store/eyesize.safetensors")),
-//!     None => input.get("File")?.as_str().map(PathBuf::from),
+//! let config = XyPlotConfig::from_params(&params, |input| match input {
+//!     Input::Node(_) => Some(PathBuf::from("/store/eyesize.safetensors")),
+//!     Input::File(path) => Some(path.clone()),
 //! })?;
-//! let device = slider_worker::open_device("cpu")?;
+//! let device = slider_models::open_device("cpu")?;
 //! let outcome = xy_plot::run(&config, Path::new("out"), &device, |p| eprintln!("{}", p.label))?;
 //! assert_eq!(outcome.cells, 6);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -31,8 +32,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::Device;
 use serde_json::{Value, json};
 
-use crate::grid::{self, GridError};
-use crate::sample::{Generator, SampleError, SampleJob, SamplerKind};
+use slider_grid::GridError;
+use slider_models::sample::{Generator, SampleError, SampleJob, SamplerKind};
+use slider_protocol::params::{Axis, Input, XyPlotParams};
 
 /// The file `run` writes into its output directory.
 pub const GRID_FILE: &str = "grid.png";
@@ -194,101 +196,52 @@ pub struct XyPlotOutcome {
 }
 
 impl XyPlotConfig {
-    /// The settings of an `xy_plot` node as the engine sends them (`slider_recipe`'s
-    /// `XyPlotParams` serialised); `resolve` maps an input (`{"Node": ..}` / `{"File": ..}`)
-    /// to the file holding its content.
-    pub fn from_node_params(
-        params: &Value,
-        resolve: impl Fn(&Value) -> Option<PathBuf>,
+    /// The settings of an `xy_plot` node; `resolve` maps an input to the file holding its
+    /// content. The recipe checks the axes at plan time; a request written by hand gets the
+    /// same checks here.
+    pub fn from_params(
+        params: &XyPlotParams,
+        resolve: impl Fn(&Input) -> Option<PathBuf>,
     ) -> Result<Self, XyPlotError> {
-        let bad = |m: String| XyPlotError::Config(m);
-        let field = |k: &str| params.get(k).ok_or_else(|| bad(format!("no `{k}`")));
-        let lora = |v: &Value| -> Result<LoraInput, XyPlotError> {
-            let path = resolve(v).ok_or_else(|| bad(format!("no file for input {v}")))?;
+        let bad = XyPlotError::Config;
+        let file = |input: &Input| {
+            resolve(input).ok_or_else(|| bad(format!("no file for input {input:?}")))
+        };
+        let lora = |input: &Input| -> Result<LoraInput, XyPlotError> {
             Ok(LoraInput {
-                label: input_label(v, &path),
-                path,
+                label: input.label(),
+                path: file(input)?,
             })
         };
-        let text = |k: &str| -> Result<String, XyPlotError> {
-            field(k)?
-                .as_str()
-                .map(str::to_owned)
-                .ok_or_else(|| bad(format!("`{k}` is not a string")))
-        };
-        let count = |k: &str| -> Result<usize, XyPlotError> {
-            field(k)?
-                .as_u64()
-                .map(|v| v as usize)
-                .ok_or_else(|| bad(format!("`{k}` is not a count")))
-        };
-        let base_input = field("base")?;
-        let base =
-            resolve(base_input).ok_or_else(|| bad(format!("no file for input {base_input}")))?;
-        let loras = field("loras")?
-            .as_array()
-            .ok_or_else(|| bad("`loras` is not a list".into()))?
+        let loras = params
+            .loras
             .iter()
             .map(lora)
             .collect::<Result<Vec<_>, _>>()?;
-        let axis = |k: &str| -> Result<AxisValues, XyPlotError> {
-            let a = field(k)?;
-            let kind = a.get("axis").and_then(Value::as_str);
-            let values = a
-                .get("values")
-                .and_then(Value::as_array)
-                .ok_or_else(|| bad(format!("`{k}` has no list of values")))?;
+        let axis = |k: &str, axis: &Axis| -> Result<AxisValues, XyPlotError> {
+            let values = match axis {
+                Axis::Weight(v) => {
+                    if !v.iter().all(|w| w.is_finite()) {
+                        return Err(bad(format!(
+                            "`{k}` axis: every value must be a finite number"
+                        )));
+                    }
+                    AxisValues::Weight(v.clone())
+                }
+                Axis::Seed(v) => AxisValues::Seed(v.clone()),
+                Axis::Prompt(v) => AxisValues::Prompt(v.clone()),
+                Axis::Lora(v) => AxisValues::Lora(
+                    v.iter()
+                        .map(|l| l.as_ref().map(lora).transpose())
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
             if values.is_empty() {
                 return Err(bad(format!("the `{k}` axis has no values")));
             }
-            let each = |what: &str, f: &dyn Fn(&Value) -> bool| {
-                values
-                    .iter()
-                    .all(f)
-                    .then_some(())
-                    .ok_or_else(|| bad(format!("`{k}` axis: every value must be {what}")))
-            };
-            Ok(match kind {
-                Some("weight") => {
-                    each("a finite number", &|v| {
-                        v.as_f64().is_some_and(f64::is_finite)
-                    })?;
-                    AxisValues::Weight(values.iter().filter_map(Value::as_f64).collect())
-                }
-                Some("seed") => {
-                    each("a whole number", &|v| v.as_u64().is_some())?;
-                    AxisValues::Seed(values.iter().filter_map(Value::as_u64).collect())
-                }
-                Some("prompt") => {
-                    each("a string", &|v| v.is_string())?;
-                    AxisValues::Prompt(
-                        values
-                            .iter()
-                            .filter_map(|v| v.as_str().map(str::to_owned))
-                            .collect(),
-                    )
-                }
-                Some("lora") => AxisValues::Lora(
-                    values
-                        .iter()
-                        .map(|v| {
-                            if v.is_null() {
-                                Ok(None)
-                            } else {
-                                lora(v).map(Some)
-                            }
-                        })
-                        .collect::<Result<Vec<_>, _>>()?,
-                ),
-                other => {
-                    return Err(bad(format!(
-                        "`{k}` axis {}: expected weight, seed, prompt or lora",
-                        other.map_or("missing".to_owned(), |o| format!("`{o}`"))
-                    )));
-                }
-            })
+            Ok(values)
         };
-        let (x, y) = (axis("x")?, axis("y")?);
+        let (x, y) = (axis("x", &params.x)?, axis("y", &params.y)?);
         for a in [&x, &y] {
             if matches!(a, AxisValues::Weight(_)) && loras.is_empty() {
                 return Err(bad(
@@ -299,24 +252,18 @@ impl XyPlotConfig {
         if x.name() == y.name() {
             return Err(bad(format!("`x` and `y` both vary `{}`", x.name())));
         }
-        let sampler = text("sampler")?
-            .parse::<SamplerKind>()
-            .map_err(|e| bad(e.to_string()))?;
-        let cfg_scale = field("cfg_scale")?
-            .as_f64()
-            .ok_or_else(|| bad("`cfg_scale` is not a number".into()))?;
         Ok(Self {
-            base,
+            base: file(&params.base)?,
             loras,
-            prompt: text("prompt")?,
-            negative_prompt: text("negative_prompt")?,
+            prompt: params.prompt.clone(),
+            negative_prompt: params.negative_prompt.clone(),
             x,
             y,
-            steps: count("steps")?,
-            cfg_scale,
-            sampler,
-            width: count("width")?,
-            height: count("height")?,
+            steps: params.steps,
+            cfg_scale: params.cfg_scale,
+            sampler: params.sampler.into(),
+            width: params.width,
+            height: params.height,
         })
     }
 
@@ -442,7 +389,7 @@ pub fn run(
         "{} | {} {} steps, CFG {}",
         config.prompt, config.sampler, config.steps, config.cfg_scale
     );
-    let sheet = grid::compose(&sheet_cells, &x_labels, &y_labels, Some(&title))?;
+    let sheet = slider_grid::compose(&sheet_cells, &x_labels, &y_labels, Some(&title))?;
     let (first, _) = config.cell(0, 0);
     let parameters = format!(
         "{}, X/Y plot: {} x {}",
@@ -459,33 +406,19 @@ pub fn run(
         source,
     })?;
     let path = output_dir.join(GRID_FILE);
-    grid::write_png(&path, &sheet, &text)?;
+    slider_grid::write_png(&path, &sheet, &text)?;
     Ok(XyPlotOutcome {
         grid: path,
         cells: cells_total,
     })
 }
 
-/// A node input's name on the sheet: the node's name, or a file's stem.
-fn input_label(input: &Value, path: &Path) -> String {
-    if let Some(node) = input.get("Node").and_then(Value::as_str) {
-        return node.to_owned();
-    }
-    let file = input
-        .get("File")
-        .and_then(Value::as_str)
-        .map_or(path, Path::new);
-    file.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| file.display().to_string())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sample::test_support::{random_lora, small_generator};
+    use slider_models::sample::test_support::{random_lora, small_generator};
 
-    fn params() -> Value {
+    fn json() -> Value {
         json!({
             "kind": "xy_plot", "base": {"File": "/m/base.safetensors"},
             "loras": [{"Node": "eyesize"}, {"File": "/l/style.safetensors"}],
@@ -496,19 +429,25 @@ mod tests {
         })
     }
 
-    fn resolve(v: &Value) -> Option<PathBuf> {
-        match (v.get("File"), v.get("Node")) {
-            (Some(f), _) => f.as_str().map(PathBuf::from),
-            (_, Some(n)) => n
-                .as_str()
-                .map(|n| PathBuf::from(format!("/store/{n}/lora.safetensors"))),
-            _ => None,
+    fn decode(json: Value) -> Result<XyPlotParams, serde_json::Error> {
+        serde_json::from_value(json)
+    }
+
+    fn params() -> XyPlotParams {
+        decode(json()).unwrap()
+    }
+
+    fn resolve(input: &Input) -> Option<PathBuf> {
+        match input {
+            Input::File(f) => Some(f.clone()),
+            Input::Node(n) if n == "elsewhere" => None,
+            Input::Node(n) => Some(PathBuf::from(format!("/store/{n}/lora.safetensors"))),
         }
     }
 
     #[test]
     fn reads_the_recipe_parameters() {
-        let c = XyPlotConfig::from_node_params(&params(), resolve).unwrap();
+        let c = XyPlotConfig::from_params(&params(), resolve).unwrap();
         assert_eq!(c.base, PathBuf::from("/m/base.safetensors"));
         let labels: Vec<&str> = c.loras.iter().map(|l| l.label.as_str()).collect();
         assert_eq!(labels, ["eyesize", "style"]);
@@ -520,53 +459,48 @@ mod tests {
         assert_eq!(c.y, AxisValues::Seed(vec![1, 2]));
         assert_eq!((c.steps, c.width, c.height), (20, 64, 48));
         assert_eq!(c.sampler, SamplerKind::EulerAncestral);
-        let x: Vec<String> = (0..3).map(|i| c.x.label(i)).collect();
-        assert_eq!(x, ["weight -2", "weight 0.5", "weight 2"]);
-        assert_eq!(c.y.label(1), "seed 2");
     }
 
     #[test]
     fn refuses_parameters_it_cannot_plot() {
-        type Edit = fn(&mut Value);
-        let cases: [(&str, Edit, &str); 9] = [
-            ("no base", |p| p["base"] = Value::Null, "no file for input"),
+        // What the types cannot hold never decodes (the worker answers "malformed request").
+        type JsonEdit = fn(&mut Value);
+        let malformed: [(&str, JsonEdit); 4] = [
+            ("unknown axis", |p| p["x"]["axis"] = json!("cfg")),
+            ("negative seed", |p| p["y"]["values"] = json!([-1])),
+            ("unknown sampler", |p| p["sampler"] = json!("plms")),
+            ("prompt not a string", |p| p["prompt"] = json!(3)),
+        ];
+        for (label, edit) in malformed {
+            let mut p = json();
+            edit(&mut p);
+            assert!(decode(p).is_err(), "{label}");
+        }
+        // What decodes but cannot be plotted is refused by name.
+        type Edit = fn(&mut XyPlotParams);
+        let cases: [(&str, Edit, &str); 5] = [
             (
                 "unresolved lora",
-                |p| p["loras"][0] = json!({"Elsewhere": 1}),
+                |p| p.loras[0] = Input::Node("elsewhere".into()),
                 "no file for input",
             ),
-            ("unknown axis", |p| p["x"]["axis"] = json!("cfg"), "`cfg`"),
-            ("empty axis", |p| p["y"]["values"] = json!([]), "no values"),
-            (
-                "bad seed",
-                |p| p["y"]["values"] = json!([-1]),
-                "whole number",
-            ),
-            (
-                "weight without loras",
-                |p| p["loras"] = json!([]),
-                "needs a LoRA",
-            ),
+            ("empty axis", |p| p.y = Axis::Seed(vec![]), "no values"),
+            ("weight without loras", |p| p.loras.clear(), "needs a LoRA"),
             (
                 "same axis twice",
-                |p| p["y"] = json!({"axis": "weight", "values": [1]}),
+                |p| p.y = Axis::Weight(vec![1.0]),
                 "both vary",
             ),
             (
-                "unknown sampler",
-                |p| p["sampler"] = json!("plms"),
-                "unknown sampler",
-            ),
-            (
-                "no prompt",
-                |p| p["prompt"] = json!(3),
-                "`prompt` is not a string",
+                "infinite weight",
+                |p| p.x = Axis::Weight(vec![f64::INFINITY]),
+                "finite",
             ),
         ];
         for (label, edit, want) in cases {
             let mut p = params();
             edit(&mut p);
-            let err = XyPlotConfig::from_node_params(&p, resolve).unwrap_err();
+            let err = XyPlotConfig::from_params(&p, resolve).unwrap_err();
             assert!(err.to_string().contains(want), "{label}: {err}");
         }
     }
@@ -577,7 +511,7 @@ mod tests {
             label: label.into(),
             path: PathBuf::from(format!("/{label}")),
         };
-        let mut c = XyPlotConfig::from_node_params(&params(), resolve).unwrap();
+        let mut c = XyPlotConfig::from_params(&params(), resolve).unwrap();
         c.loras = vec![l("slider")];
         let names = |loras: &[(LoraInput, f64)]| -> Vec<(String, f64)> {
             loras.iter().map(|(l, w)| (l.label.clone(), *w)).collect()
@@ -639,7 +573,7 @@ mod tests {
             "{:?}",
             sheet.dimensions()
         );
-        let text: BTreeMap<String, String> = grid::read_png_text(&outcome.grid)
+        let text: BTreeMap<String, String> = slider_grid::read_png_text(&outcome.grid)
             .unwrap()
             .into_iter()
             .collect();
