@@ -228,9 +228,6 @@ pub(crate) fn fingerprint_node(
     })
 }
 
-/// A node with its key computed and its inputs resolved, waiting for a free slot.
-type Keyed = (usize, Fingerprint, Vec<(Input, PathBuf)>);
-
 enum Outcome {
     Done(Manifest),
     Failed(String),
@@ -255,11 +252,6 @@ pub fn run(
     let started = Instant::now();
     check_supported(plan, &opts.worker_kinds)?;
     let (store, _lock) = Store::open_for_writing(store_root)?;
-    let mut memo = FileHashMemo::load(&store.memo_path());
-    let journal_path = store.journal_path(&plan.recipe_path);
-    let mut journal = Journal::load(&journal_path);
-    journal.runner_pid = Some(std::process::id());
-
     let needs_worker = plan
         .nodes
         .iter()
@@ -285,186 +277,25 @@ pub fn run(
             }));
         }
     }
-
-    let n = plan.nodes.len();
-    let index = plan.index_by_name();
-    let deps = dependencies(plan);
-    let mut consumers = vec![Vec::new(); n];
-    for (i, ds) in deps.iter().enumerate() {
-        for &d in ds {
-            consumers[d].push(i);
-        }
-    }
-    let mut waiting_on: Vec<usize> = deps.iter().map(Vec::len).collect();
-    let mut state = vec![State::Waiting; n];
-    let mut produced: Vec<Option<Produced>> = vec![None; n];
-    let mut keys: Vec<Option<String>> = vec![None; n];
-    let mut manifests: Vec<Option<Manifest>> = vec![None; n];
-    let mut ready: VecDeque<usize> = (0..n).filter(|&i| waiting_on[i] == 0).collect();
-    let mut queued_in_process: VecDeque<Keyed> = VecDeque::new();
-    let mut queued_worker: VecDeque<Keyed> = VecDeque::new();
-    let (mut running_in_process, mut running_worker) = (0usize, 0usize);
-    let mut summary = RunSummary {
-        ran: vec![],
-        cached: vec![],
-        failed: vec![],
-        skipped: vec![],
-        interrupted: false,
-        wall_s: 0.0,
-        hashed_bytes: 0,
-        published: vec![],
-        publish_errors: vec![],
-        lockfile: None,
-        store: store.root().to_path_buf(),
-        keys: BTreeMap::new(),
-    };
-    let mut stop = false;
-    let mut journal_dirty = false;
-    // Throttles journal writes for plans with many quick nodes; the first one is immediate
-    // so `status` sees a running node at once.
-    let mut journal_saved = Instant::now()
-        .checked_sub(Duration::from_secs(1))
-        .unwrap_or_else(Instant::now);
-    observer.event(Event::Planned { nodes: n });
-    let report =
-        |i: usize, key: Option<&str>, wall_s: f64, log: Option<PathBuf>, error: Option<String>| {
-            NodeReport {
-                name: plan.nodes[i].name.clone(),
-                kind: plan.nodes[i].params.kind().to_string(),
-                key: key.map(str::to_string),
-                wall_s,
-                log,
-                error,
-            }
-        };
-    let versions = kind_versions(&opts.worker_kinds);
+    let mut s = Scheduler::new(plan, &store, opts, observer);
+    observer.event(Event::Planned {
+        nodes: plan.nodes.len(),
+    });
     let (tx, rx) = mpsc::channel::<(usize, Outcome, f64)>();
-
     std::thread::scope(|scope| -> Result<(), EngineError> {
         loop {
-            if opts.cancel.is_cancelled() && !stop {
+            if opts.cancel.is_cancelled() && !s.stop {
                 tracing::warn!("interrupted: stopping running nodes");
-                summary.interrupted = true;
-                stop = true;
+                s.summary.interrupted = true;
+                s.stop = true;
             }
-            // Key every ready node; cached ones finish at once and may make more ready.
-            while !stop && let Some(i) = ready.pop_front() {
-                let node = &plan.nodes[i];
-                let version = versions.get(node.params.kind()).copied().unwrap_or(0);
-                let mut inputs = Vec::new();
-                let fp = match fingerprint_node(
-                    plan,
-                    &index,
-                    i,
-                    version,
-                    &mut memo,
-                    &produced,
-                    &mut inputs,
-                ) {
-                    Ok(fp) => fp,
-                    Err(e) => {
-                        state[i] = State::Failed;
-                        summary
-                            .failed
-                            .push(report(i, None, 0.0, None, Some(e.to_string())));
-                        observer.event(Event::Finished {
-                            node: &node.name,
-                            ok: false,
-                            wall_s: 0.0,
-                        });
-                        stop |= !opts.keep_going;
-                        continue;
-                    }
-                };
-                let Some(key) = fp.key.clone() else {
-                    return Err(EngineError::Internal(format!(
-                        "`{}` became ready with pending inputs",
-                        node.name
-                    )));
-                };
-                keys[i] = Some(key.clone());
-                if let Some(m) = store.manifest(&key)? {
-                    let Some(primary) = m.primary() else {
-                        return Err(EngineError::Corrupt {
-                            what: "manifest",
-                            path: store.object_dir(&key),
-                            message: "no outputs".into(),
-                        });
-                    };
-                    produced[i] = Some(Produced {
-                        path: store.object_dir(&key).join(&primary.file),
-                        hash: primary.hash.clone(),
-                    });
-                    state[i] = State::Done;
-                    summary.cached.push(report(
-                        i,
-                        Some(&key),
-                        0.0,
-                        Some(store.log_path(&key)),
-                        None,
-                    ));
-                    let unchanged = journal.nodes.get(&node.name).is_some_and(|e| {
-                        e.state == JournalState::Done && e.key.as_deref() == Some(key.as_str())
-                    });
-                    if !unchanged {
-                        journal.set(&node.name, JournalState::Done, Some(&key), None, None);
-                        journal_dirty = true;
-                    }
-                    manifests[i] = Some(m);
-                    observer.event(Event::Cached { node: &node.name });
-                    for &c in &consumers[i] {
-                        waiting_on[c] -= 1;
-                        if waiting_on[c] == 0 {
-                            ready.push_back(c);
-                        }
-                    }
-                    continue;
-                }
-                let Some(exec) = executors.get(node.params.kind()) else {
-                    return Err(EngineError::Internal(format!(
-                        "no executor for `{}`",
-                        node.params.kind()
-                    )));
-                };
-                match exec.placement() {
-                    Placement::InProcess => queued_in_process.push_back((i, fp, inputs)),
-                    Placement::Worker => queued_worker.push_back((i, fp, inputs)),
-                }
-            }
+            s.key_ready_nodes(&executors)?;
             // Dispatch within the limits.
-            loop {
-                if stop {
-                    break;
-                }
-                let next = if running_in_process < opts.jobs.max(1) && !queued_in_process.is_empty()
-                {
-                    running_in_process += 1;
-                    queued_in_process.pop_front()
-                } else if running_worker < opts.devices.len().max(1) && !queued_worker.is_empty() {
-                    running_worker += 1;
-                    queued_worker.pop_front()
-                } else {
-                    None
-                };
-                let Some((i, fp, inputs)) = next else { break };
-                let node = &plan.nodes[i];
-                let Some(exec) = executors.get(node.params.kind()).cloned() else {
+            while let Some((i, fp, inputs)) = s.next_to_start() {
+                let Some(exec) = executors.get(plan.nodes[i].params.kind()).cloned() else {
                     continue;
                 };
-                let key = fp.key.clone().unwrap_or_default();
-                state[i] = State::Running;
-                journal.set(
-                    &node.name,
-                    JournalState::Running,
-                    Some(&key),
-                    Some(&store.log_path(&key)),
-                    None,
-                );
-                journal_dirty = true;
-                observer.event(Event::Started {
-                    node: &node.name,
-                    kind: node.params.kind(),
-                });
+                s.started(i, fp.key.as_deref().unwrap_or_default());
                 let tx = tx.clone();
                 let store = &store;
                 scope.spawn(move || {
@@ -474,17 +305,8 @@ pub fn run(
                     let _ = tx.send((i, outcome, t0.elapsed().as_secs_f64()));
                 });
             }
-            if journal_dirty && journal_saved.elapsed() > Duration::from_millis(250) {
-                save_journal(&journal, &journal_path);
-                journal_dirty = false;
-                journal_saved = Instant::now();
-            }
-            if running_in_process + running_worker == 0
-                && (stop
-                    || (ready.is_empty()
-                        && queued_in_process.is_empty()
-                        && queued_worker.is_empty()))
-            {
+            s.save_journal_throttled();
+            if s.is_finished() {
                 break;
             }
             let (i, outcome, wall_s) = match rx.recv_timeout(Duration::from_millis(50)) {
@@ -492,131 +314,411 @@ pub fn run(
                 Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             };
-            let node = &plan.nodes[i];
-            match executors.get(node.params.kind()).map(|e| e.placement()) {
-                Some(Placement::Worker) => running_worker -= 1,
-                _ => running_in_process -= 1,
-            }
-            let key = keys[i].clone();
-            let log = key.as_deref().map(|k| store.log_path(k));
-            match outcome {
-                Outcome::Done(m) => {
-                    if let Some(primary) = m.primary() {
-                        produced[i] = Some(Produced {
-                            path: store.object_dir(&m.key).join(&primary.file),
-                            hash: primary.hash.clone(),
-                        });
-                    }
-                    state[i] = State::Done;
-                    journal.set(
-                        &node.name,
-                        JournalState::Done,
-                        key.as_deref(),
-                        log.as_deref(),
-                        None,
-                    );
-                    summary
-                        .ran
-                        .push(report(i, key.as_deref(), wall_s, log, None));
-                    manifests[i] = Some(m);
-                    observer.event(Event::Finished {
-                        node: &node.name,
-                        ok: true,
-                        wall_s,
-                    });
-                    for &c in &consumers[i] {
-                        waiting_on[c] -= 1;
-                        if waiting_on[c] == 0 {
-                            ready.push_back(c);
-                        }
-                    }
-                }
-                Outcome::Failed(err) => {
-                    state[i] = State::Failed;
-                    journal.set(
-                        &node.name,
-                        JournalState::Failed,
-                        key.as_deref(),
-                        log.as_deref(),
-                        Some(err.clone()),
-                    );
-                    summary
-                        .failed
-                        .push(report(i, key.as_deref(), wall_s, log, Some(err)));
-                    observer.event(Event::Finished {
-                        node: &node.name,
-                        ok: false,
-                        wall_s,
-                    });
-                    stop |= !opts.keep_going;
-                }
-                Outcome::Cancelled => {
-                    state[i] = State::Waiting;
-                    journal.set(
-                        &node.name,
-                        JournalState::Failed,
-                        key.as_deref(),
-                        log.as_deref(),
-                        Some("interrupted".into()),
-                    );
-                    summary.interrupted = true;
-                    observer.event(Event::Finished {
-                        node: &node.name,
-                        ok: false,
-                        wall_s,
-                    });
-                }
-            }
-            journal_dirty = true;
+            let placement = executors
+                .get(plan.nodes[i].params.kind())
+                .map(|e| e.placement());
+            s.finished(i, placement, outcome, wall_s);
         }
         Ok(())
     })?;
     drop(pool);
+    s.finish(started)
+}
 
-    for i in 0..n {
-        if state[i] == State::Waiting {
-            let failed_inputs: Vec<&str> = deps[i]
-                .iter()
-                .filter(|&&d| state[d] == State::Failed)
-                .map(|&d| plan.nodes[d].name.as_str())
-                .collect();
-            let reason = if summary.interrupted {
-                "interrupted".to_string()
-            } else if !failed_inputs.is_empty() {
-                format!("input failed: {}", failed_inputs.join(", "))
-            } else if stop {
-                "stopped after a failure (--no-keep-going)".to_string()
-            } else {
-                "an upstream node did not finish".to_string()
+/// A node with its key computed and its inputs resolved, waiting for a free slot.
+type Keyed = (usize, Fingerprint, Vec<(Input, PathBuf)>);
+
+/// The state of one run: which nodes wait, run, are done or failed, what they produced, the
+/// queues, the journal and the summary so far. [`run`] drives it: key what is ready, start
+/// what the limits allow, record what finishes.
+struct Scheduler<'a> {
+    plan: &'a Plan,
+    store: &'a Store,
+    opts: &'a RunOptions,
+    observer: &'a dyn Observer,
+    index: HashMap<&'a str, usize>,
+    versions: BTreeMap<String, u32>,
+    memo: FileHashMemo,
+    journal: Journal,
+    journal_path: PathBuf,
+    journal_dirty: bool,
+    journal_saved: Instant,
+    deps: Vec<Vec<usize>>,
+    consumers: Vec<Vec<usize>>,
+    waiting_on: Vec<usize>,
+    state: Vec<State>,
+    produced: Vec<Option<Produced>>,
+    keys: Vec<Option<String>>,
+    manifests: Vec<Option<Manifest>>,
+    ready: VecDeque<usize>,
+    queued_in_process: VecDeque<Keyed>,
+    queued_worker: VecDeque<Keyed>,
+    running_in_process: usize,
+    running_worker: usize,
+    summary: RunSummary,
+    stop: bool,
+}
+
+impl<'a> Scheduler<'a> {
+    fn new(
+        plan: &'a Plan,
+        store: &'a Store,
+        opts: &'a RunOptions,
+        observer: &'a dyn Observer,
+    ) -> Self {
+        let n = plan.nodes.len();
+        let deps = dependencies(plan);
+        let mut consumers = vec![Vec::new(); n];
+        for (i, ds) in deps.iter().enumerate() {
+            for &d in ds {
+                consumers[d].push(i);
+            }
+        }
+        let waiting_on: Vec<usize> = deps.iter().map(Vec::len).collect();
+        let journal_path = store.journal_path(&plan.recipe_path);
+        let mut journal = Journal::load(&journal_path);
+        journal.runner_pid = Some(std::process::id());
+        Scheduler {
+            plan,
+            store,
+            opts,
+            observer,
+            index: plan.index_by_name(),
+            versions: kind_versions(&opts.worker_kinds),
+            memo: FileHashMemo::load(&store.memo_path()),
+            journal,
+            journal_path,
+            journal_dirty: false,
+            // Throttles journal writes for plans with many quick nodes; the first one is
+            // immediate so `status` sees a running node at once.
+            journal_saved: Instant::now()
+                .checked_sub(Duration::from_secs(1))
+                .unwrap_or_else(Instant::now),
+            ready: (0..n).filter(|&i| waiting_on[i] == 0).collect(),
+            deps,
+            consumers,
+            waiting_on,
+            state: vec![State::Waiting; n],
+            produced: vec![None; n],
+            keys: vec![None; n],
+            manifests: vec![None; n],
+            queued_in_process: VecDeque::new(),
+            queued_worker: VecDeque::new(),
+            running_in_process: 0,
+            running_worker: 0,
+            summary: RunSummary {
+                ran: vec![],
+                cached: vec![],
+                failed: vec![],
+                skipped: vec![],
+                interrupted: false,
+                wall_s: 0.0,
+                hashed_bytes: 0,
+                published: vec![],
+                publish_errors: vec![],
+                lockfile: None,
+                store: store.root().to_path_buf(),
+                keys: BTreeMap::new(),
+            },
+            stop: false,
+        }
+    }
+
+    fn report(
+        &self,
+        i: usize,
+        key: Option<&str>,
+        wall_s: f64,
+        log: Option<PathBuf>,
+        error: Option<String>,
+    ) -> NodeReport {
+        NodeReport {
+            name: self.plan.nodes[i].name.clone(),
+            kind: self.plan.nodes[i].params.kind().to_string(),
+            key: key.map(str::to_string),
+            wall_s,
+            log,
+            error,
+        }
+    }
+
+    /// Node `i` is done: its consumers wait on one input less.
+    fn release_consumers(&mut self, i: usize) {
+        for &c in &self.consumers[i] {
+            self.waiting_on[c] -= 1;
+            if self.waiting_on[c] == 0 {
+                self.ready.push_back(c);
+            }
+        }
+    }
+
+    /// Keys every ready node; cached ones finish at once (and may make more ready), the rest
+    /// join the queue of their placement.
+    fn key_ready_nodes(&mut self, executors: &Executors) -> Result<(), EngineError> {
+        while !self.stop
+            && let Some(i) = self.ready.pop_front()
+        {
+            let node = &self.plan.nodes[i];
+            let version = self.versions.get(node.params.kind()).copied().unwrap_or(0);
+            let mut inputs = Vec::new();
+            let fp = match fingerprint_node(
+                self.plan,
+                &self.index,
+                i,
+                version,
+                &mut self.memo,
+                &self.produced,
+                &mut inputs,
+            ) {
+                Ok(fp) => fp,
+                Err(e) => {
+                    self.state[i] = State::Failed;
+                    let report = self.report(i, None, 0.0, None, Some(e.to_string()));
+                    self.summary.failed.push(report);
+                    self.observer.event(Event::Finished {
+                        node: &node.name,
+                        ok: false,
+                        wall_s: 0.0,
+                    });
+                    self.stop |= !self.opts.keep_going;
+                    continue;
+                }
             };
-            observer.event(Event::Skipped {
-                node: &plan.nodes[i].name,
-                reason: &reason,
+            let Some(key) = fp.key.clone() else {
+                return Err(EngineError::Internal(format!(
+                    "`{}` became ready with pending inputs",
+                    node.name
+                )));
+            };
+            self.keys[i] = Some(key.clone());
+            if let Some(m) = self.store.manifest(&key)? {
+                self.cached(i, &key, m)?;
+                continue;
+            }
+            let Some(exec) = executors.get(node.params.kind()) else {
+                return Err(EngineError::Internal(format!(
+                    "no executor for `{}`",
+                    node.params.kind()
+                )));
+            };
+            match exec.placement() {
+                Placement::InProcess => self.queued_in_process.push_back((i, fp, inputs)),
+                Placement::Worker => self.queued_worker.push_back((i, fp, inputs)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Node `i`'s key `key` is in the store with manifest `m`.
+    fn cached(&mut self, i: usize, key: &str, m: Manifest) -> Result<(), EngineError> {
+        let Some(primary) = m.primary() else {
+            return Err(EngineError::Corrupt {
+                what: "manifest",
+                path: self.store.object_dir(key),
+                message: "no outputs".into(),
             });
-            summary
-                .skipped
-                .push(report(i, None, 0.0, None, Some(reason)));
+        };
+        self.produced[i] = Some(Produced {
+            path: self.store.object_dir(key).join(&primary.file),
+            hash: primary.hash.clone(),
+        });
+        self.state[i] = State::Done;
+        let report = self.report(i, Some(key), 0.0, Some(self.store.log_path(key)), None);
+        self.summary.cached.push(report);
+        let name = &self.plan.nodes[i].name;
+        let unchanged = self
+            .journal
+            .nodes
+            .get(name)
+            .is_some_and(|e| e.state == JournalState::Done && e.key.as_deref() == Some(key));
+        if !unchanged {
+            self.journal
+                .set(name, JournalState::Done, Some(key), None, None);
+            self.journal_dirty = true;
+        }
+        self.manifests[i] = Some(m);
+        self.observer.event(Event::Cached { node: name });
+        self.release_consumers(i);
+        Ok(())
+    }
+
+    /// The next queued node the limits allow to start (in-process nodes `--jobs` at a time,
+    /// worker nodes one per device), counted as running.
+    fn next_to_start(&mut self) -> Option<Keyed> {
+        if self.stop {
+            return None;
+        }
+        if self.running_in_process < self.opts.jobs.max(1) && !self.queued_in_process.is_empty() {
+            self.running_in_process += 1;
+            self.queued_in_process.pop_front()
+        } else if self.running_worker < self.opts.devices.len().max(1)
+            && !self.queued_worker.is_empty()
+        {
+            self.running_worker += 1;
+            self.queued_worker.pop_front()
+        } else {
+            None
         }
     }
-    for (i, k) in keys.iter().enumerate() {
-        if let (State::Done, Some(k)) = (state[i], k) {
-            summary.keys.insert(plan.nodes[i].name.clone(), k.clone());
+
+    /// Node `i` starts with key `key`.
+    fn started(&mut self, i: usize, key: &str) {
+        let node = &self.plan.nodes[i];
+        self.state[i] = State::Running;
+        self.journal.set(
+            &node.name,
+            JournalState::Running,
+            Some(key),
+            Some(&self.store.log_path(key)),
+            None,
+        );
+        self.journal_dirty = true;
+        self.observer.event(Event::Started {
+            node: &node.name,
+            kind: node.params.kind(),
+        });
+    }
+
+    fn save_journal_throttled(&mut self) {
+        if self.journal_dirty && self.journal_saved.elapsed() > Duration::from_millis(250) {
+            save_journal(&self.journal, &self.journal_path);
+            self.journal_dirty = false;
+            self.journal_saved = Instant::now();
         }
     }
-    if opts.publish {
-        publish(plan, &index, &produced, &mut memo, &mut summary);
+
+    /// Nothing runs and nothing more will start.
+    fn is_finished(&self) -> bool {
+        self.running_in_process + self.running_worker == 0
+            && (self.stop
+                || (self.ready.is_empty()
+                    && self.queued_in_process.is_empty()
+                    && self.queued_worker.is_empty()))
     }
-    if opts.write_lockfile
-        && summary.failed.is_empty()
-        && summary.skipped.is_empty()
-        && !summary.interrupted
-    {
+
+    /// Records node `i`'s outcome after `wall_s` seconds.
+    fn finished(&mut self, i: usize, placement: Option<Placement>, outcome: Outcome, wall_s: f64) {
+        match placement {
+            Some(Placement::Worker) => self.running_worker -= 1,
+            _ => self.running_in_process -= 1,
+        }
+        let name = self.plan.nodes[i].name.as_str();
+        let key = self.keys[i].clone();
+        let log = key.as_deref().map(|k| self.store.log_path(k));
+        let (journal_state, error, ok) = match outcome {
+            Outcome::Done(m) => {
+                if let Some(primary) = m.primary() {
+                    self.produced[i] = Some(Produced {
+                        path: self.store.object_dir(&m.key).join(&primary.file),
+                        hash: primary.hash.clone(),
+                    });
+                }
+                self.state[i] = State::Done;
+                let report = self.report(i, key.as_deref(), wall_s, log.clone(), None);
+                self.summary.ran.push(report);
+                self.manifests[i] = Some(m);
+                self.release_consumers(i);
+                (JournalState::Done, None, true)
+            }
+            Outcome::Failed(err) => {
+                self.state[i] = State::Failed;
+                let report = self.report(i, key.as_deref(), wall_s, log.clone(), Some(err.clone()));
+                self.summary.failed.push(report);
+                self.stop |= !self.opts.keep_going;
+                (JournalState::Failed, Some(err), false)
+            }
+            Outcome::Cancelled => {
+                self.state[i] = State::Waiting;
+                self.summary.interrupted = true;
+                (JournalState::Failed, Some("interrupted".into()), false)
+            }
+        };
+        self.journal
+            .set(name, journal_state, key.as_deref(), log.as_deref(), error);
+        self.observer.event(Event::Finished {
+            node: name,
+            ok,
+            wall_s,
+        });
+        self.journal_dirty = true;
+    }
+
+    /// After the last node: the skipped nodes with their reasons, the keys, publishing, the
+    /// lockfile, the journal and the memo.
+    fn finish(mut self, started: Instant) -> Result<RunSummary, EngineError> {
+        let plan = self.plan;
+        for i in 0..plan.nodes.len() {
+            if self.state[i] == State::Waiting {
+                let reason = self.skip_reason(i);
+                self.observer.event(Event::Skipped {
+                    node: &plan.nodes[i].name,
+                    reason: &reason,
+                });
+                let report = self.report(i, None, 0.0, None, Some(reason));
+                self.summary.skipped.push(report);
+            }
+        }
+        for (i, k) in self.keys.iter().enumerate() {
+            if let (State::Done, Some(k)) = (self.state[i], k) {
+                self.summary
+                    .keys
+                    .insert(plan.nodes[i].name.clone(), k.clone());
+            }
+        }
+        if self.opts.publish {
+            publish(
+                plan,
+                &self.index,
+                &self.produced,
+                &mut self.memo,
+                &mut self.summary,
+            );
+        }
+        if self.opts.write_lockfile
+            && self.summary.failed.is_empty()
+            && self.summary.skipped.is_empty()
+            && !self.summary.interrupted
+        {
+            self.summary.lockfile = Some(self.write_lockfile()?);
+        }
+        self.journal.runner_pid = None;
+        if self.journal_dirty {
+            save_journal(&self.journal, &self.journal_path);
+        }
+        self.summary.hashed_bytes = self.memo.hashed_bytes;
+        self.memo
+            .save(&self.store.memo_path())
+            .map_err(EngineError::io("writing", self.store.memo_path()))?;
+        self.summary.wall_s = started.elapsed().as_secs_f64();
+        Ok(self.summary)
+    }
+
+    /// Why node `i`, still waiting at the end, did not run.
+    fn skip_reason(&self, i: usize) -> String {
+        let failed_inputs: Vec<&str> = self.deps[i]
+            .iter()
+            .filter(|&&d| self.state[d] == State::Failed)
+            .map(|&d| self.plan.nodes[d].name.as_str())
+            .collect();
+        if self.summary.interrupted {
+            "interrupted".to_string()
+        } else if !failed_inputs.is_empty() {
+            format!("input failed: {}", failed_inputs.join(", "))
+        } else if self.stop {
+            "stopped after a failure (--no-keep-going)".to_string()
+        } else {
+            "an upstream node did not finish".to_string()
+        }
+    }
+
+    fn write_lockfile(&self) -> Result<PathBuf, EngineError> {
         let lock = Lockfile {
             format: crate::lockfile::LOCKFILE_FORMAT,
-            nodes: plan
+            nodes: self
+                .plan
                 .nodes
                 .iter()
-                .zip(&manifests)
+                .zip(&self.manifests)
                 .filter_map(|(node, m)| {
                     let m = m.as_ref()?;
                     Some((
@@ -630,19 +732,10 @@ pub fn run(
                 })
                 .collect(),
         };
-        let path = lockfile_path(&plan.recipe_path);
+        let path = lockfile_path(&self.plan.recipe_path);
         lock.write(&path)?;
-        summary.lockfile = Some(path);
+        Ok(path)
     }
-    journal.runner_pid = None;
-    if journal_dirty {
-        save_journal(&journal, &journal_path);
-    }
-    summary.hashed_bytes = memo.hashed_bytes;
-    memo.save(&store.memo_path())
-        .map_err(EngineError::io("writing", store.memo_path()))?;
-    summary.wall_s = started.elapsed().as_secs_f64();
-    Ok(summary)
 }
 
 fn save_journal(journal: &Journal, path: &Path) {

@@ -20,43 +20,64 @@ pub struct KeyOf {
     pub transposed: bool,
 }
 
-/// Tracks the module path while burn walks a module.
-#[derive(Default)]
-struct PathTracker {
+/// The module path while burn walks a module (a `ModuleVisitor` / `ModuleMapper` calls
+/// `enter` and `exit` from its `enter_module` / `exit_module`); enum variants add nothing to it.
+/// The one place module paths become names: checkpoint keys here, training names in
+/// pretraining.
+#[derive(Debug, Default)]
+pub struct ModulePath {
     stack: Vec<(String, String)>,
 }
 
-impl PathTracker {
-    fn enter(&mut self, name: &str, container: &str) {
+impl ModulePath {
+    /// Enters the field `name` of container type `container` (`Struct:Linear`, `Enum:..`).
+    pub fn enter(&mut self, name: &str, container: &str) {
         self.stack.push((name.to_string(), container.to_string()));
     }
 
-    fn exit(&mut self) {
+    /// Leaves the innermost field.
+    pub fn exit(&mut self) {
         self.stack.pop();
     }
 
-    /// The checkpoint key of the parameter at the current path.
-    fn key(&self) -> KeyOf {
-        let parent = self.stack.last().map(|(_, c)| c.as_str()).unwrap_or("");
-        let is_norm = matches!(parent, "Struct:GroupNorm" | "Struct:LayerNorm");
-        let mut parts: Vec<&str> = Vec::with_capacity(self.stack.len());
+    /// `prefix` and the path's fields joined by `.` (enum variants skipped), e.g.
+    /// `unet.input_blocks.1.0.in_layers.2.weight`.
+    pub fn name(&self, prefix: &str) -> String {
+        let mut out = prefix.to_string();
         for (name, container) in &self.stack {
-            if container.starts_with("Enum:") {
-                continue;
+            if !container.starts_with("Enum:") {
+                out.push('.');
+                out.push_str(name);
             }
-            parts.push(name.as_str());
         }
+        out
+    }
+
+    /// The container type holding the parameter (`Struct:Linear`, `Struct:GroupNorm`, ...).
+    pub fn parent(&self) -> &str {
+        self.stack.last().map(|(_, c)| c.as_str()).unwrap_or("")
+    }
+
+    /// The parameter's own field name.
+    pub fn leaf(&self) -> &str {
+        self.stack.last().map(|(n, _)| n.as_str()).unwrap_or("")
+    }
+
+    /// The checkpoint key of the parameter at the current path: the path with norm
+    /// `gamma`/`beta` renamed `weight`/`bias`, and whether a linear weight is stored transposed.
+    pub fn key(&self) -> KeyOf {
+        let is_norm = matches!(self.parent(), "Struct:GroupNorm" | "Struct:LayerNorm");
+        let mut key = self.name("");
+        let leaf = self.leaf();
         let mut transposed = false;
-        if let Some(leaf) = parts.last_mut() {
-            match (*leaf, is_norm, parent) {
-                ("gamma", true, _) => *leaf = "weight",
-                ("beta", true, _) => *leaf = "bias",
-                ("weight", _, "Struct:Linear") => transposed = true,
-                _ => {}
-            }
+        match (leaf, is_norm, self.parent()) {
+            ("gamma", true, _) => key.replace_range(key.len() - leaf.len().., "weight"),
+            ("beta", true, _) => key.replace_range(key.len() - leaf.len().., "bias"),
+            ("weight", _, "Struct:Linear") => transposed = true,
+            _ => {}
         }
         KeyOf {
-            key: parts.join("."),
+            key: key.trim_start_matches('.').to_owned(),
             transposed,
         }
     }
@@ -65,7 +86,7 @@ impl PathTracker {
 /// Every parameter of a module: key, our shape (after any transposition), in visiting order.
 pub fn param_keys<M: burn::module::Module>(module: &M) -> Vec<(KeyOf, Vec<usize>)> {
     struct Keys {
-        path: PathTracker,
+        path: ModulePath,
         out: Vec<(KeyOf, Vec<usize>)>,
     }
     impl ModuleVisitor for Keys {
@@ -81,7 +102,7 @@ pub fn param_keys<M: burn::module::Module>(module: &M) -> Vec<(KeyOf, Vec<usize>
         }
     }
     let mut keys = Keys {
-        path: PathTracker::default(),
+        path: ModulePath::default(),
         out: Vec::new(),
     };
     module.visit(&mut keys);
@@ -91,7 +112,7 @@ pub fn param_keys<M: burn::module::Module>(module: &M) -> Vec<(KeyOf, Vec<usize>
 /// The values of every parameter in the checkpoint's layout (`[out, in]` linears): for writers.
 pub fn param_values<M: burn::module::Module>(module: &M) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     struct Values {
-        path: PathTracker,
+        path: ModulePath,
         out: Vec<(String, Vec<usize>, Vec<f32>)>,
     }
     impl ModuleVisitor for Values {
@@ -121,7 +142,7 @@ pub fn param_values<M: burn::module::Module>(module: &M) -> Vec<(String, Vec<usi
         }
     }
     let mut values = Values {
-        path: PathTracker::default(),
+        path: ModulePath::default(),
         out: Vec::new(),
     };
     module.visit(&mut values);
@@ -157,7 +178,7 @@ pub fn fill<M: burn::module::Module, S: TensorSource>(
     prefix: &str,
 ) -> (M, FillReport) {
     struct Filler<'a, S> {
-        path: PathTracker,
+        path: ModulePath,
         source: &'a S,
         prefix: &'a str,
         report: FillReport,
@@ -206,7 +227,7 @@ pub fn fill<M: burn::module::Module, S: TensorSource>(
         }
     }
     let mut filler = Filler {
-        path: PathTracker::default(),
+        path: ModulePath::default(),
         source,
         prefix,
         report: FillReport::default(),
@@ -224,7 +245,7 @@ pub fn add_to_params<M: burn::module::Module>(
     mut deltas: BTreeMap<String, Tensor<2>>,
 ) -> (M, Vec<String>) {
     struct Adder {
-        path: PathTracker,
+        path: ModulePath,
         deltas: BTreeMap<String, Tensor<2>>,
     }
     impl ModuleMapper for Adder {
@@ -244,7 +265,7 @@ pub fn add_to_params<M: burn::module::Module>(
         }
     }
     let mut adder = Adder {
-        path: PathTracker::default(),
+        path: ModulePath::default(),
         deltas: std::mem::take(&mut deltas),
     };
     let module = module.map(&mut adder);

@@ -36,6 +36,7 @@ mod came;
 pub mod lr_schedule;
 #[cfg(test)]
 mod reference;
+mod resume;
 mod state;
 
 use std::collections::BTreeMap;
@@ -45,6 +46,7 @@ use burn::tensor::{Device, Tensor};
 pub use adamw::{AdamW, AdamWConfig};
 pub use came::{Came, CameConfig};
 pub use lr_schedule::{LrSchedule, ScheduleError, ScheduleKind};
+pub use resume::{ResumeError, ResumeState};
 pub use state::{OptimizerError, OptimizerState};
 
 /// One of the optimizers a recipe can name (`optimizer_type`).

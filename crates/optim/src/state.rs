@@ -11,11 +11,11 @@ use safetensors::tensor::{Dtype, TensorView};
 use slider_models::HostTensor;
 
 /// Metadata key naming the optimizer (`CAME`, `AdamW`).
-const KEY_OPTIMIZER: &str = "slider.optimizer";
+pub(crate) const KEY_OPTIMIZER: &str = "slider.optimizer";
 /// Metadata key holding the hyperparameters as JSON.
-const KEY_HYPERPARAMETERS: &str = "slider.hyperparameters";
+pub(crate) const KEY_HYPERPARAMETERS: &str = "slider.hyperparameters";
 /// Metadata key holding `{parameter: steps taken}` as JSON.
-const KEY_STEPS: &str = "slider.steps";
+pub(crate) const KEY_STEPS: &str = "slider.steps";
 
 /// Why an optimizer cannot step, or its state cannot be saved or restored.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +64,27 @@ pub enum OptimizerError {
         /// The cause.
         source: std::io::Error,
     },
+}
+
+/// Every tensor of a state file, which must all be f32.
+pub(crate) fn f32_tensors(
+    file: &safetensors::SafeTensors<'_>,
+) -> Result<Vec<(String, HostTensor)>, String> {
+    file.tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            if view.dtype() != Dtype::F32 {
+                return Err(format!("tensor `{name}` is {:?}, not F32", view.dtype()));
+            }
+            let values = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let shape = view.shape().to_vec();
+            Ok((name, HostTensor { shape, values }))
+        })
+        .collect()
 }
 
 /// The whole state of an optimizer, on the host.
@@ -122,22 +143,7 @@ impl OptimizerState {
         };
         let steps = serde_json::from_str(&get(KEY_STEPS)?)
             .map_err(|e| damaged(format!("metadata `{KEY_STEPS}`: {e}")))?;
-        let mut tensors = BTreeMap::new();
-        for (name, view) in file.tensors() {
-            if view.dtype() != Dtype::F32 {
-                return Err(damaged(format!(
-                    "tensor `{name}` is {:?}, not F32",
-                    view.dtype()
-                )));
-            }
-            let values = view
-                .data()
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
-            let shape = view.shape().to_vec();
-            tensors.insert(name, HostTensor { shape, values });
-        }
+        let tensors = f32_tensors(&file).map_err(damaged)?.into_iter().collect();
         Ok(Self {
             optimizer: get(KEY_OPTIMIZER)?,
             hyperparameters: get(KEY_HYPERPARAMETERS)?,

@@ -34,7 +34,7 @@ pub mod latent_scale;
 pub mod params;
 pub mod preview;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -56,7 +56,8 @@ use slider_models::tokenizer::{Padding, Tokenizer};
 use slider_models::unet::{Heads, UNet, UNetConfig};
 use slider_models::vae::{SD1_SCALING_FACTOR, Vae, VaeConfig};
 use slider_optim::{
-    AdamW, AdamWConfig, LrSchedule, OptimizerError, OptimizerState, ScheduleError, ScheduleKind,
+    AdamW, AdamWConfig, LrSchedule, OptimizerError, OptimizerState, ResumeError, ResumeState,
+    ScheduleError, ScheduleKind,
 };
 
 /// The resumable state in the work dir.
@@ -872,10 +873,6 @@ fn unet_step(
     Ok((unet, text, value))
 }
 
-const KEY_CONFIG: &str = "slider.pretrain.config";
-const KEY_RUN: &str = "slider.pretrain.run";
-const KEY_OPTIMIZER: &str = "slider.pretrain.optimizer";
-
 #[derive(Serialize, Deserialize)]
 struct RunJson {
     stage: Stage,
@@ -884,15 +881,8 @@ struct RunJson {
     losses: Vec<(Stage, f32, f64)>,
 }
 
-#[derive(Serialize, Deserialize)]
-struct OptimizerJson {
-    optimizer: String,
-    hyperparameters: String,
-    steps: BTreeMap<String, u64>,
-}
-
-/// One file: every parameter (`vae.*`, `unet.*`, `text.*`, f32), the optimizer's moments
-/// (`optim/<parameter>.<slot>`), and the run's position and losses in the metadata.
+/// One [`ResumeState`]: every parameter (`vae.*`, `unet.*`, `text.*`, f32), the optimizer's
+/// moments, and the run's stage, position and losses as progress.
 fn save_state(
     path: &Path,
     config_json: &str,
@@ -900,125 +890,70 @@ fn save_state(
     optimizer: &AdamW,
     run: &RunState,
 ) -> Result<(), PretrainError> {
-    let damaged = |m: String| PretrainError::Resume {
-        path: path.to_path_buf(),
-        message: m,
-    };
-    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
-    let mut push = |name: String, shape: Vec<usize>, values: &[f32]| {
-        tensors.push((name, shape, bytemuck::cast_slice(values).to_vec()));
-    };
-    for (name, shape, values) in params::named_values(&parts.vae, "vae")
+    let tensors = params::named_values(&parts.vae, "vae")
         .into_iter()
         .chain(params::named_values(&parts.unet, "unet"))
         .chain(params::named_values(&parts.text, "text"))
-    {
-        push(name, shape, &values);
-    }
-    let state = optimizer.state();
-    for (name, t) in &state.tensors {
-        push(format!("optim/{name}"), t.shape.clone(), &t.values);
-    }
-    let views = tensors
-        .iter()
-        .map(|(name, shape, bytes)| {
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), bytes)
-                .map(|v| (name.as_str(), v))
-                .map_err(|e| damaged(e.to_string()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let run_json = serde_json::to_string(&RunJson {
+        .map(|(name, shape, values)| (name, HostTensor { shape, values }))
+        .collect();
+    let progress = serde_json::to_string(&RunJson {
         stage: run.stage,
         step: run.step,
         latent_std: run.latent_std,
         losses: run.losses.clone(),
     })
-    .map_err(|e| damaged(e.to_string()))?;
-    let optim_json = serde_json::to_string(&OptimizerJson {
-        optimizer: state.optimizer.clone(),
-        hyperparameters: state.hyperparameters.clone(),
-        steps: state.steps.clone(),
-    })
-    .map_err(|e| damaged(e.to_string()))?;
-    let metadata = HashMap::from([
-        (KEY_CONFIG.to_string(), config_json.to_string()),
-        (KEY_RUN.to_string(), run_json),
-        (KEY_OPTIMIZER.to_string(), optim_json),
-    ]);
-    let bytes =
-        safetensors::serialize(views, Some(metadata)).map_err(|e| damaged(e.to_string()))?;
-    preview::write_atomic(path, &bytes)
+    .map_err(|e| PretrainError::Config(e.to_string()))?;
+    ResumeState {
+        settings: config_json.to_owned(),
+        step: run.losses.len(),
+        progress,
+        tensors,
+        optimizer: optimizer.state(),
+    }
+    .write(path)
+    .map_err(|e| resume_error(path, e))
 }
 
 /// Parameter values by name.
 type NamedValues = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
+fn resume_error(path: &Path, e: ResumeError) -> PretrainError {
+    match e {
+        ResumeError::Io { path, source } => PretrainError::Io { path, source },
+        ResumeError::OtherFormat { .. } => PretrainError::Resume {
+            path: path.to_path_buf(),
+            message: format!(
+                "{e}; finish it with the version that wrote it, or remove it to start over"
+            ),
+        },
+        other => PretrainError::Resume {
+            path: path.to_path_buf(),
+            message: other.to_string(),
+        },
+    }
+}
+
 fn load_state(
     path: &Path,
     config_json: &str,
 ) -> Result<Option<(NamedValues, OptimizerState, RunState)>, PretrainError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(PretrainError::Io {
-                path: path.to_path_buf(),
-                source,
-            });
-        }
+    let Some(state) = ResumeState::read(path, config_json).map_err(|e| resume_error(path, e))?
+    else {
+        return Ok(None);
     };
-    let damaged = |m: String| PretrainError::Resume {
-        path: path.to_path_buf(),
-        message: m,
-    };
-    let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| damaged(e.to_string()))?;
-    let (_, header) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| damaged(e.to_string()))?;
-    let metadata = header.metadata().clone().unwrap_or_default();
-    let get = |key: &str| {
-        metadata
-            .get(key)
-            .ok_or_else(|| damaged(format!("metadata `{key}` is missing")))
-    };
-    if get(KEY_CONFIG)? != config_json {
-        return Err(damaged(format!(
-            "it was made with other settings ({}); use another --work-dir or the same settings",
-            get(KEY_CONFIG)?
-        )));
-    }
-    let run: RunJson = serde_json::from_str(get(KEY_RUN)?).map_err(|e| damaged(e.to_string()))?;
-    let optim: OptimizerJson =
-        serde_json::from_str(get(KEY_OPTIMIZER)?).map_err(|e| damaged(e.to_string()))?;
-    let mut model = NamedValues::new();
-    let mut optim_tensors: BTreeMap<String, HostTensor> = BTreeMap::new();
-    for (name, view) in file.tensors() {
-        if view.dtype() != safetensors::Dtype::F32 {
-            return Err(damaged(format!("tensor `{name}` is not f32")));
-        }
-        let values: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect();
-        let shape = view.shape().to_vec();
-        match name.strip_prefix("optim/") {
-            Some(rest) => {
-                optim_tensors.insert(rest.to_string(), HostTensor { shape, values });
-            }
-            None => {
-                model.insert(name, (shape, values));
-            }
-        }
-    }
-    let state = OptimizerState {
-        optimizer: optim.optimizer,
-        hyperparameters: optim.hyperparameters,
-        steps: optim.steps,
-        tensors: optim_tensors,
-    };
+    let run: RunJson =
+        serde_json::from_str(&state.progress).map_err(|e| PretrainError::Resume {
+            path: path.to_path_buf(),
+            message: format!("its progress: {e}"),
+        })?;
+    let model = state
+        .tensors
+        .into_iter()
+        .map(|(name, t)| (name, (t.shape, t.values)))
+        .collect();
     Ok(Some((
         model,
-        state,
+        state.optimizer,
         RunState {
             stage: run.stage,
             step: run.step,

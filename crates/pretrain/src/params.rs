@@ -12,43 +12,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 
+use slider_models::weights::ModulePath;
 use slider_optim::{AdamW, OptimizerError};
-
-/// Tracks the module path while burn walks a module; enum variants add nothing to it.
-#[derive(Default)]
-struct Path {
-    stack: Vec<(String, String)>,
-}
-
-impl Path {
-    fn enter(&mut self, name: &str, container: &str) {
-        self.stack.push((name.to_string(), container.to_string()));
-    }
-
-    fn exit(&mut self) {
-        self.stack.pop();
-    }
-
-    fn name(&self, prefix: &str) -> String {
-        let mut out = prefix.to_string();
-        for (name, container) in &self.stack {
-            if !container.starts_with("Enum:") {
-                out.push('.');
-                out.push_str(name);
-            }
-        }
-        out
-    }
-
-    /// The container type holding the parameter (`Struct:Linear`, `Struct:GroupNorm`, ...).
-    fn parent(&self) -> &str {
-        self.stack.last().map(|(_, c)| c.as_str()).unwrap_or("")
-    }
-
-    fn leaf(&self) -> &str {
-        self.stack.last().map(|(n, _)| n.as_str()).unwrap_or("")
-    }
-}
 
 /// Initial values of every parameter of `module` from `seed`, PyTorch-style and independent of
 /// the order burn visits parameters in (each parameter draws from a stream named by its path):
@@ -58,7 +23,7 @@ impl Path {
 /// branch and the UNet's output).
 pub fn init_seeded<M: Module>(module: M, prefix: &str, seed: u64, zero: fn(&str) -> bool) -> M {
     struct Init<'a> {
-        path: Path,
+        path: ModulePath,
         prefix: &'a str,
         seed: u64,
         zero: fn(&str) -> bool,
@@ -108,7 +73,7 @@ pub fn init_seeded<M: Module>(module: M, prefix: &str, seed: u64, zero: fn(&str)
         }
     }
     module.map(&mut Init {
-        path: Path::default(),
+        path: ModulePath::default(),
         prefix,
         seed,
         zero,
@@ -150,7 +115,7 @@ pub fn take_grads<M: Module>(
     into: &mut NamedGrads,
 ) -> Result<(), OptimizerError> {
     struct Take<'a> {
-        path: Path,
+        path: ModulePath,
         prefix: &'a str,
         grads: &'a mut Gradients,
         into: &'a mut NamedGrads,
@@ -175,7 +140,7 @@ pub fn take_grads<M: Module>(
         }
     }
     let mut take = Take {
-        path: Path::default(),
+        path: ModulePath::default(),
         prefix,
         grads,
         into,
@@ -220,7 +185,7 @@ pub fn adamw_step<M: Module>(
     lr: f64,
 ) -> Result<M, OptimizerError> {
     struct Step<'a> {
-        path: Path,
+        path: ModulePath,
         prefix: &'a str,
         grads: &'a mut NamedGrads,
         optimizer: &'a mut AdamW,
@@ -260,7 +225,7 @@ pub fn adamw_step<M: Module>(
         }
     }
     let mut step = Step {
-        path: Path::default(),
+        path: ModulePath::default(),
         prefix,
         grads,
         optimizer,
@@ -277,7 +242,7 @@ pub fn adamw_step<M: Module>(
 /// Every parameter's name, shape and values (burn's own layout), for checkpoints.
 pub fn named_values<M: Module>(module: &M, prefix: &str) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     struct Values<'a> {
-        path: Path,
+        path: ModulePath,
         prefix: &'a str,
         out: Vec<(String, Vec<usize>, Vec<f32>)>,
     }
@@ -299,7 +264,7 @@ pub fn named_values<M: Module>(module: &M, prefix: &str) -> Vec<(String, Vec<usi
         }
     }
     let mut values = Values {
-        path: Path::default(),
+        path: ModulePath::default(),
         prefix,
         out: Vec::new(),
     };
@@ -315,7 +280,7 @@ pub fn load_named<M: Module>(
     values: &mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
 ) -> Result<M, String> {
     struct Load<'a> {
-        path: Path,
+        path: ModulePath,
         prefix: &'a str,
         values: &'a mut BTreeMap<String, (Vec<usize>, Vec<f32>)>,
         bad: Vec<String>,
@@ -344,7 +309,7 @@ pub fn load_named<M: Module>(
         }
     }
     let mut load = Load {
-        path: Path::default(),
+        path: ModulePath::default(),
         prefix,
         values,
         bad: Vec::new(),

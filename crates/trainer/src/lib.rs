@@ -19,12 +19,14 @@ use rand_chacha::ChaCha8Rng;
 use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
+use slider_models::HostTensor;
 use slider_models::checkpoint::{Checkpoint, CheckpointError, Family, StableDiffusion};
 use slider_models::ddpm::{DdpmError, NoiseSchedule, apply_noise_offset, standard_normal};
 use slider_models::lora::{AdapterError, Factor, LoraNetwork, NetworkDims};
 use slider_models::tokenizer::{Padding, Tokenizer, TokenizerError};
 use slider_optim::{
-    LrSchedule, Optimizer, OptimizerError, OptimizerState, ScheduleError, ScheduleKind,
+    LrSchedule, Optimizer, OptimizerError, OptimizerState, ResumeError, ResumeState, ScheduleError,
+    ScheduleKind,
 };
 use slider_protocol::names::{LrScheduler, MixedPrecision, Optimizer as OptimizerName};
 use slider_protocol::params::{Input, Precision, TrainParams};
@@ -727,21 +729,37 @@ fn serialize(
 ) -> Result<Vec<u8>, TrainError> {
     let mut views = Vec::with_capacity(tensors.len());
     for (name, shape, bytes) in tensors {
-        let dtype = if name == "optimizer" {
-            Dtype::U8
-        } else {
-            Dtype::F32
-        };
-        let view = TensorView::new(dtype, shape.clone(), bytes)
+        let view = TensorView::new(Dtype::F32, shape.clone(), bytes)
             .map_err(|e| TrainError::Config(format!("{name}: {e}")))?;
         views.push((name.clone(), view));
     }
     safetensors::serialize(views, Some(metadata)).map_err(|e| TrainError::Config(e.to_string()))
 }
 
-/// The checkpoint: factors as `<name>.lora_{down,up}.weight` (f32), the optimizer state's own
-/// safetensors bytes as a `u8` tensor `optimizer`, and in the metadata the settings, alphas and
-/// the loss and lr of every step done.
+impl From<ResumeError> for TrainError {
+    fn from(e: ResumeError) -> Self {
+        match e {
+            ResumeError::Io { path, source } => TrainError::Io { path, source },
+            ResumeError::OtherFormat { ref path }
+            | ResumeError::OtherSettings { ref path, .. }
+            | ResumeError::Damaged { ref path, .. } => TrainError::Resume {
+                path: path.clone(),
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+/// The loop's own part of the checkpoint: the loss and lr of every step done, and each
+/// module's alpha.
+#[derive(Serialize, Deserialize)]
+struct CheckpointProgress {
+    losses: Vec<(f32, f64)>,
+    alphas: BTreeMap<String, f32>,
+}
+
+/// The checkpoint, a [`ResumeState`]: factors as `<name>.lora_{down,up}.weight` (f32), the
+/// optimizer's state, the settings, and the losses and alphas as progress.
 fn save_checkpoint(
     path: &Path,
     network: &LoraNetwork,
@@ -750,108 +768,109 @@ fn save_checkpoint(
     config_json: &str,
 ) -> Result<(), TrainError> {
     let lora = network.to_lora()?;
-    let mut tensors = Vec::new();
+    let mut tensors = BTreeMap::new();
     let mut alphas = BTreeMap::new();
     for (name, m) in &lora.modules {
-        tensors.push((
+        let host = |shape: Vec<usize>, values: &[f32]| HostTensor {
+            shape,
+            values: values.to_vec(),
+        };
+        tensors.insert(
             format!("{name}.lora_down.weight"),
-            m.down_shape(),
-            f32_bytes(&m.down),
-        ));
-        tensors.push((
-            format!("{name}.lora_up.weight"),
-            m.up_shape(),
-            f32_bytes(&m.up),
-        ));
+            host(m.down_shape(), &m.down),
+        );
+        tensors.insert(format!("{name}.lora_up.weight"), host(m.up_shape(), &m.up));
         alphas.insert(name.clone(), m.alpha);
     }
-    let state = optimizer.state().to_bytes()?;
-    tensors.push(("optimizer".to_owned(), vec![state.len()], state));
-    let json = |e: serde_json::Error| TrainError::Config(e.to_string());
-    let meta = HashMap::from([
-        ("config".to_owned(), config_json.to_owned()),
-        (
-            "losses".to_owned(),
-            serde_json::to_string(losses).map_err(json)?,
-        ),
-        (
-            "alphas".to_owned(),
-            serde_json::to_string(&alphas).map_err(json)?,
-        ),
-        ("step".to_owned(), losses.len().to_string()),
-    ]);
-    write_atomic(path, &serialize(&tensors, meta)?)?;
+    let progress = serde_json::to_string(&CheckpointProgress {
+        losses: losses.to_vec(),
+        alphas,
+    })
+    .map_err(|e| TrainError::Config(e.to_string()))?;
+    ResumeState {
+        settings: config_json.to_owned(),
+        step: losses.len(),
+        progress,
+        tensors,
+        optimizer: optimizer.state(),
+    }
+    .write(path)?;
     tracing::debug!(step = losses.len(), "checkpoint written");
     Ok(())
 }
 
 type Resumed = (slider_lora::Lora, OptimizerState, Vec<(f32, f64)>);
 
+/// The checkpoint at `path`, if there is one for `config_json`. A checkpoint of an earlier
+/// version's format is set aside (training starts over and overwrites it): the result is the
+/// same bytes, only the time is lost.
 fn load_checkpoint(path: &Path, config_json: &str) -> Result<Option<Resumed>, TrainError> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => {
-            return Err(TrainError::Io {
-                path: path.to_path_buf(),
-                source,
-            });
+    let state = match ResumeState::read(path, config_json) {
+        Ok(Some(state)) => state,
+        Ok(None) => return Ok(None),
+        Err(ResumeError::OtherFormat { path }) => {
+            tracing::warn!(
+                path = %path.display(),
+                "a checkpoint of an earlier version: training starts over"
+            );
+            return Ok(None);
         }
+        Err(e) => return Err(e.into()),
     };
     let bad = |message: String| TrainError::Resume {
         path: path.to_path_buf(),
         message,
     };
-    let (_, meta) =
-        safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| bad(e.to_string()))?;
-    let meta = meta.metadata().clone().unwrap_or_default();
-    let get = |k: &str| {
-        meta.get(k)
-            .ok_or_else(|| bad(format!("no `{k}` in the checkpoint")))
-    };
-    if get("config")? != config_json {
-        return Err(bad("it was made with other settings".into()));
+    let progress: CheckpointProgress =
+        serde_json::from_str(&state.progress).map_err(|e| bad(e.to_string()))?;
+    if progress.losses.len() != state.step {
+        return Err(bad(format!(
+            "{} losses for step {}",
+            progress.losses.len(),
+            state.step
+        )));
     }
-    let losses: Vec<(f32, f64)> =
-        serde_json::from_str(get("losses")?).map_err(|e| bad(e.to_string()))?;
-    let alphas: BTreeMap<String, f32> =
-        serde_json::from_str(get("alphas")?).map_err(|e| bad(e.to_string()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| bad(e.to_string()))?;
-    let state = OptimizerState::from_bytes(
-        st.tensor("optimizer")
-            .map_err(|e| bad(e.to_string()))?
-            .data(),
-    )?;
     let mut lora = slider_lora::Lora::default();
-    for (name, alpha) in alphas {
-        let read = |suffix: &str| {
-            st.tensor(&format!("{name}.{suffix}"))
-                .map(|v| (v.shape().to_vec(), f32_values(v.data())))
-                .map_err(|e| bad(format!("{name}.{suffix}: {e}")))
+    for (name, alpha) in progress.alphas {
+        let factor = |suffix: &str| {
+            state
+                .tensors
+                .get(&format!("{name}.{suffix}"))
+                .ok_or_else(|| bad(format!("no tensor `{name}.{suffix}`")))
         };
-        let (down_shape, down) = read("lora_down.weight")?;
-        let (up_shape, up) = read("lora_up.weight")?;
-        let kind = match down_shape.as_slice() {
-            [_, _, kh, kw] => slider_lora::ModuleKind::Conv { kh: *kh, kw: *kw },
-            _ => slider_lora::ModuleKind::Linear,
+        let (down, up) = (factor("lora_down.weight")?, factor("lora_up.weight")?);
+        let (kind, rank, in_dim, out_dim) = match (down.shape.as_slice(), up.shape.as_slice()) {
+            ([rank, in_dim, kh, kw], [out_dim, r, 1, 1]) if r == rank => (
+                slider_lora::ModuleKind::Conv { kh: *kh, kw: *kw },
+                *rank,
+                *in_dim,
+                *out_dim,
+            ),
+            ([rank, in_dim], [out_dim, r]) if r == rank => {
+                (slider_lora::ModuleKind::Linear, *rank, *in_dim, *out_dim)
+            }
+            (d, u) => {
+                return Err(bad(format!(
+                    "`{name}`: factor shapes {d:?} (down) and {u:?} (up) do not form a LoRA"
+                )));
+            }
         };
-        let (rank, in_dim) = (down_shape[0], down_shape.get(1).copied().unwrap_or(0));
         lora.modules.insert(
             name,
             slider_lora::Module {
                 kind,
-                out_dim: up_shape[0],
+                out_dim,
                 in_dim,
                 rank,
-                up,
-                down,
+                up: up.values.clone(),
+                down: down.values.clone(),
                 alpha,
                 alpha_storage: slider_lora::AlphaStorage::Float,
                 dtype: slider_lora::TensorDtype::F32,
             },
         );
     }
-    Ok(Some((lora, state, losses)))
+    Ok(Some((lora, state.optimizer, progress.losses)))
 }
 
 /// Creates the parent directory, then writes atomically (temp file, fsync, rename).
@@ -1215,11 +1234,7 @@ mod tests {
     }
 
     fn checkpoint_step(work: &Path) -> usize {
-        let Ok(bytes) = std::fs::read(work.join(CHECKPOINT_FILE)) else {
-            return 0;
-        };
-        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
-        meta.metadata().as_ref().unwrap()["step"].parse().unwrap()
+        ResumeState::step_of(&work.join(CHECKPOINT_FILE)).unwrap_or(0)
     }
 
     /// SIGKILL at several points of a run (a child process of this test binary), then resume:
