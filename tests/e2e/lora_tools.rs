@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 
 use slider_lora::synth::{self, Layout};
-use slider_lora::{Lora, Precision, SvdMergeOptions};
+use slider_lora::{Lora, Naming, Precision, SvdMergeOptions};
 
 use crate::slider_run;
 
@@ -254,4 +254,132 @@ fn user_errors_are_reported_with_their_cause() {
         );
     }
     assert!(!out.exists(), "a failed command left an output behind");
+}
+
+#[test]
+fn flux_loras_convert_inspect_merge_and_resize_across_layouts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = |name: &str| dir.path().join(name);
+    let kohya = synth::sampled_lora(Layout::Flux, Naming::Kohya, 10, 2, 1);
+    kohya
+        .save(&path("k.safetensors"), Precision::F16)
+        .expect("saves");
+    let text = ok(&[
+        "convert",
+        s(&path("k.safetensors")),
+        "--to",
+        "diffusers",
+        "--save_to",
+        s(&path("d.safetensors")),
+    ]);
+    assert!(
+        text.contains("FLUX.1 transformer LoRA converted to diffusers names"),
+        "{text}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&["inspect", "--json", s(&path("d.safetensors"))])).expect("json");
+    assert_eq!(v["layout"], "FLUX.1 transformer");
+    assert_eq!(v["naming"], "diffusers");
+    assert_eq!(
+        v["dtypes"]["F16"], v["module_count"],
+        "keeps the input's precision"
+    );
+
+    ok(&[
+        "convert",
+        s(&path("d.safetensors")),
+        "--to",
+        "comfyui",
+        "--save_to",
+        s(&path("c.safetensors")),
+    ]);
+    let text = ok(&["inspect", s(&path("c.safetensors"))]);
+    assert!(
+        text.contains("layout:   FLUX.1 transformer (comfyui names)"),
+        "{text}"
+    );
+    let back = slider_lora::convert(
+        &Lora::load(&path("c.safetensors")).expect("c"),
+        Naming::Kohya,
+    )
+    .expect("converts")
+    .0;
+    let as_saved = Lora::load(&path("k.safetensors")).expect("k");
+    let err = slider_lora::delta_relative_error(&back, &as_saved).expect("shapes");
+    assert!(err < 1e-6, "kohya -> diffusers -> comfyui -> kohya: {err}");
+
+    // kohya minus its own diffusers conversion: the merge converts, the deltas cancel.
+    ok(&[
+        "merge",
+        "--models",
+        s(&path("k.safetensors")),
+        s(&path("d.safetensors")),
+        "--ratios",
+        "1",
+        "-1",
+        "--save_to",
+        s(&path("zero.safetensors")),
+    ]);
+    let zero = Lora::load(&path("zero.safetensors")).expect("merged");
+    assert_eq!(
+        slider_lora::detect_layout(&zero).naming,
+        Some(Naming::Kohya)
+    );
+    let norm: f64 = zero.modules.values().map(|m| m.delta_norm()).sum();
+    assert!(norm < 1e-4, "{norm}");
+
+    // Rank 2 modules at sv_fro 0.5: sd-scripts after PR #2194 keeps rank 1, before 2.
+    let ranks = |rule: &str| {
+        let out = path(&format!("r-{rule}.safetensors"));
+        ok(&[
+            "resize",
+            "--model",
+            s(&path("k.safetensors")),
+            "--save_to",
+            s(&out),
+            "--new_rank",
+            "4",
+            "--dynamic_method",
+            "sv_fro",
+            "--dynamic_param",
+            "0.5",
+            "--rank_rule",
+            rule,
+        ]);
+        let mut r: Vec<usize> = Lora::load(&out)
+            .expect("resized")
+            .modules
+            .values()
+            .map(|m| m.rank)
+            .collect();
+        r.dedup();
+        r
+    };
+    assert_eq!(ranks("one-past-threshold"), [2]);
+    assert_eq!(ranks("reach-threshold"), [1]);
+}
+
+#[test]
+fn lint_names_what_comfyui_would_not_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let good = dir.path().join("good.safetensors");
+    let mut lora = synth::sampled_lora(Layout::Flux, Naming::Kohya, 20, 2, 2);
+    lora.save(&good, Precision::F16).expect("saves");
+    let text = ok(&["lint", s(&good), "--for", "comfyui"]);
+    assert!(text.contains("FLUX.1 transformer LoRA"), "{text}");
+    assert!(text.contains("0 problems"), "{text}");
+
+    let bad = dir.path().join("bad.safetensors");
+    let m = lora.modules.values().next().cloned().expect("modules");
+    lora.modules
+        .insert("lora_unet_double_blocks_0_img_attn_qkvv".into(), m);
+    lora.save(&bad, Precision::F16).expect("saves");
+    let out = run(&["lint", s(&bad)]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("lora_unet_double_blocks_0_img_attn_qkvv.lora_up.weight: module"),
+        "{text}"
+    );
+    assert!(text.contains("1 problems"), "{text}");
 }

@@ -1,5 +1,6 @@
-//! `svd-merge`, `merge`, `resize`, `inspect`, `bench lora`: the LoRA tools standalone, with
-//! kohya-ss/sd-scripts' flag names (snake_case as kohya spells them; kebab-case accepted).
+//! `svd-merge`, `merge`, `resize`, `convert`, `lint`, `inspect`, `bench lora|lora-flux`:
+//! the LoRA tools standalone, with kohya-ss/sd-scripts' flag names (snake_case as kohya
+//! spells them; kebab-case accepted).
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
 use slider_lora::{
-    DynamicMethod, Lora, ModuleResizeStats, Precision, ResizeOptions, SvdMergeOptions, inspect,
+    DynamicMethod, Lora, ModuleResizeStats, Naming, Precision, RankRule, ResizeOptions,
+    SvdMergeOptions, TensorDtype, inspect,
 };
 
 #[derive(Subcommand, Debug)]
@@ -19,14 +21,16 @@ pub enum LoraCommand {
     ///
     /// delta = sum ratio_i * delta_i, re-factored to --new_rank (--new_conv_rank for 3x3
     /// convs) by an exact SVD of the stacked factors, then kohya's 0.99-quantile clamp
-    /// (--no_clamp turns it off). alpha = rank.
+    /// (--no_clamp turns it off). alpha = rank. FLUX.1 / SD3.5 inputs in different layouts
+    /// (kohya, diffusers, ComfyUI) are converted exactly to the first input's layout first.
     #[command(name = "svd-merge")]
     SvdMerge(SvdMergeArgs),
     /// Merge LoRAs exactly: the result's delta is sum ratio_i * delta_i.
     ///
     /// Ranks are concatenated (rank = sum of the inputs' ranks) with each ratio and
     /// alpha/rank folded into the factors, like kohya's `merge_lora.py --concat`. (Without
-    /// --concat kohya adds the factors themselves, which is not a sum of deltas.)
+    /// --concat kohya adds the factors themselves, which is not a sum of deltas.) FLUX.1 /
+    /// SD3.5 inputs in different layouts are converted exactly to the first input's layout.
     Merge(MergeArgs),
     /// Change a LoRA's rank, as kohya's `networks/resize_lora.py` (exact SVD always).
     ///
@@ -34,6 +38,20 @@ pub enum LoraCommand {
     /// (at most --new_rank); alpha is rescaled so the kept delta is unchanged. The global
     /// --verbose prints kohya's per-module table and the Frobenius retention statistics.
     Resize(ResizeArgs),
+    /// Convert a FLUX.1 / SD3.5 LoRA between the kohya, diffusers and ComfyUI layouts, exactly.
+    ///
+    /// Split to fused (diffusers' to_q/to_k/to_v into qkv): the fused up factor is
+    /// block-diagonal, so the rank is the sum of the parts' ranks (kept when the parts share
+    /// one down factor); the output lists those modules. Fused to split: each part keeps its
+    /// rows of the up factor and the shared down. diffusers output has no alpha (folded into
+    /// the up); kohya / ComfyUI output states alpha. Text-encoder modules are kept as they are.
+    Convert(ConvertArgs),
+    /// Check that a loader reads every tensor of a FLUX.1 / SD3.5 LoRA onto a layer of its
+    /// model with the right shape (ComfyUI's `comfy/lora.py` rules).
+    ///
+    /// Each problem is named by its key; exits 1 when any tensor would be ignored or fail to
+    /// load. Text-encoder tensors are listed as not checked.
+    Lint(LintArgs),
     /// Show a LoRA's layout, modules, ranks, alphas, dtypes, metadata and delta norms.
     Inspect(InspectArgs),
     /// Benchmarks of the fast paths against the dense path kohya takes.
@@ -118,6 +136,64 @@ pub struct ResizeArgs {
     /// Target of the dynamic method (e.g. 0.75 for sv_fro).
     #[arg(long = "dynamic_param", visible_alias = "dynamic-param")]
     dynamic_param: Option<f64>,
+    /// Which sd-scripts rank rule a dynamic resize reproduces: one-past-threshold (every
+    /// release before PR #2194: one rank more than the first that reaches the target,
+    /// never fewer than 2) or reach-threshold (after #2194: the first rank that reaches
+    /// it, at least 1).
+    #[arg(
+        long = "rank_rule",
+        visible_alias = "rank-rule",
+        value_enum,
+        default_value = "one-past-threshold"
+    )]
+    rank_rule: RankRuleName,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum RankRuleName {
+    #[value(name = "one-past-threshold")]
+    OnePastThreshold,
+    #[value(name = "reach-threshold")]
+    ReachThreshold,
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// The LoRA file to convert.
+    file: PathBuf,
+    /// The layout to write.
+    #[arg(long, value_enum)]
+    to: LayoutName,
+    /// Output file.
+    #[arg(long = "save_to", visible_alias = "save-to")]
+    save_to: PathBuf,
+    /// Precision of the saved weights: float, fp16 or bf16 [default: the input's].
+    #[arg(long = "save_precision", visible_alias = "save-precision", value_parser = parse_precision)]
+    save_precision: Option<Precision>,
+}
+
+#[derive(Args, Debug)]
+pub struct LintArgs {
+    /// The LoRA file.
+    file: PathBuf,
+    /// The loader whose reading to check.
+    #[arg(long = "for", value_enum, default_value = "comfyui")]
+    loader: LoaderName,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LoaderName {
+    Comfyui,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum LayoutName {
+    Kohya,
+    Diffusers,
+    Comfyui,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -150,6 +226,8 @@ pub struct BenchArgs {
 enum BenchTarget {
     /// The method's merge chain on synthetic SDXL LoRAs, fast path vs dense path.
     Lora,
+    /// A FLUX.1 pair merge (kohya + diffusers inputs) and an sv_fro resize, fast vs dense.
+    LoraFlux,
 }
 
 fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
@@ -161,9 +239,12 @@ pub fn run(cmd: LoraCommand, verbose: bool) -> Result<ExitCode> {
         LoraCommand::SvdMerge(args) => svd_merge(args),
         LoraCommand::Merge(args) => merge(args),
         LoraCommand::Resize(args) => resize(args, verbose),
+        LoraCommand::Convert(args) => convert(args),
+        LoraCommand::Lint(args) => lint(args),
         LoraCommand::Inspect(args) => inspect(args),
         LoraCommand::Bench(args) => match args.target {
             BenchTarget::Lora => bench_lora(),
+            BenchTarget::LoraFlux => bench_lora_flux(),
         },
     }
 }
@@ -255,8 +336,13 @@ fn resize(args: ResizeArgs, verbose: bool) -> Result<ExitCode> {
         new_conv_rank: args.new_conv_rank.unwrap_or(args.new_rank),
         dynamic,
     };
+    let rule = match args.rank_rule {
+        RankRuleName::OnePastThreshold => RankRule::OnePastThreshold,
+        RankRuleName::ReachThreshold => RankRule::ReachThreshold,
+    };
     bar.set_message("resizing");
-    let (resized, stats) = slider_lora::resize(&lora, &opts).map_err(|e| miette!("{e}"))?;
+    let (resized, stats) =
+        slider_lora::resize_by_rule(&lora, &opts, rule).map_err(|e| miette!("{e}"))?;
     if verbose {
         bar.suspend(|| print_resize_table(&stats, dynamic.is_some()));
     }
@@ -307,6 +393,74 @@ fn python_float(x: f64) -> String {
     }
 }
 
+fn convert(args: ConvertArgs) -> Result<ExitCode> {
+    let bar = spinner(&format!("reading {}", args.file.display()));
+    let lora = Lora::load(&args.file).map_err(|e| miette!("{e}"))?;
+    let to = match args.to {
+        LayoutName::Kohya => Naming::Kohya,
+        LayoutName::Diffusers => Naming::Diffusers,
+        LayoutName::Comfyui => Naming::ComfyUi,
+    };
+    bar.set_message("converting");
+    let (converted, report) = slider_lora::convert(&lora, to).map_err(|e| miette!("{e}"))?;
+    let precision = args
+        .save_precision
+        .unwrap_or_else(|| input_precision(&lora));
+    bar.suspend(|| {
+        for line in report.lines() {
+            println!("{line}");
+        }
+    });
+    save(&converted, &args.save_to, precision, &bar)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn lint(args: LintArgs) -> Result<ExitCode> {
+    let bytes = std::fs::read(&args.file)
+        .into_diagnostic()
+        .wrap_err_with(|| format!("cannot read `{}`", args.file.display()))?;
+    let loader = match args.loader {
+        LoaderName::Comfyui => slider_lora::lint::Loader::ComfyUi,
+    };
+    let report = slider_lora::lint::lint(&args.file, &bytes, loader).map_err(|e| miette!("{e}"))?;
+    if args.json {
+        let text = serde_json::to_string_pretty(&report).into_diagnostic()?;
+        println!("{text}");
+    } else {
+        println!(
+            "{}: {} LoRA, {} modules loaded by {}, {} problems, {} text-encoder tensors not \
+             checked",
+            args.file.display(),
+            report.layout,
+            report.loaded_modules,
+            report.loader,
+            report.problems.len(),
+            report.unchecked.len()
+        );
+        for p in &report.problems {
+            println!("  {}: {}", p.key, p.problem);
+        }
+    }
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The precision a converted file keeps: the input's, when all its weights share one.
+fn input_precision(lora: &Lora) -> Precision {
+    let mut dtypes = lora.modules.values().map(|m| m.dtype);
+    match dtypes.next() {
+        Some(first) if dtypes.all(|d| d == first) => match first {
+            TensorDtype::F16 => Precision::F16,
+            TensorDtype::Bf16 => Precision::Bf16,
+            TensorDtype::F32 => Precision::F32,
+        },
+        _ => Precision::F32,
+    }
+}
+
 fn inspect(args: InspectArgs) -> Result<ExitCode> {
     let bar = spinner(&format!("reading {}", args.file.display()));
     let lora = Lora::load(&args.file).map_err(|e| miette!("{e}"))?;
@@ -339,7 +493,12 @@ fn inspect(args: InspectArgs) -> Result<ExitCode> {
     } else {
         format!(" + text encoders {}", summary.text_encoders.join(", "))
     };
-    println!("layout:   {}{te}", summary.layout);
+    let naming = summary
+        .naming
+        .as_ref()
+        .map(|n| format!(" ({n} names)"))
+        .unwrap_or_default();
+    println!("layout:   {}{naming}{te}", summary.layout);
     println!(
         "modules:  {} ({})",
         summary.module_count,
@@ -386,20 +545,7 @@ fn bench_lora() -> Result<ExitCode> {
     })
     .map_err(|e| miette!("{e}"))?;
     bar.finish_and_clear();
-    println!(
-        "| {:<44} | {:>13} | {:>14} | {:>7} |",
-        "operation", "fast path (s)", "dense path (s)", "ratio"
-    );
-    println!("|{:-<46}|{:->15}|{:->16}|{:->9}|", "", "", "", "");
-    for r in &rows {
-        println!(
-            "| {:<44} | {:>13.3} | {:>14.1} | {:>6.0}x |",
-            r.operation,
-            r.fast.as_secs_f64(),
-            r.dense.as_secs_f64(),
-            r.ratio()
-        );
-    }
+    print_bench_table(&rows);
     if let Some(first) = rows.first() {
         println!(
             "\n{} modules per LoRA (SDXL layout, rank 4, alpha 1). Dense path (kohya's: full \
@@ -409,4 +555,42 @@ fn bench_lora() -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn bench_lora_flux() -> Result<ExitCode> {
+    let bar = spinner("bench lora-flux");
+    let rows = slider_lora::bench::run_flux_bench(&mut |step: &str| {
+        tracing::info!("{step}");
+        bar.set_message(step.to_string());
+    })
+    .map_err(|e| miette!("{e}"))?;
+    bar.finish_and_clear();
+    print_bench_table(&rows);
+    if let Some(first) = rows.first() {
+        println!(
+            "\n{} layers per LoRA (FLUX.1, rank 16, alpha 16; the second input in diffusers \
+             names, converted by the merge). Dense path (kohya's: full out x in f32 delta, \
+             thin SVD) timed on one layer per shape class ({} classes) and extrapolated by \
+             class size; fast path timed on every layer.",
+            first.modules, first.dense_modules_timed
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_bench_table(rows: &[slider_lora::bench::BenchRow]) {
+    println!(
+        "| {:<44} | {:>13} | {:>14} | {:>7} |",
+        "operation", "fast path (s)", "dense path (s)", "ratio"
+    );
+    println!("|{:-<46}|{:->15}|{:->16}|{:->9}|", "", "", "", "");
+    for r in rows {
+        println!(
+            "| {:<44} | {:>13.3} | {:>14.1} | {:>6.0}x |",
+            r.operation,
+            r.fast.as_secs_f64(),
+            r.dense.as_secs_f64(),
+            r.ratio()
+        );
+    }
 }

@@ -37,6 +37,7 @@ mod header;
 pub mod inspect;
 pub mod layout;
 mod linalg;
+pub mod lint;
 mod merge;
 mod module;
 mod resize;
