@@ -521,3 +521,77 @@ fn the_merge_only_recipe_runs_reruns_nothing_and_explains_an_edit() {
     );
     assert_eq!(p.run().ran, set(&["eyesize"]));
 }
+
+/// SIGTERM to a worker in the middle of training (what the runner sends when it is cancelled)
+/// ends the run at the next step with a checkpoint in the work dir, so the next run resumes.
+#[test]
+fn sigterm_to_a_training_worker_leaves_a_checkpoint_to_resume_from() {
+    use slider_models::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
+    use std::io::{BufRead, BufReader, Write};
+
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.safetensors");
+    write_random_checkpoint(&base, &ModelSpec::small_test(), StoreDtype::F32, 5).unwrap();
+    let image = dir.path().join("a.png");
+    image::RgbImage::from_fn(32, 32, |x, y| {
+        image::Rgb([(x * 7) as u8, (y * 5) as u8, 90])
+    })
+    .save(&image)
+    .unwrap();
+    let (work, out) = (dir.path().join("work"), dir.path().join("out"));
+    fs::create_dir_all(&work).unwrap();
+    fs::create_dir_all(&out).unwrap();
+    let file = |p: &Path| serde_json::json!({ "File": p });
+    let params = serde_json::json!({
+        "kind": "train", "base": file(&base), "images": [file(&image)], "caption": "a face",
+        "learning_rate": 1e-3, "unet_lr": null, "train_batch_size": 1, "max_train_steps": 100000,
+        "network_dim": 2, "network_alpha": 1.0, "conv_dim": null, "conv_alpha": null,
+        "network_train_unet_only": true, "lr_scheduler": "constant", "lr_warmup_steps": 0,
+        "optimizer_type": "AdamW", "optimizer_args": {}, "seed": 1, "resolution": 32,
+        "noise_offset": 0.0, "min_snr_gamma": null, "mixed_precision": "no",
+        "gradient_checkpointing": false, "save_precision": "float", "checkpoint_every": 100000
+    });
+    let inputs = [&base, &image].map(|p| serde_json::json!({"input": file(p), "path": p}));
+    let request = serde_json::json!({
+        "type": "run", "node": "t", "key": "k", "kind": "train", "params": params,
+        "inputs": inputs, "work_dir": work, "output_dir": out
+    });
+    let mut child = slider_run()
+        .args(["worker", "--device", "cpu"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{request}").unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Past the hello and a few steps, then the signal.
+    let mut progressed = 0;
+    while progressed < 3 {
+        let line: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        assert_ne!(line["type"], "error", "{line}");
+        if line["type"] == "progress" {
+            progressed += 1;
+        }
+    }
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let reply = loop {
+        let line: Value = serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap();
+        if line["type"] != "progress" {
+            break line;
+        }
+    };
+    assert_eq!(reply["type"], "error", "{reply}");
+    let message = reply["message"].as_str().unwrap();
+    assert!(message.contains("stopped"), "{message}");
+    let step = slider_optim::ResumeState::step_of(&work.join("checkpoint.safetensors"))
+        .expect("a checkpoint in the work dir");
+    assert!(step >= 3, "checkpoint at step {step}");
+    drop(stdin);
+    let _ = child.wait();
+}

@@ -6,7 +6,6 @@ mod progress;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 
 use clap::{Args, Subcommand};
 use miette::{IntoDiagnostic, WrapErr};
@@ -493,13 +492,17 @@ fn gc(keep: &[PathBuf], store: Option<PathBuf>, json: bool) -> miette::Result<Ex
 fn worker(device: &str) -> miette::Result<ExitCode> {
     let stdin = std::io::stdin().lock();
     let stdout = std::io::stdout().lock();
-    let stop = AtomicBool::new(false);
+    // SIGTERM (the runner cancelling) or SIGINT ends a training run at the next step with a
+    // checkpoint in its work dir, so the next run resumes there; a second signal exits at once.
+    let stop = CancelToken::new();
+    stop.cancel_on_signals()
+        .map_err(|e| miette::miette!("{e}"))?;
     protocol::serve(
         device,
         &slider_worker::versions(),
         stdin,
         stdout,
-        |req, progress| slider_worker::execute(req, device, progress, &stop),
+        |req, progress| slider_worker::execute(req, device, progress, stop.flag()),
     )
     .into_diagnostic()?;
     Ok(ExitCode::SUCCESS)

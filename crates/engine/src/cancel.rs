@@ -22,6 +22,11 @@ impl CancelToken {
         self.0.load(Ordering::SeqCst)
     }
 
+    /// The flag itself, for loops that poll an `AtomicBool` (the trainer's clean stop).
+    pub fn flag(&self) -> &AtomicBool {
+        &self.0
+    }
+
     /// Cancels this token on SIGINT/SIGTERM; a second signal exits with status 130.
     /// Can be installed once per process.
     pub fn cancel_on_signals(&self) -> Result<(), String> {

@@ -220,31 +220,48 @@ pub struct FileHashMemo {
     pub hashed_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct MemoEntry {
+/// What says a file is unchanged without reading it: size, modification time and inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
     size: u64,
     mtime_s: i64,
     mtime_ns: i64,
     inode: u64,
+}
+
+impl FileStamp {
+    pub fn of(meta: &fs::Metadata) -> FileStamp {
+        FileStamp {
+            size: meta.size(),
+            mtime_s: meta.mtime(),
+            mtime_ns: meta.mtime_nsec(),
+            inode: meta.ino(),
+        }
+    }
+
+    /// The file's stamp now (`None` if it is gone).
+    pub fn read(path: &Path) -> Option<FileStamp> {
+        fs::metadata(path).ok().map(|m| FileStamp::of(&m))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct MemoEntry {
+    #[serde(flatten)]
+    stamp: FileStamp,
     hash: String,
 }
 
 impl MemoEntry {
     fn stat(meta: &fs::Metadata, hash: String) -> MemoEntry {
         MemoEntry {
-            size: meta.size(),
-            mtime_s: meta.mtime(),
-            mtime_ns: meta.mtime_nsec(),
-            inode: meta.ino(),
+            stamp: FileStamp::of(meta),
             hash,
         }
     }
 
     fn matches(&self, meta: &fs::Metadata) -> bool {
-        self.size == meta.size()
-            && self.mtime_s == meta.mtime()
-            && self.mtime_ns == meta.mtime_nsec()
-            && self.inode == meta.ino()
+        self.stamp == FileStamp::of(meta)
     }
 }
 
@@ -296,6 +313,11 @@ impl FileHashMemo {
         self.entries
             .insert(path.to_path_buf(), MemoEntry::stat(meta, hash));
         self.dirty = true;
+    }
+
+    /// The stamp `path` had when its hash was recorded (taken before it was read).
+    pub fn stamp(&self, path: &Path) -> Option<FileStamp> {
+        self.entries.get(path).map(|e| e.stamp)
     }
 
     /// The memoised hash of `path` if the file is unchanged since it was recorded.

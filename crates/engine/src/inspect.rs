@@ -97,7 +97,7 @@ pub fn status(
 ) -> Result<Vec<NodeStatus>, EngineError> {
     let store = Store::at(store_root);
     let mut memo = FileHashMemo::load(&store.memo_path());
-    let journal = Journal::load(&store.journal_path(&plan.recipe_path));
+    let journal = Journal::load(&store.journal_path(&plan.recipe_path))?;
     let locked = Lockfile::read(&lockfile_path(&plan.recipe_path)).ok();
     let runner_alive = StoreLock::holder(store_root).is_some();
     let versions = kind_versions(worker_kinds);
@@ -108,8 +108,8 @@ pub fn status(
     for i in order {
         let node = &plan.nodes[i];
         let version = versions.get(node.params.kind()).copied().unwrap_or(0);
-        let mut inputs = Vec::new();
-        let fp = fingerprint_node(plan, &index, i, version, &mut memo, &produced, &mut inputs)?;
+        let keyed = fingerprint_node(plan, &index, i, version, &mut memo, &produced)?;
+        let fp = keyed.fp;
         let entry = journal.nodes.get(&node.name);
         let previous_key = entry.and_then(|e| e.last_ok_key.clone()).or_else(|| {
             locked

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::error::EngineError;
 use crate::fsutil;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -36,12 +37,22 @@ pub struct Journal {
 }
 
 impl Journal {
-    /// A missing or unreadable journal is empty: it only improves messages.
-    pub fn load(path: &Path) -> Journal {
-        fs::read(path)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+    /// The journal at `path`; empty when there is none. A journal that cannot be read or
+    /// parsed is an error naming the file: it is small and only improves messages, so the
+    /// message says to remove it (nothing in the store depends on it).
+    pub fn load(path: &Path) -> Result<Journal, EngineError> {
+        let bytes = match fs::read(path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Journal::default()),
+            Err(e) => return Err(EngineError::io("reading", path.to_path_buf())(e)),
+        };
+        serde_json::from_slice(&bytes).map_err(|e| EngineError::Corrupt {
+            what: "run journal",
+            path: path.to_path_buf(),
+            message: format!(
+                "{e}; it only records the last run's node states: remove it and run again"
+            ),
+        })
     }
 
     pub fn save(&self, path: &Path) -> std::io::Result<()> {
@@ -71,6 +82,30 @@ impl Journal {
                 log: log.map(Path::to_path_buf),
                 error,
             },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_journal_is_empty_and_a_corrupt_one_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("recipe.journal.json");
+        assert_eq!(Journal::load(&path).unwrap(), Journal::default());
+        let mut journal = Journal::default();
+        journal.set("a", JournalState::Done, Some("k1"), None, None);
+        journal.save(&path).unwrap();
+        assert_eq!(Journal::load(&path).unwrap(), journal);
+        fs::write(&path, b"{\"runner_pid\": 3, \"nodes\": {").unwrap();
+        let err = Journal::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("run journal")
+                && err.contains("recipe.journal.json")
+                && err.contains("remove it"),
+            "{err}"
         );
     }
 }

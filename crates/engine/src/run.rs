@@ -16,7 +16,7 @@ use slider_recipe::{Input, Plan};
 use crate::cancel::CancelToken;
 use crate::error::EngineError;
 use crate::executor::{ExecError, Executor, Executors, Job, NodeLog, Placement, Progress};
-use crate::fingerprint::{FileHashMemo, Fingerprint, fingerprint};
+use crate::fingerprint::{FileHashMemo, FileStamp, Fingerprint, fingerprint};
 use crate::journal::{Journal, JournalState};
 use crate::lockfile::{LockedNode, Lockfile, lockfile_path};
 use crate::protocol::{WorkerExecutor, WorkerKind, WorkerPool};
@@ -198,6 +198,15 @@ pub(crate) struct Produced {
     pub hash: String,
 }
 
+/// A node's key with what it was made from.
+pub(crate) struct Keyed {
+    pub fp: Fingerprint,
+    /// Each input with the file holding its content.
+    pub inputs: Vec<(Input, PathBuf)>,
+    /// Each input file with the stamp it had when it was hashed.
+    pub stamps: Vec<(PathBuf, Option<FileStamp>)>,
+}
+
 /// Fingerprints a node whose inputs are `produced` (by node index) or files (via `memo`).
 pub(crate) fn fingerprint_node(
     plan: &Plan,
@@ -206,14 +215,15 @@ pub(crate) fn fingerprint_node(
     version: u32,
     memo: &mut FileHashMemo,
     produced: &[Option<Produced>],
-    inputs: &mut Vec<(Input, PathBuf)>,
-) -> Result<Fingerprint, EngineError> {
-    fingerprint(&plan.nodes[i].params, version, |input| match input {
+) -> Result<Keyed, EngineError> {
+    let (mut inputs, mut stamps) = (Vec::new(), Vec::new());
+    let fp = fingerprint(&plan.nodes[i].params, version, |input| match input {
         Input::File(p) => {
             let h = memo
                 .hash(p)
                 .map_err(EngineError::io("hashing input file", p))?;
             inputs.push((input.clone(), p.clone()));
+            stamps.push((p.clone(), memo.stamp(p)));
             Ok(Some(h))
         }
         Input::Node(name) => {
@@ -225,7 +235,8 @@ pub(crate) fn fingerprint_node(
                 p.hash.clone()
             }))
         }
-    })
+    })?;
+    Ok(Keyed { fp, inputs, stamps })
 }
 
 enum Outcome {
@@ -277,7 +288,7 @@ pub fn run(
             }));
         }
     }
-    let mut s = Scheduler::new(plan, &store, opts, observer);
+    let mut s = Scheduler::new(plan, &store, opts, observer)?;
     observer.event(Event::Planned {
         nodes: plan.nodes.len(),
     });
@@ -291,17 +302,17 @@ pub fn run(
             }
             s.key_ready_nodes(&executors)?;
             // Dispatch within the limits.
-            while let Some((i, fp, inputs)) = s.next_to_start() {
+            while let Some((i, keyed)) = s.next_to_start() {
                 let Some(exec) = executors.get(plan.nodes[i].params.kind()).cloned() else {
                     continue;
                 };
-                s.started(i, fp.key.as_deref().unwrap_or_default());
+                s.started(i, keyed.fp.key.as_deref().unwrap_or_default());
                 let tx = tx.clone();
                 let store = &store;
                 scope.spawn(move || {
                     let t0 = Instant::now();
                     let outcome =
-                        execute_node(plan, i, exec.as_ref(), store, fp, &inputs, opts, observer);
+                        execute_node(plan, i, exec.as_ref(), store, keyed, opts, observer);
                     let _ = tx.send((i, outcome, t0.elapsed().as_secs_f64()));
                 });
             }
@@ -325,8 +336,8 @@ pub fn run(
     s.finish(started)
 }
 
-/// A node with its key computed and its inputs resolved, waiting for a free slot.
-type Keyed = (usize, Fingerprint, Vec<(Input, PathBuf)>);
+/// A node (by index) with its key, waiting for a free slot.
+type Queued = (usize, Keyed);
 
 /// The state of one run: which nodes wait, run, are done or failed, what they produced, the
 /// queues, the journal and the summary so far. [`run`] drives it: key what is ready, start
@@ -351,8 +362,8 @@ struct Scheduler<'a> {
     keys: Vec<Option<String>>,
     manifests: Vec<Option<Manifest>>,
     ready: VecDeque<usize>,
-    queued_in_process: VecDeque<Keyed>,
-    queued_worker: VecDeque<Keyed>,
+    queued_in_process: VecDeque<Queued>,
+    queued_worker: VecDeque<Queued>,
     running_in_process: usize,
     running_worker: usize,
     summary: RunSummary,
@@ -365,7 +376,7 @@ impl<'a> Scheduler<'a> {
         store: &'a Store,
         opts: &'a RunOptions,
         observer: &'a dyn Observer,
-    ) -> Self {
+    ) -> Result<Self, EngineError> {
         let n = plan.nodes.len();
         let deps = dependencies(plan);
         let mut consumers = vec![Vec::new(); n];
@@ -376,9 +387,9 @@ impl<'a> Scheduler<'a> {
         }
         let waiting_on: Vec<usize> = deps.iter().map(Vec::len).collect();
         let journal_path = store.journal_path(&plan.recipe_path);
-        let mut journal = Journal::load(&journal_path);
+        let mut journal = Journal::load(&journal_path)?;
         journal.runner_pid = Some(std::process::id());
-        Scheduler {
+        Ok(Scheduler {
             plan,
             store,
             opts,
@@ -421,7 +432,7 @@ impl<'a> Scheduler<'a> {
                 keys: BTreeMap::new(),
             },
             stop: false,
-        }
+        })
     }
 
     fn report(
@@ -460,17 +471,15 @@ impl<'a> Scheduler<'a> {
         {
             let node = &self.plan.nodes[i];
             let version = self.versions.get(node.params.kind()).copied().unwrap_or(0);
-            let mut inputs = Vec::new();
-            let fp = match fingerprint_node(
+            let keyed = match fingerprint_node(
                 self.plan,
                 &self.index,
                 i,
                 version,
                 &mut self.memo,
                 &self.produced,
-                &mut inputs,
             ) {
-                Ok(fp) => fp,
+                Ok(keyed) => keyed,
                 Err(e) => {
                     self.state[i] = State::Failed;
                     let report = self.report(i, None, 0.0, None, Some(e.to_string()));
@@ -484,7 +493,7 @@ impl<'a> Scheduler<'a> {
                     continue;
                 }
             };
-            let Some(key) = fp.key.clone() else {
+            let Some(key) = keyed.fp.key.clone() else {
                 return Err(EngineError::Internal(format!(
                     "`{}` became ready with pending inputs",
                     node.name
@@ -502,8 +511,8 @@ impl<'a> Scheduler<'a> {
                 )));
             };
             match exec.placement() {
-                Placement::InProcess => self.queued_in_process.push_back((i, fp, inputs)),
-                Placement::Worker => self.queued_worker.push_back((i, fp, inputs)),
+                Placement::InProcess => self.queued_in_process.push_back((i, keyed)),
+                Placement::Worker => self.queued_worker.push_back((i, keyed)),
             }
         }
         Ok(())
@@ -544,7 +553,7 @@ impl<'a> Scheduler<'a> {
 
     /// The next queued node the limits allow to start (in-process nodes `--jobs` at a time,
     /// worker nodes one per device), counted as running.
-    fn next_to_start(&mut self) -> Option<Keyed> {
+    fn next_to_start(&mut self) -> Option<Queued> {
         if self.stop {
             return None;
         }
@@ -780,16 +789,25 @@ fn publish(
 
 /// Runs one node into a temp dir and commits it to the store.
 #[allow(clippy::too_many_arguments)]
+/// The input files whose stamp changed since they were hashed for the key.
+fn changed_inputs(stamps: &[(PathBuf, Option<FileStamp>)]) -> Vec<&Path> {
+    stamps
+        .iter()
+        .filter(|(path, stamp)| stamp.is_none() || FileStamp::read(path) != *stamp)
+        .map(|(path, _)| path.as_path())
+        .collect()
+}
+
 fn execute_node(
     plan: &Plan,
     i: usize,
     exec: &dyn Executor,
     store: &Store,
-    fp: Fingerprint,
-    inputs: &[(Input, PathBuf)],
+    keyed: Keyed,
     opts: &RunOptions,
     observer: &dyn Observer,
 ) -> Outcome {
+    let Keyed { fp, inputs, stamps } = keyed;
     let node = &plan.nodes[i];
     let Some(key) = fp.key.clone() else {
         return Outcome::Failed("node has no key".into());
@@ -835,7 +853,7 @@ fn execute_node(
         key: &key,
         params: &node.params,
         root: &plan.root,
-        inputs,
+        inputs: &inputs,
         out_dir: &out_dir,
         scratch_dir: &scratch,
         work_dir: work.as_deref(),
@@ -845,6 +863,21 @@ fn execute_node(
     };
     let result = exec.execute(&job);
     let _ = fsutil::remove_any(&scratch);
+    // An input edited while the node ran: the result may come from content the key does not
+    // describe, so it is not committed under that key.
+    let changed = changed_inputs(&stamps);
+    let result = match result {
+        Ok(_) if !changed.is_empty() => Err(ExecError::Failed(format!(
+            "input {} changed while the node ran; its result was discarded (the key was made \
+             from the content before the change): run again",
+            changed
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+        other => other,
+    };
     let outcome = match result {
         Ok(outputs) => {
             let mut files = Vec::new();

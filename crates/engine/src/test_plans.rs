@@ -630,3 +630,57 @@ fn verify_tolerance_accepts_small_lora_delta_differences_only() {
         }
     }
 }
+
+/// An input file edited while its node runs: the result is not committed under the key of the
+/// old content; the next run keys the new content and succeeds.
+#[test]
+fn an_input_edited_while_its_node_runs_is_not_cached_under_the_old_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.txt");
+    fs::write(&src, "before\n").unwrap();
+    let p = plan(
+        dir.path(),
+        vec![(
+            "copy",
+            // The script reads its input, then (like a user saving the file mid-run) edits it.
+            sh(
+                "cat {x} > {out}; echo edited >> {x}",
+                &[("x", Input::File(src.clone()))],
+                &[("out", "copy.txt")],
+            ),
+        )],
+        &[("copy", "published/copy.txt")],
+    );
+    let store = dir.path().join(".slider");
+    let first = go(&p, &store);
+    assert_eq!(names(&first.failed), set(&["copy"]));
+    let error = first.failed[0].error.as_deref().unwrap_or_default();
+    assert!(
+        error.contains("changed while the node ran") && error.contains("src.txt"),
+        "{error}"
+    );
+    assert!(
+        Store::at(&store).keys().unwrap().is_empty(),
+        "nothing committed"
+    );
+    assert!(!dir.path().join("published/copy.txt").exists());
+    // With the input left alone, the node runs on the new content and is cached.
+    let p = plan(
+        dir.path(),
+        vec![(
+            "copy",
+            sh(
+                "cat {x} > {out}",
+                &[("x", Input::File(src.clone()))],
+                &[("out", "copy.txt")],
+            ),
+        )],
+        &[("copy", "published/copy.txt")],
+    );
+    let second = go(&p, &store);
+    assert_eq!(names(&second.ran), set(&["copy"]));
+    assert_eq!(
+        fs::read_to_string(dir.path().join("published/copy.txt")).unwrap(),
+        "before\nedited\n"
+    );
+}
