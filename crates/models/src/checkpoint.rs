@@ -781,6 +781,17 @@ pub fn write_safetensors(
     result.map_err(io)
 }
 
+/// Axis `axis` of `key`'s shape, which must exist and be non-zero.
+fn need_dim(ckpt: &Checkpoint, key: &str, axis: usize) -> Result<usize, String> {
+    let shape = need_shape(ckpt, key)?;
+    match shape.get(axis) {
+        Some(&d) if d > 0 => Ok(d),
+        _ => Err(format!(
+            "key `{key}` has shape {shape:?}; its dimension {axis} is needed and must be non-zero"
+        )),
+    }
+}
+
 fn need_shape<'a>(ckpt: &'a Checkpoint, key: &str) -> Result<&'a [usize], String> {
     ckpt.shape(key)
         .ok_or_else(|| format!("key `{key}` is missing"))
@@ -805,8 +816,16 @@ fn metadata_usize(ckpt: &Checkpoint, key: &str) -> Result<Option<usize>, String>
 fn infer_unet(ckpt: &Checkpoint) -> Result<UNetConfig, String> {
     let p = UNET_PREFIX;
     let conv_in = need_shape(ckpt, &format!("{p}input_blocks.0.0.weight"))?;
-    let (mc, in_channels) = (conv_in[0], conv_in[1]);
-    let out_channels = need_shape(ckpt, &format!("{p}out.2.weight"))?[0];
+    let (mc, in_channels) = match *conv_in {
+        [mc, in_channels, _, _] if mc > 0 && in_channels > 0 => (mc, in_channels),
+        _ => {
+            return Err(format!(
+                "`{p}input_blocks.0.0.weight` has shape {conv_in:?}; expected a 4-d convolution \
+                 with non-zero channels"
+            ));
+        }
+    };
+    let out_channels = need_dim(ckpt, &format!("{p}out.2.weight"), 0)?;
     let adm_in_channels = ckpt
         .shape(&format!("{p}label_emb.0.0.weight"))
         .map(|s| s[1]);
@@ -827,7 +846,11 @@ fn infer_unet(ckpt: &Checkpoint) -> Result<UNetConfig, String> {
             level_res.push(0);
             level_depth.push(0);
         } else {
-            let out = need_shape(ckpt, &format!("{p}input_blocks.{i}.0.out_layers.3.weight"))?[0];
+            let out = need_dim(
+                ckpt,
+                &format!("{p}input_blocks.{i}.0.out_layers.3.weight"),
+                0,
+            )?;
             if level_channels.len() == level {
                 level_channels.push(out);
             }
@@ -840,9 +863,11 @@ fn infer_unet(ckpt: &Checkpoint) -> Result<UNetConfig, String> {
                     &format!("{t}transformer_blocks."),
                     ".attn1.to_q.weight",
                 );
-                context_dim = Some(
-                    need_shape(ckpt, &format!("{t}transformer_blocks.0.attn2.to_k.weight"))?[1],
-                );
+                context_dim = Some(need_dim(
+                    ckpt,
+                    &format!("{t}transformer_blocks.0.attn2.to_k.weight"),
+                    1,
+                )?);
             }
         }
         i += 1;
@@ -850,7 +875,9 @@ fn infer_unet(ckpt: &Checkpoint) -> Result<UNetConfig, String> {
     if level_channels.len() != level_res.len() {
         return Err("a level without res blocks".into());
     }
-    let num_res_blocks = level_res[0];
+    let Some(&num_res_blocks) = level_res.first() else {
+        return Err("no down-sampling levels".into());
+    };
     if level_res.iter().any(|&n| n != num_res_blocks) {
         return Err(format!("res blocks per level differ: {level_res:?}"));
     }
@@ -871,7 +898,7 @@ fn infer_unet(ckpt: &Checkpoint) -> Result<UNetConfig, String> {
     }
     let context_dim = match context_dim {
         Some(c) => c,
-        None => need_shape(ckpt, &format!("{mid}0.attn2.to_k.weight"))?[1],
+        None => need_dim(ckpt, &format!("{mid}0.attn2.to_k.weight"), 1)?,
     };
     let use_linear_projection = match linear_proj {
         Some(l) => l,
@@ -912,17 +939,21 @@ fn parse_heads(v: &str) -> Result<Heads, String> {
 
 fn infer_vae(ckpt: &Checkpoint) -> Result<VaeConfig, String> {
     let p = VAE_PREFIX;
-    let conv_in = need_shape(ckpt, &format!("{p}encoder.conv_in.weight"))?;
-    let (ch, in_channels) = (conv_in[0], conv_in[1]);
+    let conv_in = format!("{p}encoder.conv_in.weight");
+    let (ch, in_channels) = (need_dim(ckpt, &conv_in, 0)?, need_dim(ckpt, &conv_in, 1)?);
     let levels = count_indexed(ckpt, &format!("{p}encoder.down."), ".block.0.conv1.weight");
     let ch_mult = (0..levels)
         .map(|l| {
-            need_shape(ckpt, &format!("{p}encoder.down.{l}.block.0.conv2.weight"))
-                .map(|s| s[0] / ch)
+            need_dim(
+                ckpt,
+                &format!("{p}encoder.down.{l}.block.0.conv2.weight"),
+                0,
+            )
+            .map(|c| c / ch)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let num_res_blocks = count_indexed(ckpt, &format!("{p}encoder.down.0.block."), ".conv1.weight");
-    let z_channels = need_shape(ckpt, &format!("{p}decoder.conv_in.weight"))?[1];
+    let z_channels = need_dim(ckpt, &format!("{p}decoder.conv_in.weight"), 1)?;
     Ok(VaeConfig {
         in_channels,
         ch,
@@ -934,10 +965,15 @@ fn infer_vae(ckpt: &Checkpoint) -> Result<VaeConfig, String> {
 
 fn infer_hf_clip(ckpt: &Checkpoint, prefix: &str) -> Result<TextConfig, String> {
     let p = format!("{prefix}text_model.");
-    let tok = need_shape(ckpt, &format!("{p}embeddings.token_embedding.weight"))?;
-    let pos = need_shape(ckpt, &format!("{p}embeddings.position_embedding.weight"))?;
+    let tok = format!("{p}embeddings.token_embedding.weight");
+    let tok = [need_dim(ckpt, &tok, 0)?, need_dim(ckpt, &tok, 1)?];
+    let pos = [need_dim(
+        ckpt,
+        &format!("{p}embeddings.position_embedding.weight"),
+        0,
+    )?];
     let layers = count_indexed(ckpt, &format!("{p}encoder.layers."), ".mlp.fc1.weight");
-    let intermediate = need_shape(ckpt, &format!("{p}encoder.layers.0.mlp.fc1.weight"))?[0];
+    let intermediate = need_dim(ckpt, &format!("{p}encoder.layers.0.mlp.fc1.weight"), 0)?;
     let hidden = tok[1];
     let heads = metadata_usize(ckpt, "slider.text_l.heads")?.unwrap_or(hidden / 64);
     Ok(TextConfig {
@@ -954,15 +990,20 @@ fn infer_hf_clip(ckpt: &Checkpoint, prefix: &str) -> Result<TextConfig, String> 
 
 fn infer_open_clip(ckpt: &Checkpoint) -> Result<TextConfig, String> {
     let p = SDXL_TEXT_G_PREFIX;
-    let tok = need_shape(ckpt, &format!("{p}token_embedding.weight"))?;
-    let pos = need_shape(ckpt, &format!("{p}positional_embedding"))?;
+    let tok = format!("{p}token_embedding.weight");
+    let tok = [need_dim(ckpt, &tok, 0)?, need_dim(ckpt, &tok, 1)?];
+    let pos = [need_dim(ckpt, &format!("{p}positional_embedding"), 0)?];
     let layers = count_indexed(
         ckpt,
         &format!("{p}transformer.resblocks."),
         ".mlp.c_fc.weight",
     );
-    let intermediate = need_shape(ckpt, &format!("{p}transformer.resblocks.0.mlp.c_fc.weight"))?[0];
-    let projection = need_shape(ckpt, &format!("{p}text_projection"))?[1];
+    let intermediate = need_dim(
+        ckpt,
+        &format!("{p}transformer.resblocks.0.mlp.c_fc.weight"),
+        0,
+    )?;
+    let projection = need_dim(ckpt, &format!("{p}text_projection"), 1)?;
     let hidden = tok[1];
     let heads = metadata_usize(ckpt, "slider.text_g.heads")?.unwrap_or(hidden / 64);
     Ok(TextConfig {

@@ -260,18 +260,29 @@ pub enum Factor {
 }
 
 impl Factor {
-    fn from_values(values: Vec<f32>, shape: &[usize], device: &Device) -> Self {
-        match *shape {
+    /// A factor of `shape` from row-major `values`; their count must match the shape.
+    fn from_values(
+        name: &str,
+        values: Vec<f32>,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Self, AdapterError> {
+        let mismatch = || AdapterError::Shape {
+            name: name.to_owned(),
+            found: format!("{} values", values.len()),
+            expected: format!("shape {shape:?}"),
+        };
+        if values.len() != shape.iter().product::<usize>() {
+            return Err(mismatch());
+        }
+        Ok(match *shape {
             [a, b, c, d] => Self::Conv(Tensor::from_data(
                 TensorData::new(values, [a, b, c, d]),
                 device,
             )),
             [a, b] => Self::Linear(Tensor::from_data(TensorData::new(values, [a, b]), device)),
-            _ => {
-                let n = values.len();
-                Self::Linear(Tensor::from_data(TensorData::new(values, [1, n]), device))
-            }
-        }
+            _ => return Err(mismatch()),
+        })
     }
 
     /// The factor as a matrix (`[rows, rest]`).
@@ -464,8 +475,13 @@ impl LoraNetwork {
                 .collect();
             let (down_shape, up_shape) = factor_shapes(&target, rank);
             let module = AdapterModule {
-                down: Factor::from_values(down, &down_shape, device),
-                up: Factor::from_values(vec![0.0; target.out_dim * rank], &up_shape, device),
+                down: Factor::from_values(&target.name, down, &down_shape, device)?,
+                up: Factor::from_values(
+                    &target.name,
+                    vec![0.0; target.out_dim * rank],
+                    &up_shape,
+                    device,
+                )?,
                 rank,
                 alpha,
                 target,
@@ -498,8 +514,8 @@ impl LoraNetwork {
                     target: target.clone(),
                     rank: m.rank,
                     alpha: m.alpha,
-                    down: Factor::from_values(m.down.clone(), &down_shape, device),
-                    up: Factor::from_values(m.up.clone(), &up_shape, device),
+                    down: Factor::from_values(name, m.down.clone(), &down_shape, device)?,
+                    up: Factor::from_values(name, m.up.clone(), &up_shape, device)?,
                 },
             );
         }
@@ -851,6 +867,23 @@ mod tests {
 
     /// The patched weight equals `W + multiplier * alpha / rank * up @ down` in the
     /// checkpoint's `[out, in]` layout, for linear and 1x1-conv modules and several weights.
+    /// A LoRA whose factor holds fewer values than its shape says is an error naming the
+    /// module, never a panic inside burn.
+    #[test]
+    fn a_factor_of_the_wrong_length_is_refused_by_name() {
+        let device = Device::flex();
+        let unet = small_unet(&device);
+        let mut lora = LoraNetwork::init(&unet, 2, 1.0, 3, &device)
+            .unwrap()
+            .to_lora()
+            .unwrap();
+        let (name, module) = lora.modules.iter_mut().next().unwrap();
+        let name = name.clone();
+        module.up.pop();
+        let err = LoraNetwork::from_lora(&lora, &unet, &device).unwrap_err();
+        assert!(err.to_string().contains(&name), "{err}");
+    }
+
     #[test]
     fn applying_adds_the_scaled_delta_to_the_weights() {
         let device = Device::flex();
@@ -859,7 +892,7 @@ mod tests {
         for m in net.modules.values_mut() {
             let n = m.target.out_dim * m.rank;
             let up: Vec<f32> = (0..n).map(|i| (i % 7) as f32 * 0.01 - 0.03).collect();
-            m.up = Factor::from_values(up, &m.up.shape(), &device);
+            m.up = Factor::from_values("test", up, &m.up.shape(), &device).unwrap();
         }
         let lora = net.to_lora().unwrap();
         let base = crate::weights::param_values(&unet);
@@ -909,7 +942,7 @@ mod tests {
             let up: Vec<f32> = (0..n)
                 .map(|j| ((i * 7 + j) % 11) as f32 * 0.02 - 0.1)
                 .collect();
-            m.up = Factor::from_values(up, &m.up.shape(), &device);
+            m.up = Factor::from_values("test", up, &m.up.shape(), &device).unwrap();
         }
         let dist = burn::tensor::Distribution::Normal(0.0, 1.0);
         let x = Tensor::<4>::random([2, 4, 16, 16], dist, &device);
