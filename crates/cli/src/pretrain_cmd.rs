@@ -198,20 +198,16 @@ pub fn run(args: PretrainArgs, quiet: bool) -> miette::Result<ExitCode> {
     let model = StableDiffusion::load(&ckpt, &device)
         .into_diagnostic()
         .wrap_err("reloading the written model")?;
-    let grid = preview::generate(
-        &model,
-        &PreviewConfig {
-            captions: captions.clone(),
-            seeds: (0..4).collect(),
-            steps: 30,
-            cfg_scale: 5.0,
-            size: corpus.size,
-        },
-        &device,
-    )
-    .into_diagnostic()?;
+    let preview_config = PreviewConfig {
+        captions: captions.clone(),
+        seeds: (0..4).collect(),
+        steps: 30,
+        cfg_scale: 5.0,
+        size: corpus.size,
+    };
+    let grid = preview::generate(&model, &preview_config, &device).into_diagnostic()?;
     let samples = args.work_dir.join("samples.png");
-    preview::write_png(&samples, &preview::tile(&grid)).into_diagnostic()?;
+    preview::write_samples(&samples, &grid, &preview_config).into_diagnostic()?;
 
     let size = std::fs::metadata(&outcome.model)
         .map(|m| m.len())

@@ -553,7 +553,7 @@ pub fn check_keys(ckpt: &Checkpoint, spec: &ModelSpec) -> KeyReport {
 }
 
 /// A loaded checkpoint: every part the file holds.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct StableDiffusion {
     /// The architecture.
     pub spec: ModelSpec,

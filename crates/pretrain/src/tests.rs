@@ -136,23 +136,34 @@ fn a_few_steps_reduce_both_losses_and_write_a_loadable_sd1_checkpoint() {
     assert_eq!(csv.lines().count(), 1 + 50);
     assert!(csv.starts_with("stage,step,loss,lr\nvae,1,"));
 
-    let grid = preview::generate(
-        &model,
-        &PreviewConfig {
-            captions: vec!["disc, red colour".into(), String::new()],
-            seeds: vec![0, 1, 2],
-            steps: 4,
-            cfg_scale: 3.0,
-            size: 32,
-        },
-        &device,
-    )
-    .unwrap();
+    let preview_config = PreviewConfig {
+        captions: vec!["disc, red colour".into(), String::new()],
+        seeds: vec![0, 1, 2],
+        steps: 4,
+        cfg_scale: 3.0,
+        size: 32,
+    };
+    let grid = preview::generate(&model, &preview_config, &device).unwrap();
     assert_eq!(grid.len(), 2);
     assert!(grid.iter().all(|row| row.len() == 3));
     assert_eq!(grid[0][0].dimensions(), (32, 32));
-    let tiled = preview::tile(&grid);
-    assert_eq!(tiled.dimensions(), (3 * 34 + 2, 2 * 34 + 2));
+    // The preview is the sampler's image: the same job through the generator gives it.
+    let generator = slider_models::sample::Generator::from_model(model.clone(), &device).unwrap();
+    let job = slider_models::sample::SampleJob {
+        prompt: "disc, red colour".into(),
+        negative_prompt: String::new(),
+        seed: 1,
+        steps: 4,
+        cfg_scale: 3.0,
+        sampler: slider_models::sample::SamplerKind::Ddim,
+        width: 32,
+        height: 32,
+    };
+    assert_eq!(grid[0][1], generator.generate(&job, &[]).unwrap());
+    let sheet = dir.path().join("samples.png");
+    preview::write_samples(&sheet, &grid, &preview_config).unwrap();
+    let (w, h) = image::open(&sheet).unwrap().to_rgb8().dimensions();
+    assert!(w > 3 * 32 && h > 2 * 32, "{w}x{h}");
 }
 
 #[test]
