@@ -24,6 +24,7 @@ use slider_models::checkpoint::{Checkpoint, CheckpointError, Family, StableDiffu
 use slider_models::ddpm::{DdpmError, NoiseSchedule, apply_noise_offset, standard_normal};
 use slider_models::lora::{AdapterError, Factor, LoraNetwork, NetworkDims};
 use slider_models::tokenizer::{Padding, Tokenizer, TokenizerError};
+use slider_models::unet::UNet;
 use slider_optim::{
     LrSchedule, Optimizer, OptimizerError, OptimizerState, ResumeError, ResumeState, ScheduleError,
     ScheduleKind,
@@ -266,44 +267,112 @@ pub fn train(
     let checkpoint_path = work_dir.join(CHECKPOINT_FILE);
 
     let (mut network, mut optimizer, mut losses) =
-        match load_checkpoint(&checkpoint_path, &config_json)? {
-            Some((net, state, losses)) => {
-                let optimizer = Optimizer::restore(
-                    config.optimizer_type.name(),
-                    &config.optimizer_args,
-                    &state,
-                    device,
-                )?;
-                (
-                    LoraNetwork::from_lora(&net, &unet, device)?,
-                    optimizer,
-                    losses,
-                )
-            }
-            None => (
-                LoraNetwork::init_with(&unet, network_dims(config), config.seed, device)?,
-                Optimizer::from_kohya(config.optimizer_type.name(), &config.optimizer_args)?,
-                Vec::new(),
-            ),
-        };
+        resume_or_start(config, &unet, &checkpoint_path, &config_json, device)?;
     let resumed_from = losses.len();
     if resumed_from > 0 {
         tracing::info!(step = resumed_from, "resuming from the checkpoint");
     }
-
-    let batch = config.train_batch_size;
-    let [_, c, h, w] = latents[0].dims();
+    let batch = Batch {
+        config,
+        unet: &unet,
+        latents: &latents,
+        context: &context,
+        added: &added,
+        noise_schedule: &noise_schedule,
+        device,
+    };
+    let save = |network: &LoraNetwork, optimizer: &Optimizer, losses: &[(f32, f64)]| {
+        save_checkpoint(&checkpoint_path, network, optimizer, losses, &config_json)
+    };
     for step in resumed_from..config.max_train_steps {
         if stop.load(Ordering::Relaxed) {
-            save_checkpoint(
-                &checkpoint_path,
-                &network,
-                &optimizer,
-                &losses,
-                &config_json,
-            )?;
+            save(&network, &optimizer, &losses)?;
             return Err(TrainError::Stopped { step });
         }
+        let lr = schedule.lr_at(step);
+        let loss = batch.step(step, lr, &mut network, &mut optimizer)?;
+        losses.push((loss, lr));
+        progress(Progress {
+            step: step + 1,
+            total: config.max_train_steps,
+            loss,
+        });
+        let done = step + 1;
+        if config.checkpoint_every > 0
+            && done.is_multiple_of(config.checkpoint_every)
+            && done < config.max_train_steps
+        {
+            save(&network, &optimizer, &losses)?;
+        }
+    }
+    let (lora, loss_csv) =
+        write_outputs(config, family, &network, &optimizer, &losses, output_dir)?;
+    Ok(TrainOutcome {
+        lora,
+        loss_csv,
+        resumed_from,
+    })
+}
+
+/// The (loss, learning rate) of every step done.
+type Losses = Vec<(f32, f64)>;
+
+/// The network, optimizer and losses from the checkpoint at `path` if there is one for these
+/// settings, else fresh ones from the seed.
+fn resume_or_start(
+    config: &TrainConfig,
+    unet: &UNet,
+    path: &Path,
+    config_json: &str,
+    device: &Device,
+) -> Result<(LoraNetwork, Optimizer, Losses), TrainError> {
+    Ok(match load_checkpoint(path, config_json)? {
+        Some((net, state, losses)) => {
+            let optimizer = Optimizer::restore(
+                config.optimizer_type.name(),
+                &config.optimizer_args,
+                &state,
+                device,
+            )?;
+            (
+                LoraNetwork::from_lora(&net, unet, device)?,
+                optimizer,
+                losses,
+            )
+        }
+        None => (
+            LoraNetwork::init_with(unet, network_dims(config), config.seed, device)?,
+            Optimizer::from_kohya(config.optimizer_type.name(), &config.optimizer_args)?,
+            Vec::new(),
+        ),
+    })
+}
+
+/// What every step reads: the frozen UNet, the cached latents, the encoded caption.
+struct Batch<'a> {
+    config: &'a TrainConfig,
+    unet: &'a UNet,
+    latents: &'a [Tensor<4>],
+    context: &'a Tensor<3>,
+    added: &'a Option<Tensor<2>>,
+    noise_schedule: &'a NoiseSchedule,
+    device: &'a Device,
+}
+
+impl Batch<'_> {
+    /// Step `step` (0-based) at learning rate `lr`: its timesteps and noise from (seed, step),
+    /// the noisy latents, the (min-SNR weighted) loss, backward and an optimizer step per
+    /// factor. Returns the loss.
+    fn step(
+        &self,
+        step: usize,
+        lr: f64,
+        network: &mut LoraNetwork,
+        optimizer: &mut Optimizer,
+    ) -> Result<f32, TrainError> {
+        let (config, device) = (self.config, self.device);
+        let batch = config.train_batch_size;
+        let [_, c, h, w] = self.latents[0].dims();
         let mut rng = ChaCha8Rng::seed_from_u64(config.seed);
         rng.set_stream(step as u64 + 1);
         let timesteps: Vec<usize> = (0..batch).map(|_| rng.random_range(0..1000)).collect();
@@ -316,15 +385,17 @@ pub fn train(
         };
         let x0 = Tensor::cat(
             (0..batch)
-                .map(|i| latents[(step * batch + i) % latents.len()].clone())
+                .map(|i| self.latents[(step * batch + i) % self.latents.len()].clone())
                 .collect(),
             0,
         );
-        let noisy = noise_schedule.add_noise(x0, noise.clone(), &timesteps)?;
+        let noisy = self
+            .noise_schedule
+            .add_noise(x0, noise.clone(), &timesteps)?;
         let weights: Vec<f32> = match config.min_snr_gamma {
             Some(gamma) => timesteps
                 .iter()
-                .map(|&t| noise_schedule.min_snr_weight(t, gamma as f32))
+                .map(|&t| self.noise_schedule.min_snr_weight(t, gamma as f32))
                 .collect::<Result<_, _>>()?,
             None => vec![1.0; batch],
         };
@@ -338,12 +409,12 @@ pub fn train(
             device,
         );
         let pred = network.forward(
-            &unet,
+            self.unet,
             1.0,
             noisy,
             t,
-            context.clone().repeat_dim(0, batch),
-            added.clone().map(|y| y.repeat_dim(0, batch)),
+            self.context.clone().repeat_dim(0, batch),
+            self.added.clone().map(|y| y.repeat_dim(0, batch)),
         );
         let per_sample = (pred - noise)
             .square()
@@ -359,50 +430,41 @@ pub fn train(
                 loss: loss_value,
             });
         }
-        let lr = schedule.lr_at(step);
         for (name, m) in network.modules.iter_mut() {
             m.down = step_factor(
-                &mut optimizer,
+                optimizer,
                 &format!("{name}.lora_down.weight"),
                 lr,
                 &m.down,
                 &grads,
             )?;
             m.up = step_factor(
-                &mut optimizer,
+                optimizer,
                 &format!("{name}.lora_up.weight"),
                 lr,
                 &m.up,
                 &grads,
             )?;
         }
-        losses.push((loss_value, lr));
-        progress(Progress {
-            step: step + 1,
-            total: config.max_train_steps,
-            loss: loss_value,
-        });
-        let done = step + 1;
-        if config.checkpoint_every > 0
-            && done.is_multiple_of(config.checkpoint_every)
-            && done < config.max_train_steps
-        {
-            save_checkpoint(
-                &checkpoint_path,
-                &network,
-                &optimizer,
-                &losses,
-                &config_json,
-            )?;
-        }
+        Ok(loss_value)
     }
+}
 
+/// Writes `lora.safetensors` (with kohya's metadata, in the save precision) and `loss.csv`.
+fn write_outputs(
+    config: &TrainConfig,
+    family: Family,
+    network: &LoraNetwork,
+    optimizer: &Optimizer,
+    losses: &[(f32, f64)],
+    output_dir: &Path,
+) -> Result<(PathBuf, PathBuf), TrainError> {
     std::fs::create_dir_all(output_dir).map_err(|source| TrainError::Io {
         path: output_dir.to_path_buf(),
         source,
     })?;
     let mut lora = network.to_lora()?;
-    lora.metadata = kohya_metadata(config, family, &optimizer);
+    lora.metadata = kohya_metadata(config, family, optimizer);
     let lora_path = output_dir.join("lora.safetensors");
     let precision = match config.save_precision {
         Precision::Float => slider_lora::Precision::F32,
@@ -416,11 +478,7 @@ pub fn train(
     }
     let loss_csv = output_dir.join("loss.csv");
     write_atomic(&loss_csv, csv.as_bytes())?;
-    Ok(TrainOutcome {
-        lora: lora_path,
-        loss_csv,
-        resumed_from,
-    })
+    Ok((lora_path, loss_csv))
 }
 
 /// The network's ranks and alphas; `conv_dim` 0 means no LoCon modules, as in kohya.
