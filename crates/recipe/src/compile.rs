@@ -34,43 +34,8 @@ pub(crate) fn compile(
             Err(d) => diags.push(d),
         }
     }
-    let doc = match yaml::parse(text, 0, 0) {
-        Ok(d) => d,
-        Err(d) => {
-            diags.push(d);
-            return None;
-        }
-    };
     let sources: &Sources = sources;
-    let mut top = match doc.value {
-        Value::Map(entries) => entries,
-        Value::Null => {
-            diags.push(
-                Diag::new(
-                    "recipe::empty",
-                    "the recipe is empty",
-                    doc.span,
-                    "nothing here",
-                )
-                .help("a recipe needs at least `nodes:`; see docs/recipes.md"),
-            );
-            return None;
-        }
-        other => {
-            diags.push(Diag::new(
-                "recipe::wrong_type",
-                "a recipe must be a mapping of `base`, `vars`, `defaults`, `matrix`, `nodes`, `outputs`",
-                doc.span,
-                format!("found {}", other.describe()),
-            ));
-            return None;
-        }
-    };
-    for e in &top {
-        if !TOP_KEYS.contains(&e.key.as_str()) {
-            diags.push(unknown_top_key(&e.key, e.key_span));
-        }
-    }
+    let mut top = parse_top(text, diags)?;
     let late = apply_global_overrides(&mut top, sets, diags);
 
     let recipe_path = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
@@ -91,40 +56,7 @@ pub(crate) fn compile(
         .filter(|e| !matches!(e.value.value, Value::Null))
         .map(|e| substitute(&e.value, &env, sources, diags));
 
-    let Some(nodes_entry) = section("nodes") else {
-        let misspelled = top
-            .iter()
-            .any(|e| e.key != "nodes" && closest(&e.key, TOP_KEYS) == Some("nodes"));
-        if misspelled {
-            return None;
-        }
-        diags.push(
-            Diag::new(
-                "recipe::missing_key",
-                "the recipe has no `nodes`",
-                Span::new(0, 0, 0),
-                "expected `nodes:` somewhere in this file",
-            )
-            .help("add `nodes:` with at least one node, e.g. `merged: {kind: svd_merge, ...}`"),
-        );
-        return None;
-    };
-    let templates = match &nodes_entry.value.value {
-        Value::Map(entries) if !entries.is_empty() => entries.clone(),
-        other => {
-            diags.push(
-                Diag::new(
-                    "recipe::wrong_type",
-                    "`nodes` must be a mapping of node name to node",
-                    nodes_entry.value.span,
-                    format!("found {}", other.describe()),
-                )
-                .help("write `nodes:` then one `name: {kind: ..., ...}` per node"),
-            );
-            return None;
-        }
-    };
-
+    let templates = node_templates(&top, section("nodes"), diags)?;
     let mut expanded = Vec::new();
     for t in &templates {
         expand_template(
@@ -180,12 +112,117 @@ pub(crate) fn compile(
         return None;
     }
 
+    Some(assemble(
+        &expanded,
+        decoded,
+        &refs,
+        recipe_path,
+        resolver.root,
+        outputs,
+        sources,
+    ))
+}
+
+/// The recipe's top-level mapping, its unknown keys reported.
+fn parse_top(text: &str, diags: &mut Vec<Diag>) -> Option<Vec<Entry>> {
+    let doc = match yaml::parse(text, 0, 0) {
+        Ok(d) => d,
+        Err(d) => {
+            diags.push(d);
+            return None;
+        }
+    };
+    let top = match doc.value {
+        Value::Map(entries) => entries,
+        Value::Null => {
+            diags.push(
+                Diag::new(
+                    "recipe::empty",
+                    "the recipe is empty",
+                    doc.span,
+                    "nothing here",
+                )
+                .help("a recipe needs at least `nodes:`; see docs/recipes.md"),
+            );
+            return None;
+        }
+        other => {
+            diags.push(Diag::new(
+                "recipe::wrong_type",
+                "a recipe must be a mapping of `base`, `vars`, `defaults`, `matrix`, `nodes`, `outputs`",
+                doc.span,
+                format!("found {}", other.describe()),
+            ));
+            return None;
+        }
+    };
+    for e in &top {
+        if !TOP_KEYS.contains(&e.key.as_str()) {
+            diags.push(unknown_top_key(&e.key, e.key_span));
+        }
+    }
+    Some(top)
+}
+
+/// The `nodes` section's entries (one template per node name, before matrix expansion).
+fn node_templates(
+    top: &[Entry],
+    nodes: Option<&Entry>,
+    diags: &mut Vec<Diag>,
+) -> Option<Vec<Entry>> {
+    let Some(nodes_entry) = nodes else {
+        let misspelled = top
+            .iter()
+            .any(|e| e.key != "nodes" && closest(&e.key, TOP_KEYS) == Some("nodes"));
+        if misspelled {
+            return None;
+        }
+        diags.push(
+            Diag::new(
+                "recipe::missing_key",
+                "the recipe has no `nodes`",
+                Span::new(0, 0, 0),
+                "expected `nodes:` somewhere in this file",
+            )
+            .help("add `nodes:` with at least one node, e.g. `merged: {kind: svd_merge, ...}`"),
+        );
+        return None;
+    };
+    let templates = match &nodes_entry.value.value {
+        Value::Map(entries) if !entries.is_empty() => entries.clone(),
+        other => {
+            diags.push(
+                Diag::new(
+                    "recipe::wrong_type",
+                    "`nodes` must be a mapping of node name to node",
+                    nodes_entry.value.span,
+                    format!("found {}", other.describe()),
+                )
+                .help("write `nodes:` then one `name: {kind: ..., ...}` per node"),
+            );
+            return None;
+        }
+    };
+
+    Some(templates)
+}
+
+/// The plan from the checked nodes: in topological order, with the DAG of their references.
+fn assemble(
+    expanded: &[Expanded],
+    decoded: Vec<Option<NodeParams>>,
+    refs: &[RefUse],
+    recipe_path: PathBuf,
+    root: PathBuf,
+    outputs: BTreeMap<String, PathBuf>,
+    sources: &Sources,
+) -> Plan {
     let nodes: Vec<(usize, NodeParams)> = decoded
         .into_iter()
         .enumerate()
         .filter_map(|(i, p)| p.map(|p| (i, p)))
         .collect();
-    let order = topological_order(&expanded, &refs);
+    let order = topological_order(expanded, refs);
     let mut position = HashMap::new();
     let mut plan_nodes = Vec::with_capacity(nodes.len());
     let mut by_index: HashMap<usize, NodeParams> = nodes.into_iter().collect();
@@ -211,7 +248,7 @@ pub(crate) fn compile(
         graph.add_node(i);
     }
     let mut edges = BTreeSet::new();
-    for r in &refs {
+    for r in refs {
         if let (Some(&from), Some(&to)) = (position.get(&r.to), position.get(&r.from)) {
             edges.insert((from, to));
         }
@@ -219,13 +256,13 @@ pub(crate) fn compile(
     for (from, to) in edges {
         graph.add_edge(NodeIndex::new(from), NodeIndex::new(to), ());
     }
-    Some(Plan {
-        root: resolver.root,
+    Plan {
+        root,
         recipe_path,
         nodes: plan_nodes,
         graph,
         outputs,
-    })
+    }
 }
 
 fn unknown_top_key(key: &str, span: Span) -> Diag {
