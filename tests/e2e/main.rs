@@ -1,5 +1,6 @@
 //! End-to-end tests: each runs the real `slider-run` binary.
 
+mod damage;
 mod eyesize;
 mod lora_tools;
 mod model;

@@ -9,7 +9,9 @@ use clap::Subcommand;
 use miette::{IntoDiagnostic, WrapErr};
 use slider_models::forward::{read_tensors, write_tensors};
 use slider_models::weights::TensorSource;
-use slider_models::{Checkpoint, ModelSpec, StableDiffusion, check_keys, open_device};
+use slider_models::{
+    Checkpoint, ModelSpec, StableDiffusion, check_keys, check_values, open_device,
+};
 
 #[derive(Subcommand, Debug)]
 pub enum ModelCommand {
@@ -21,6 +23,10 @@ pub enum ModelCommand {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Check names, shapes and dtypes only; by default every value is also read once and
+        /// checked to be finite.
+        #[arg(long)]
+        headers_only: bool,
     },
     /// Run the model parts that the input tensors' names call for and write their outputs.
     /// Names (diffusers' argument names): `sample`+`timestep`+`encoder_hidden_states`
@@ -44,7 +50,11 @@ pub enum ModelCommand {
 
 pub fn run(cmd: ModelCommand) -> miette::Result<ExitCode> {
     match cmd {
-        ModelCommand::Inspect { checkpoint, json } => inspect(&checkpoint, json),
+        ModelCommand::Inspect {
+            checkpoint,
+            json,
+            headers_only,
+        } => inspect(&checkpoint, json, !headers_only),
         ModelCommand::Forward {
             checkpoint,
             inputs,
@@ -54,10 +64,15 @@ pub fn run(cmd: ModelCommand) -> miette::Result<ExitCode> {
     }
 }
 
-fn inspect(path: &Path, json: bool) -> miette::Result<ExitCode> {
+fn inspect(path: &Path, json: bool, values: bool) -> miette::Result<ExitCode> {
     let ckpt = Checkpoint::open(path).into_diagnostic()?;
     let spec = ModelSpec::detect(&ckpt).into_diagnostic()?;
-    let report = check_keys(&ckpt, &spec);
+    let mut report = check_keys(&ckpt, &spec);
+    if values {
+        let spinner = spinner("reading every value");
+        check_values(&ckpt, &spec, &mut report);
+        spinner.finish_and_clear();
+    }
 
     let prefixes = spec.part_prefixes();
     let mut parts: Vec<serde_json::Value> = Vec::new();

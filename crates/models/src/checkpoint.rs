@@ -396,11 +396,13 @@ impl ModelSpec {
                 path: ckpt.path.clone(),
             });
         }
-        let unet = infer_unet(ckpt).map_err(|message| CheckpointError::Architecture {
-            path: ckpt.path.clone(),
-            part: "UNet",
-            message,
-        })?;
+        let unet = infer_unet(ckpt)
+            .and_then(|c| c.validate().map(|()| c))
+            .map_err(|message| CheckpointError::Architecture {
+                path: ckpt.path.clone(),
+                part: "UNet",
+                message,
+            })?;
         let family = if unet.adm_in_channels.is_some()
             || ckpt.keys().any(|k| k.starts_with(SDXL_TEXT_G_PREFIX))
         {
@@ -416,17 +418,29 @@ impl ModelSpec {
             }
         };
         let vae = if ckpt.keys().any(|k| k.starts_with(VAE_PREFIX)) {
-            Some(infer_vae(ckpt).map_err(arch("VAE"))?)
+            Some(
+                infer_vae(ckpt)
+                    .and_then(|c| c.validate().map(|()| c))
+                    .map_err(arch("VAE"))?,
+            )
         } else {
             None
         };
         let text_l = if ckpt.keys().any(|k| k.starts_with(family.text_l_prefix())) {
-            Some(infer_hf_clip(ckpt, family.text_l_prefix()).map_err(arch("CLIP-L"))?)
+            Some(
+                infer_hf_clip(ckpt, family.text_l_prefix())
+                    .and_then(|c| c.validate().map(|()| c))
+                    .map_err(arch("CLIP-L"))?,
+            )
         } else {
             None
         };
         let text_g = if ckpt.keys().any(|k| k.starts_with(SDXL_TEXT_G_PREFIX)) {
-            Some(infer_open_clip(ckpt).map_err(arch("OpenCLIP bigG"))?)
+            Some(
+                infer_open_clip(ckpt)
+                    .and_then(|c| c.validate().map(|()| c))
+                    .map_err(arch("OpenCLIP bigG"))?,
+            )
         } else {
             None
         };
@@ -437,6 +451,32 @@ impl ModelSpec {
             text_l,
             text_g,
         })
+    }
+
+    /// Whether every part of this architecture can be built; the part and the reason when not.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        self.unet.validate().map_err(|m| ("UNet", m))?;
+        if let Some(vae) = &self.vae {
+            vae.validate().map_err(|m| ("VAE", m))?;
+        }
+        if let Some(t) = &self.text_l {
+            t.validate().map_err(|m| ("CLIP-L", m))?;
+        }
+        if let Some(t) = &self.text_g {
+            t.validate().map_err(|m| ("OpenCLIP bigG", m))?;
+            if t.projection_dim.is_none() {
+                return Err(("OpenCLIP bigG", "no pooled projection width".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// What image widths and heights must be multiples of: the VAE's downsampling times the
+    /// UNet's (a UNet level halves the latent).
+    pub fn pixel_multiple(&self) -> usize {
+        let vae_levels = self.vae.as_ref().map_or(1, |v| v.ch_mult.len());
+        let unet_levels = self.unet.channel_mult.len();
+        1 << (vae_levels.saturating_sub(1) + unet_levels.saturating_sub(1))
     }
 
     /// The metadata our writer stores: what shapes cannot tell.
@@ -552,6 +592,35 @@ pub fn check_keys(ckpt: &Checkpoint, spec: &ModelSpec) -> KeyReport {
     report
 }
 
+/// Reads the value of every tensor `spec` needs that [`check_keys`] found well-formed, and adds
+/// to `report` each one that does not decode or holds a NaN or an infinity. One pass over the
+/// file; nothing reaches burn.
+pub fn check_values(ckpt: &Checkpoint, spec: &ModelSpec, report: &mut KeyReport) {
+    let skip: BTreeSet<&str> = report
+        .missing
+        .iter()
+        .chain(report.misshaped.iter().map(|(k, _, _)| k))
+        .chain(report.unreadable.iter().map(|(k, _)| k))
+        .map(String::as_str)
+        .collect();
+    let mut found = Vec::new();
+    for (_, key, _) in spec.expected_keys() {
+        if skip.contains(key.as_str()) {
+            continue;
+        }
+        match ckpt.values_f32(&key) {
+            Err(why) => found.push((key, why)),
+            Ok(values) => {
+                if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                    let why = format!("non-finite value {} at element {i}", values[i]);
+                    found.push((key, why));
+                }
+            }
+        }
+    }
+    report.unreadable.extend(found);
+}
+
 /// A loaded checkpoint: every part the file holds.
 #[derive(Debug, Clone)]
 pub struct StableDiffusion {
@@ -582,6 +651,12 @@ impl StableDiffusion {
         spec: ModelSpec,
         device: &Device,
     ) -> Result<Self, CheckpointError> {
+        spec.validate()
+            .map_err(|(part, message)| CheckpointError::Architecture {
+                path: ckpt.path.clone(),
+                part,
+                message,
+            })?;
         let report = check_keys(ckpt, &spec);
         if !report.is_clean() {
             return Err(CheckpointError::Mismatch {
@@ -826,9 +901,11 @@ fn infer_unet(ckpt: &Checkpoint) -> Result<UNetConfig, String> {
         }
     };
     let out_channels = need_dim(ckpt, &format!("{p}out.2.weight"), 0)?;
-    let adm_in_channels = ckpt
-        .shape(&format!("{p}label_emb.0.0.weight"))
-        .map(|s| s[1]);
+    let label_emb = format!("{p}label_emb.0.0.weight");
+    let adm_in_channels = match ckpt.shape(&label_emb) {
+        Some(_) => Some(need_dim(ckpt, &label_emb, 1)?),
+        None => None,
+    };
 
     let mut level_channels: Vec<usize> = Vec::new();
     let mut level_res: Vec<usize> = vec![0];
@@ -949,7 +1026,15 @@ fn infer_vae(ckpt: &Checkpoint) -> Result<VaeConfig, String> {
                 &format!("{p}encoder.down.{l}.block.0.conv2.weight"),
                 0,
             )
-            .map(|c| c / ch)
+            .and_then(|c| {
+                if c % ch == 0 {
+                    Ok(c / ch)
+                } else {
+                    Err(format!(
+                        "VAE level {l} has {c} channels, not a multiple of {ch}"
+                    ))
+                }
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     let num_res_blocks = count_indexed(ckpt, &format!("{p}encoder.down.0.block."), ".conv1.weight");

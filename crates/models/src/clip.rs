@@ -53,6 +53,38 @@ pub struct TextConfig {
 }
 
 impl TextConfig {
+    /// Whether a text encoder of this configuration can be built: sizes non-zero, the width
+    /// divisible by the heads, room for the 77 positions the tokenizer fills.
+    pub fn validate(&self) -> Result<(), String> {
+        let nonzero = [
+            ("vocab_size", self.vocab_size),
+            ("hidden", self.hidden),
+            ("layers", self.layers),
+            ("heads", self.heads),
+            ("intermediate", self.intermediate),
+        ];
+        if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("text encoder {name} is 0"));
+        }
+        if !self.hidden.is_multiple_of(self.heads) {
+            return Err(format!(
+                "text encoder width {} does not split into {} attention heads",
+                self.hidden, self.heads
+            ));
+        }
+        if self.max_positions < crate::tokenizer::CONTEXT_LENGTH {
+            return Err(format!(
+                "text encoder has {} positions; the tokenizer fills {}",
+                self.max_positions,
+                crate::tokenizer::CONTEXT_LENGTH
+            ));
+        }
+        if let Some(0) = self.projection_dim {
+            return Err("text encoder projection width is 0".into());
+        }
+        Ok(())
+    }
+
     /// OpenAI CLIP ViT-L/14's text encoder (SD1, SDXL's first encoder).
     pub fn clip_l() -> Self {
         Self {

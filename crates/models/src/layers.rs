@@ -23,9 +23,12 @@ pub fn conv2d(c_in: usize, c_out: usize, k: usize, stride: usize, device: &Devic
         .init(device)
 }
 
+/// GroupNorm's group count in every SD part: the only one SD uses.
+pub const GROUP_NORM_GROUPS: usize = 32;
+
 /// `nn.GroupNorm(32, channels, eps)`: the only group count SD uses.
 pub fn group_norm(channels: usize, eps: f64, device: &Device) -> GroupNorm {
-    GroupNormConfig::new(32, channels)
+    GroupNormConfig::new(GROUP_NORM_GROUPS, channels)
         .with_epsilon(eps)
         .init(device)
 }

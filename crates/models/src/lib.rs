@@ -38,7 +38,7 @@ pub mod weights;
 pub use burn;
 pub use checkpoint::{
     Checkpoint, CheckpointError, Family, KeyReport, ModelSpec, StableDiffusion, StoreDtype,
-    check_keys, write_random_checkpoint,
+    check_keys, check_values, write_random_checkpoint,
 };
 pub use clip::{ClipTextModel, OpenClipText, TextConfig, TextOutput};
 pub use ddpm::{DdpmError, NoiseSchedule, apply_noise_offset, standard_normal};

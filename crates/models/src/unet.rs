@@ -13,8 +13,8 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{
-    Slot, conv2d, from_tokens, group_norm, layer_norm, linear, multi_head_attention,
-    timestep_embedding, to_tokens, upsample_nearest_2x,
+    GROUP_NORM_GROUPS, Slot, conv2d, from_tokens, group_norm, layer_norm, linear,
+    multi_head_attention, timestep_embedding, to_tokens, upsample_nearest_2x,
 };
 
 /// How attention heads are sized: SD1 fixes their number, SDXL their width.
@@ -120,6 +120,71 @@ impl UNetConfig {
             adm_in_channels: None,
             size_embed_dim: 256,
         }
+    }
+
+    /// Whether a UNet of this configuration can be built, before any burn op sees it: every
+    /// width non-zero, every normalised width divisible by GroupNorm's 32 groups, every
+    /// attention width divisible by its heads, one transformer depth per level.
+    pub fn validate(&self) -> Result<(), String> {
+        let nonzero = [
+            ("in_channels", self.in_channels),
+            ("out_channels", self.out_channels),
+            ("model_channels", self.model_channels),
+            ("num_res_blocks", self.num_res_blocks),
+            ("context_dim", self.context_dim),
+            ("transformer_depth_middle", self.transformer_depth_middle),
+        ];
+        if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("UNet {name} is 0"));
+        }
+        if self.channel_mult.is_empty() || self.channel_mult.contains(&0) {
+            return Err(format!(
+                "UNet channel multipliers {:?} must be non-empty and non-zero",
+                self.channel_mult
+            ));
+        }
+        if self.transformer_depth.len() != self.channel_mult.len() {
+            return Err(format!(
+                "UNet has {} levels but {} transformer depths",
+                self.channel_mult.len(),
+                self.transformer_depth.len()
+            ));
+        }
+        if matches!(self.heads, Heads::Count(0) | Heads::Dim(0)) {
+            return Err(format!("UNet heads {:?}: must be non-zero", self.heads));
+        }
+        if !self.model_channels.is_multiple_of(GROUP_NORM_GROUPS) {
+            return Err(format!(
+                "UNet model_channels {} (conv_in's width) is not divisible by GroupNorm's \
+                 {GROUP_NORM_GROUPS} groups",
+                self.model_channels
+            ));
+        }
+        for (level, &mult) in self.channel_mult.iter().enumerate() {
+            let ch = self
+                .model_channels
+                .checked_mul(mult)
+                .ok_or("UNet width overflows")?;
+            if !ch.is_multiple_of(GROUP_NORM_GROUPS) {
+                return Err(format!(
+                    "UNet level {level} has {ch} channels, not divisible by GroupNorm's \
+                     {GROUP_NORM_GROUPS} groups"
+                ));
+            }
+            let heads = self.heads.heads_for(ch);
+            let attends = self.transformer_depth[level] > 0 || level + 1 == self.channel_mult.len();
+            if attends && !ch.is_multiple_of(heads) {
+                return Err(format!(
+                    "UNet level {level}: {ch} channels do not split into {heads} attention heads \
+                     ({:?})",
+                    self.heads
+                ));
+            }
+        }
+        if let Some(0) = self.adm_in_channels {
+            return Err("UNet adm_in_channels is 0".into());
+        }
+        Ok(())
     }
 
     /// The time-embedding width, `4 * model_channels`.

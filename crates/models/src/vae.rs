@@ -12,7 +12,8 @@ use burn::tensor::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{
-    conv2d, from_tokens, group_norm, multi_head_attention, to_tokens, upsample_nearest_2x,
+    GROUP_NORM_GROUPS, conv2d, from_tokens, group_norm, multi_head_attention, to_tokens,
+    upsample_nearest_2x,
 };
 
 /// Latent scaling of SD1.x: `latents = mean * 0.18215` before the UNet.
@@ -56,6 +57,36 @@ impl VaeConfig {
             num_res_blocks: 1,
             z_channels: 4,
         }
+    }
+
+    /// Whether an autoencoder of this configuration can be built: widths non-zero, at least
+    /// one level, every level's width divisible by GroupNorm's 32 groups.
+    pub fn validate(&self) -> Result<(), String> {
+        let nonzero = [
+            ("in_channels", self.in_channels),
+            ("ch", self.ch),
+            ("num_res_blocks", self.num_res_blocks),
+            ("z_channels", self.z_channels),
+        ];
+        if let Some((name, _)) = nonzero.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("VAE {name} is 0"));
+        }
+        if self.ch_mult.is_empty() || self.ch_mult.contains(&0) {
+            return Err(format!(
+                "VAE channel multipliers {:?} must be non-empty and non-zero",
+                self.ch_mult
+            ));
+        }
+        for (level, &mult) in self.ch_mult.iter().enumerate() {
+            let ch = self.ch.checked_mul(mult).ok_or("VAE width overflows")?;
+            if !ch.is_multiple_of(GROUP_NORM_GROUPS) {
+                return Err(format!(
+                    "VAE level {level} has {ch} channels, not divisible by GroupNorm's \
+                     {GROUP_NORM_GROUPS} groups"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Builds the autoencoder with fresh (lazy) parameters.

@@ -214,6 +214,16 @@ pub fn fill<M: burn::module::Module, S: TensorSource>(
                     return param;
                 }
             };
+            if values.len() != ours.iter().product::<usize>() {
+                let why = format!("{} values for shape {found:?}", values.len());
+                self.report.unreadable.push((full, why));
+                return param;
+            }
+            if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+                let why = format!("non-finite value {} at element {i}", values[i]);
+                self.report.unreadable.push((full, why));
+                return param;
+            }
             let values = if key.transposed && ours.len() == 2 {
                 transpose(&values, found[0], found[1])
             } else {

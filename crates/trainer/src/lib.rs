@@ -250,6 +250,15 @@ pub fn train(
     check(config)?;
     let ckpt = Checkpoint::open(&config.base)?;
     let model = StableDiffusion::load(&ckpt, device)?;
+    let multiple = model.spec.pixel_multiple();
+    if !config.resolution.is_multiple_of(multiple) {
+        return Err(TrainError::Config(format!(
+            "resolution {} does not fit {}: it must be a multiple of {multiple} (the VAE's \
+             downsampling times the UNet's)",
+            config.resolution,
+            config.base.display()
+        )));
+    }
     let family = model.spec.family;
     let latents = cached_latents(config, &model, work_dir, device)?;
     let (context, added) = encode_caption(config, &model, device)?;

@@ -92,9 +92,7 @@ impl Generator {
 
     /// What width and height must be multiples of: the VAE's downsampling times the UNet's.
     pub fn pixel_multiple(&self) -> usize {
-        let vae_levels = self.model.spec.vae.as_ref().map_or(1, |v| v.ch_mult.len());
-        let unet_levels = self.model.spec.unet.channel_mult.len();
-        1 << (vae_levels.saturating_sub(1) + unet_levels.saturating_sub(1))
+        self.model.spec.pixel_multiple()
     }
 
     /// The image `job` describes, with each `(lora, weight)` added to the UNet in turn (an
