@@ -140,7 +140,10 @@ fn damage(file: &File, kind: usize, rng: &mut ChaCha8Rng) -> (Vec<u8>, String) {
             format!("matrix {} transposed in the header", f.tensors[i].name)
         }
         2 => {
-            let i = pick(&f, rng, &|t| !t.shape.is_empty() && t.dtype == "F32");
+            // Not the embeddings: more tokens or positions is a valid, larger model.
+            let i = pick(&f, rng, &|t| {
+                !t.shape.is_empty() && t.dtype == "F32" && !t.name.contains("embedding")
+            });
             let t = &mut f.tensors[i];
             let axis = rng.random_range(0..t.shape.len());
             t.shape[axis] += rng.random_range(1..4);
