@@ -16,7 +16,7 @@ fn repo() -> PathBuf {
 
 /// The recipe copied into `dir/recipes/` with `dir/assets` pointing at the repository's
 /// assets, so its relative paths hold and its outputs land in `dir`, not in the checkout.
-fn project(dir: &Path) -> PathBuf {
+pub(crate) fn project(dir: &Path) -> PathBuf {
     fs::create_dir_all(dir.join("recipes")).unwrap();
     std::os::unix::fs::symlink(repo().join("assets"), dir.join("assets")).unwrap();
     let recipe = dir.join("recipes/eyesize.yaml");
@@ -24,7 +24,7 @@ fn project(dir: &Path) -> PathBuf {
     recipe
 }
 
-const SHORT: &[&str] = &[
+pub(crate) const SHORT: &[&str] = &[
     "--set",
     "train.max_train_steps=3",
     "--set",

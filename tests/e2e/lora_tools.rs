@@ -383,3 +383,42 @@ fn lint_names_what_comfyui_would_not_load() {
     );
     assert!(text.contains("1 problems"), "{text}");
 }
+
+/// A LoRA trained on the shipped tiny base loads in full in ComfyUI and diffusers when lint
+/// reads the layers from that checkpoint (`--model`). A1111 converts diffusers block numbers
+/// with SD1.x's fixed arithmetic (`1 + 3 * block + j`), which a UNet with one ResNet per
+/// level does not follow: those modules are named. Against SD1.x's built-in tables (no
+/// `--model`) every module has SD1.x's names but not its widths.
+#[test]
+fn lint_against_a_checkpoint_checks_the_checkpoints_own_layers() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let base =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../assets/tiny-sd/tiny-sd.safetensors");
+    let lora = crate::lora_trained_on_the_tiny_base(dir.path(), 1, 3);
+    let modules = Lora::load(&lora).expect("loads").modules.len();
+    for loader in ["comfyui", "diffusers"] {
+        let text = ok(&["lint", s(&lora), "--for", loader, "--model", s(&base)]);
+        assert!(
+            text.contains(&format!("{modules} modules loaded by {loader}, 0 problems")),
+            "{loader}: {text}"
+        );
+        assert!(text.contains("layers from checkpoint"), "{text}");
+    }
+    let out = run(&["lint", s(&lora), "--for", "a1111", "--model", s(&base)]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("after A1111's name conversion"), "{text}");
+    let out = run(&["lint", s(&lora), "--for", "a1111"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("{modules} problems")), "{text}");
+    assert!(text.contains("does not give the layer's"), "{text}");
+    // The demo LoRAs are of the made-up tiny layout, not the tiny base's: against the base,
+    // every module is named.
+    let demo = asset("big_front.safetensors");
+    let out = run(&["lint", s(&demo), "--model", s(&base)]);
+    assert_eq!(out.status.code(), Some(1));
+    // A LoRA file is not a checkpoint.
+    let err = fails(&["lint", s(&lora), "--model", s(&lora)]);
+    assert!(err.contains("not a checkpoint"), "{err}");
+}

@@ -1,5 +1,7 @@
 //! End-to-end tests: each runs the real `slider-run` binary.
 
+mod bake;
+mod crash;
 mod damage;
 mod eyesize;
 mod lora_tools;
@@ -50,6 +52,7 @@ fn help_lists_the_subcommands() {
         "gc",
         "svd-merge",
         "merge",
+        "merge-into-model",
         "resize",
         "inspect",
         "bench",
@@ -72,4 +75,43 @@ fn help_lists_the_subcommands() {
             "{command}: {help}"
         );
     }
+}
+
+/// A LoRA (LoCon included: `conv_dim`) trained for `steps` steps on the shipped tiny base,
+/// written under `dir`: a file that fits that checkpoint's layers, as a user's would.
+pub fn lora_trained_on_the_tiny_base(
+    dir: &std::path::Path,
+    steps: usize,
+    seed: u64,
+) -> std::path::PathBuf {
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../assets/tiny-sd/tiny-sd.safetensors");
+    image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 3) as u8, (y * 4) as u8, 120])
+    })
+    .save(dir.join("face.png"))
+    .expect("writes the image");
+    let recipe = dir.join("train.yaml");
+    std::fs::write(
+        &recipe,
+        format!(
+            "nodes:\n  one:\n    kind: train\n    base: {}\n    images: [face.png]\n    \
+             caption: a face\n    max_train_steps: {steps}\n    resolution: 64\n    \
+             network_dim: 2\n    conv_dim: 2\n    seed: {seed}\n    \
+             network_train_unet_only: true\noutputs:\n  one: out/one.safetensors\n",
+            base.display()
+        ),
+    )
+    .expect("writes the recipe");
+    let out = slider_run()
+        .arg(&recipe)
+        .arg("--quiet")
+        .output()
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join("out/one.safetensors")
 }

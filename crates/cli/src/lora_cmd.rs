@@ -46,11 +46,14 @@ pub enum LoraCommand {
     /// rows of the up factor and the shared down. diffusers output has no alpha (folded into
     /// the up); kohya / ComfyUI output states alpha. Text-encoder modules are kept as they are.
     Convert(ConvertArgs),
-    /// Check that a loader reads every tensor of a FLUX.1 / SD3.5 LoRA onto a layer of its
-    /// model with the right shape (ComfyUI's `comfy/lora.py` rules).
+    /// Check that a loader (ComfyUI, AUTOMATIC1111 or diffusers) reads every tensor of an
+    /// SD1.x, SDXL, FLUX.1 or SD3.5 LoRA onto a layer of its model with the right shape.
     ///
-    /// Each problem is named by its key; exits 1 when any tensor would be ignored or fail to
-    /// load. Text-encoder tensors are listed as not checked.
+    /// The loaders' rules are our reading of their public code (ComfyUI `comfy/lora.py`,
+    /// A1111's Lora extension, diffusers' `lora_conversion_utils`). The model's layers come
+    /// from the built-in architecture tables, or from --model CHECKPOINT's header. Each
+    /// problem is named by its key; exits 1 when any tensor would be ignored or fail to load.
+    /// Warnings (metadata read differently) do not fail. Tensors lint cannot check are listed.
     Lint(LintArgs),
     /// Show a LoRA's layout, modules, ranks, alphas, dtypes, metadata and delta norms.
     Inspect(InspectArgs),
@@ -179,6 +182,11 @@ pub struct LintArgs {
     /// The loader whose reading to check.
     #[arg(long = "for", value_enum, default_value = "comfyui")]
     loader: LoaderName,
+    /// The checkpoint the LoRA is for (a single-file SD1.x / SDXL checkpoint, or a FLUX.1 /
+    /// SD3.5 transformer): its layers are read from its header instead of the built-in
+    /// architecture tables. Only the header is read.
+    #[arg(long)]
+    model: Option<PathBuf>,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -187,6 +195,8 @@ pub struct LintArgs {
 #[derive(ValueEnum, Clone, Copy, Debug)]
 enum LoaderName {
     Comfyui,
+    A1111,
+    Diffusers,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -421,8 +431,17 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
         .wrap_err_with(|| format!("cannot read `{}`", args.file.display()))?;
     let loader = match args.loader {
         LoaderName::Comfyui => slider_lora::lint::Loader::ComfyUi,
+        LoaderName::A1111 => slider_lora::lint::Loader::A1111,
+        LoaderName::Diffusers => slider_lora::lint::Loader::Diffusers,
     };
-    let report = slider_lora::lint::lint(&args.file, &bytes, loader).map_err(|e| miette!("{e}"))?;
+    let model = args
+        .model
+        .as_deref()
+        .map(slider_lora::lint::ModelLayers::from_checkpoint)
+        .transpose()
+        .map_err(|e| miette!("{e}"))?;
+    let report = slider_lora::lint::lint(&args.file, &bytes, loader, model.as_ref())
+        .map_err(|e| miette!("{e}"))?;
     if args.json {
         let text = serde_json::to_string_pretty(&report).into_diagnostic()?;
         println!("{text}");
@@ -437,8 +456,12 @@ fn lint(args: LintArgs) -> Result<ExitCode> {
             report.problems.len(),
             report.unchecked.len()
         );
+        println!("  layers from {}", report.model);
         for p in &report.problems {
             println!("  {}: {}", p.key, p.problem);
+        }
+        for w in &report.warnings {
+            println!("  warning: {}: {}", w.key, w.problem);
         }
     }
     Ok(if report.ok() {

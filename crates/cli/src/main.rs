@@ -1,6 +1,7 @@
 //! `slider-run`: argument parsing, logging, and error rendering. No logic lives here that a
 //! test would want to call; each subcommand family is one module.
 
+mod bake_cmd;
 mod lora_cmd;
 mod model_cmd;
 mod pipeline_cmd;
@@ -36,6 +37,15 @@ enum Command {
     Pipeline(pipeline_cmd::PipelineCommand),
     #[command(flatten)]
     Lora(lora_cmd::LoraCommand),
+    /// Bake LoRAs into a checkpoint, as kohya's `networks/merge_lora.py` /
+    /// `sdxl_merge_lora.py` with `--sd_model`.
+    ///
+    /// W += ratio * alpha / rank * up @ down for every module of every LoRA (LoCon and text
+    /// encoders included), in the checkpoint's own keys, order and dtypes unless
+    /// --save_precision is given. Streams the checkpoint tensor by tensor; every LoRA module
+    /// must fit the checkpoint, or nothing is written and the error names the module.
+    #[command(name = "merge-into-model")]
+    MergeIntoModel(bake_cmd::MergeIntoModelArgs),
     /// Base models: inspect checkpoints, run forward passes for parity checks.
     #[command(subcommand)]
     Model(model_cmd::ModelCommand),
@@ -51,10 +61,24 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The one-shot commands that print reports (`inspect | head`) end quietly when their
+    // reader goes, as other Unix tools do, instead of panicking on the failed print (Rust
+    // ignores SIGPIPE). The runner and the worker keep ignoring it: a worker that dies must
+    // be an EPIPE error for the runner, not a signal that kills it.
+    if matches!(
+        cli.command,
+        Some(Command::Lora(_) | Command::Model(_) | Command::Toyworld(_))
+    ) {
+        // SAFETY: restoring a signal's default disposition before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     init_logging(cli.verbose, cli.quiet);
     let result = match cli.command {
         Some(Command::Pipeline(cmd)) => pipeline_cmd::run(cmd, cli.quiet),
         Some(Command::Lora(cmd)) => lora_cmd::run(cmd, cli.verbose > 0),
+        Some(Command::MergeIntoModel(args)) => bake_cmd::run(args),
         Some(Command::Model(cmd)) => model_cmd::run(cmd),
         Some(Command::Pretrain(args)) => pretrain_cmd::run(args, cli.quiet),
         Some(Command::Sample(args)) => sample_cmd::run(args, cli.quiet),

@@ -17,6 +17,7 @@
 //! # Ok(()) }
 //! ```
 
+mod bake_exec;
 mod cancel;
 mod child;
 mod command;
@@ -37,6 +38,7 @@ pub mod verify;
 
 use std::sync::Arc;
 
+pub use bake_exec::{MODEL_FILE, MergeIntoModelExecutor};
 pub use cancel::CancelToken;
 pub use command::CommandExecutor;
 pub use error::EngineError;
@@ -58,6 +60,7 @@ pub fn in_process_executors() -> Vec<Arc<dyn Executor>> {
         Arc::new(SvdMergeExecutor),
         Arc::new(MergeExecutor),
         Arc::new(ResizeExecutor),
+        Arc::new(MergeIntoModelExecutor),
         Arc::new(CommandExecutor),
     ]
 }

@@ -163,11 +163,65 @@ impl<'de> serde::Deserialize<'de> for Ordered {
 
 /// Parses and validates the header of the safetensors file `bytes` (`path` labels errors).
 pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Header, LoraError> {
-    let p = || path.to_path_buf();
-    let malformed = |detail: String| LoraError::MalformedHeader { path: p(), detail };
+    let data_start = data_start(path, bytes)?;
+    let Some(header) = bytes.get(8..data_start) else {
+        return Err(LoraError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!(
+                "the header needs {data_start} bytes but the file has {}",
+                bytes.len()
+            ),
+        });
+    };
+    parse_json(path, header, data_start, bytes.len())
+}
+
+/// Reads and validates only the header of the safetensors file at `path` (its first
+/// 8 + header-length bytes), checking the tensors' data offsets against the file's length:
+/// a multi-gigabyte checkpoint is never read or mapped.
+pub(crate) fn read_header(path: &Path) -> Result<Header, LoraError> {
+    use std::io::Read;
+    let read_err = |source| LoraError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(read_err)?;
+    let file_len = file.metadata().map_err(read_err)?.len();
+    let mut prefix = Vec::with_capacity(8);
+    (&mut file)
+        .take(8)
+        .read_to_end(&mut prefix)
+        .map_err(read_err)?;
+    let data_start = data_start(path, &prefix)?;
+    let file_len = usize::try_from(file_len).map_err(|_| LoraError::MalformedHeader {
+        path: path.to_path_buf(),
+        detail: format!("file length {file_len} overflows"),
+    })?;
+    if data_start > file_len {
+        return Err(LoraError::Truncated {
+            path: path.to_path_buf(),
+            detail: format!("the header needs {data_start} bytes but the file has {file_len}"),
+        });
+    }
+    let mut header = Vec::with_capacity(data_start - 8);
+    (&mut file)
+        .take((data_start - 8) as u64)
+        .read_to_end(&mut header)
+        .map_err(read_err)?;
+    if header.len() != data_start - 8 {
+        return Err(LoraError::Truncated {
+            path: path.to_path_buf(),
+            detail: "the file ended while its header was read".into(),
+        });
+    }
+    parse_json(path, &header, data_start, file_len)
+}
+
+/// Where the data section starts (8 + the header length in the first 8 bytes).
+fn data_start(path: &Path, bytes: &[u8]) -> Result<usize, LoraError> {
     let Some(len_bytes) = bytes.first_chunk::<8>() else {
         return Err(LoraError::Truncated {
-            path: p(),
+            path: path.to_path_buf(),
             detail: format!(
                 "{} bytes, shorter than the 8-byte header length",
                 bytes.len()
@@ -175,24 +229,31 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Header, LoraError> {
         });
     };
     let n = u64::from_le_bytes(*len_bytes);
+    let malformed = |detail: String| LoraError::MalformedHeader {
+        path: path.to_path_buf(),
+        detail,
+    };
     if n > MAX_HEADER {
         return Err(malformed(format!(
             "header length {n} is over the 100 MB limit"
         )));
     }
-    let data_start = usize::try_from(n)
+    usize::try_from(n)
         .ok()
         .and_then(|n| n.checked_add(8))
-        .ok_or_else(|| malformed(format!("header length {n} overflows")))?;
-    let Some(header) = bytes.get(8..data_start) else {
-        return Err(LoraError::Truncated {
-            path: p(),
-            detail: format!(
-                "the header needs {data_start} bytes but the file has {}",
-                bytes.len()
-            ),
-        });
-    };
+        .ok_or_else(|| malformed(format!("header length {n} overflows")))
+}
+
+/// Validates the header JSON `header` of a file of `file_len` bytes whose data section
+/// starts at `data_start`.
+fn parse_json(
+    path: &Path,
+    header: &[u8],
+    data_start: usize,
+    file_len: usize,
+) -> Result<Header, LoraError> {
+    let p = || path.to_path_buf();
+    let malformed = |detail: String| LoraError::MalformedHeader { path: p(), detail };
     let header = std::str::from_utf8(header).map_err(|e| malformed(format!("not UTF-8: {e}")))?;
     let Ordered(items) =
         serde_json::from_str(header).map_err(|e| malformed(format!("invalid JSON: {e}")))?;
@@ -266,7 +327,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Header, LoraError> {
             range,
         });
     }
-    let data_len = bytes.len() - data_start;
+    let data_len = file_len - data_start;
     if cursor > data_len {
         return Err(LoraError::Truncated {
             path: p(),
@@ -282,7 +343,7 @@ pub(crate) fn parse(path: &Path, bytes: &[u8]) -> Result<Header, LoraError> {
         return Err(LoraError::TrailingBytes {
             path: p(),
             expected: data_start + cursor,
-            found: bytes.len(),
+            found: file_len,
         });
     }
     Ok(Header {

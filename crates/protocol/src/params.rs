@@ -44,6 +44,7 @@ pub enum NodeParams {
     Train(TrainParams),
     XyPlot(XyPlotParams),
     Evaluate(EvaluateParams),
+    MergeIntoModel(MergeIntoModelParams),
 }
 
 /// Floating-point formats kohya's tools accept for `--precision` / `--save_precision`.
@@ -181,6 +182,18 @@ pub struct EvaluateParams {
     pub height: usize,
 }
 
+/// kohya's `merge_lora.py` / `sdxl_merge_lora.py` with `--sd_model`: LoRAs baked into a
+/// checkpoint, `W += ratio * alpha / rank * up @ down`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MergeIntoModelParams {
+    /// The checkpoint (a file, or a node that writes one).
+    pub base: Input,
+    pub models: Vec<Input>,
+    pub ratios: Vec<f64>,
+    /// Every float tensor stored in this precision; `None` keeps each tensor's own dtype.
+    pub save_precision: Option<Precision>,
+}
+
 /// One axis of an X/Y grid.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "axis", content = "values", rename_all = "snake_case")]
@@ -212,6 +225,7 @@ impl NodeParams {
                 v
             }
             NodeParams::Evaluate(p) => vec![&p.base, &p.lora, &p.meter],
+            NodeParams::MergeIntoModel(p) => std::iter::once(&p.base).chain(&p.models).collect(),
         }
     }
 
@@ -225,6 +239,7 @@ impl NodeParams {
             NodeParams::Train(_) => "train",
             NodeParams::XyPlot(_) => "xy_plot",
             NodeParams::Evaluate(_) => "evaluate",
+            NodeParams::MergeIntoModel(_) => "merge_into_model",
         }
     }
 }

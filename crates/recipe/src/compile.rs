@@ -375,8 +375,8 @@ fn apply_global_overrides(
                     diags.push(d);
                 }
             }
-            "defaults" | "train" | "svd_merge" | "merge" | "resize" | "xy_plot" | "evaluate"
-            | "command" => {
+            "defaults" | "train" | "svd_merge" | "merge" | "resize" | "merge_into_model"
+            | "xy_plot" | "evaluate" | "command" => {
                 if head != "defaults" {
                     o.path.insert(0, ("defaults".to_owned(), head_span));
                 }
@@ -959,6 +959,7 @@ fn produces_of(kind: &str, params: Option<&NodeParams>) -> Option<Produces> {
         ("command", None) => None,
         ("xy_plot", None) => Some(Produces::Image),
         ("evaluate", None) => Some(Produces::OtherFile),
+        ("merge_into_model", None) => Some(Produces::Model),
         _ => Some(Produces::Lora),
     }
 }
@@ -995,6 +996,7 @@ fn check_types(
             },
             match what {
                 Produces::Lora => "a LoRA",
+                Produces::Model => "a model checkpoint",
                 Produces::Image => "an image",
                 Produces::OtherFile => "a file that is neither a LoRA nor an image",
             },

@@ -10,11 +10,12 @@ use crate::plan::*;
 use crate::yaml::{Entry, Value, Yaml};
 
 /// Every node kind, as written after `kind:`.
-pub const KINDS: [&str; 7] = [
+pub const KINDS: [&str; 8] = [
     "train",
     "svd_merge",
     "merge",
     "resize",
+    "merge_into_model",
     "xy_plot",
     "evaluate",
     "command",
@@ -33,6 +34,7 @@ pub fn param_names(kind: &str) -> &'static [&'static str] {
             "clamp_quantile",
         ],
         "merge" => &["models", "ratios", "save_precision"],
+        "merge_into_model" => &["base", "models", "ratios", "save_precision"],
         "resize" => &[
             "model",
             "new_rank",
@@ -101,7 +103,7 @@ pub fn param_names(kind: &str) -> &'static [&'static str] {
 }
 
 /// Kinds whose `base` defaults to the recipe's top-level `base`.
-pub const KINDS_WITH_BASE: [&str; 3] = ["train", "xy_plot", "evaluate"];
+pub const KINDS_WITH_BASE: [&str; 4] = ["train", "xy_plot", "evaluate", "merge_into_model"];
 
 pub const AXES: [&str; 4] = ["weight", "seed", "prompt", "lora"];
 
@@ -124,6 +126,8 @@ pub(crate) enum Slot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Produces {
     Lora,
+    /// A model checkpoint (`merge_into_model`).
+    Model,
     Image,
     OtherFile,
 }
@@ -548,6 +552,7 @@ pub(crate) fn decode(mut f: Fields<'_>) -> Option<NodeParams> {
         "train" => NodeParams::Train(train(&mut f)),
         "xy_plot" => NodeParams::XyPlot(xy_plot(&mut f)),
         "evaluate" => NodeParams::Evaluate(evaluate(&mut f)),
+        "merge_into_model" => NodeParams::MergeIntoModel(merge_into_model(&mut f)),
         other => unreachable!("kind `{other}` was checked against KINDS"),
     };
     (f.diags.len() == before).then_some(params)
@@ -624,6 +629,22 @@ fn merge(f: &mut Fields<'_>) -> MergeParams {
     let (models, ratios) = models_and_ratios(f);
     let save_precision = f.precision("save_precision").unwrap_or(Precision::Float);
     MergeParams {
+        models,
+        ratios,
+        save_precision,
+    }
+}
+
+/// `base` + `models` + `ratios`; `save_precision` absent keeps each tensor's dtype.
+fn merge_into_model(f: &mut Fields<'_>) -> MergeIntoModelParams {
+    let base = f.input("base", Slot::Model);
+    if base.is_none() && f.get("base").is_none() {
+        f.missing("base", "path/to/model.safetensors");
+    }
+    let (models, ratios) = models_and_ratios(f);
+    let save_precision = f.precision("save_precision");
+    MergeIntoModelParams {
+        base: base.unwrap_or(Input::Node(String::new())),
         models,
         ratios,
         save_precision,
@@ -1301,6 +1322,7 @@ pub(crate) fn produces(p: &NodeParams) -> Produces {
         | NodeParams::Resize(_) => Produces::Lora,
         NodeParams::XyPlot(_) => Produces::Image,
         NodeParams::Evaluate(_) => Produces::OtherFile,
+        NodeParams::MergeIntoModel(_) => Produces::Model,
         NodeParams::Command(c) => {
             let file = c
                 .outputs
@@ -1326,14 +1348,20 @@ pub(crate) fn slot_refusal(slot: Slot, kind: &str, what: Produces) -> Option<&'s
     match (slot, what) {
         (Slot::Any, _) => None,
         (Slot::Lora, Produces::Lora) => None,
+        (Slot::Lora, Produces::Model) => Some(
+            "a merge_into_model node makes a checkpoint, not a LoRA: feed it to `base`, or feed \
+             this slot a node of kind train, svd_merge, merge or resize",
+        ),
         (Slot::Lora, _) => Some(
             "feed it a node of kind train, svd_merge, merge or resize, or a command whose first \
              output ends in `.safetensors`",
         ),
+        (Slot::Model, Produces::Model) => None,
         (Slot::Model, _) if kind == "command" && what != Produces::Image => None,
-        (Slot::Model, _) => {
-            Some("`base` takes a model checkpoint: a file, or a command node that writes one")
-        }
+        (Slot::Model, _) => Some(
+            "`base` takes a model checkpoint: a file, a merge_into_model node, or a command \
+                 node that writes one",
+        ),
         (Slot::Meter, _) if kind == "command" && what != Produces::Image => None,
         (Slot::Meter, _) => {
             Some("`meter` takes the eye meter's weights: a file, or a command node that writes one")

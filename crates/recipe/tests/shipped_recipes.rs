@@ -244,3 +244,63 @@ fn eyesize_sdxl_needs_the_users_base() {
     assert_eq!((x.width, x.height), (1024, 1024));
     check_merge_half(&plan);
 }
+
+/// Route two: each big LoRA trains on the checkpoint the small one was baked into, and both
+/// slider candidates are built and measured.
+#[test]
+fn eyesize_merged_base_trains_big_on_the_merged_checkpoint() {
+    let mut files = pair_images();
+    files.push("assets/tiny-sd/tiny-sd.safetensors".into());
+    files.push("assets/eye-meter/eye-meter.safetensors".into());
+    let (dir, recipe) = staged("eyesize-merged-base.yaml", &files);
+    let plan = load(&recipe, &[]).unwrap();
+    let base = Input::File(dir.path().join("assets/tiny-sd/tiny-sd.safetensors"));
+    for a in ANGLES {
+        let NodeParams::MergeIntoModel(m) = node(&plan, &format!("base_small_{a}")) else {
+            panic!("base_small_{a} is not merge_into_model")
+        };
+        assert_eq!(m.base, base);
+        assert_eq!(m.models, [Input::Node(format!("small_{a}"))]);
+        assert_eq!(m.ratios, [1.0]);
+        assert_eq!(m.save_precision, None);
+        let NodeParams::Train(small) = node(&plan, &format!("small_{a}")) else {
+            panic!()
+        };
+        assert_eq!(small.base, base);
+        let NodeParams::Train(big) = node(&plan, &format!("big_{a}")) else {
+            panic!()
+        };
+        assert_eq!(big.base, Input::Node(format!("base_small_{a}")));
+    }
+    for n in [
+        "quality_big",
+        "quality_diff",
+        "quality_big_side",
+        "quality_diff_side",
+    ] {
+        let NodeParams::Evaluate(e) = node(&plan, n) else {
+            panic!()
+        };
+        assert_eq!(e.base, base, "{n} measures on the base model");
+    }
+    assert_eq!(kinds(&plan)["merge_into_model"], 3);
+    assert_topological(&plan);
+}
+
+/// A checkpoint is not a LoRA: a merge_into_model node in a LoRA slot is refused at plan time.
+#[test]
+fn a_merged_checkpoint_is_refused_where_a_lora_goes() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["base.safetensors", "l.safetensors"] {
+        std::fs::write(dir.path().join(f), b"").unwrap();
+    }
+    let recipe = dir.path().join("r.yaml");
+    std::fs::write(
+        &recipe,
+        "base: base.safetensors\nnodes:\n  m:\n    kind: merge_into_model\n    models: [l.safetensors]\n    ratios: [1]\n  r:\n    kind: resize\n    model: m\n",
+    )
+    .unwrap();
+    let err = load(&recipe, &[]).unwrap_err();
+    let codes: Vec<&str> = err.problems().iter().map(|p| p.code()).collect();
+    assert_eq!(codes, ["recipe::type_mismatch"]);
+}

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use super::*;
-use crate::{Precision, synth};
+use crate::{Naming, Precision, synth};
 
 /// `(key, dtype, shape)` of a tensor to write.
 type Tensor = (String, &'static str, Vec<usize>);
@@ -41,7 +41,7 @@ fn file_of(tensors: &[(&str, &str, Vec<usize>)]) -> Vec<u8> {
 }
 
 fn lint_of(bytes: &[u8]) -> LintReport {
-    lint(Path::new("x.safetensors"), bytes, Loader::ComfyUi).expect("lints")
+    lint(Path::new("x.safetensors"), bytes, Loader::ComfyUi, None).expect("lints")
 }
 
 #[test]
@@ -71,7 +71,7 @@ fn each_problem_is_named_by_its_key() {
             "misspelt module",
             good("lora_unet_double_blocks_0_img_attn_qkvv"),
             "lora_unet_double_blocks_0_img_attn_qkvv.lora_up.weight",
-            "is not a linear layer of the FLUX.1 transformer",
+            "is not a layer of the FLUX.1 transformer",
         ),
         (
             "wrong shape",
@@ -212,11 +212,126 @@ fn loader_specific_names_and_text_encoders() {
     assert_eq!(report.layout, "FLUX.1 transformer");
     assert!(report.ok(), "{:?}", report.problems);
     assert_eq!(report.loaded_modules, 2);
-    // A UNet LoRA is outside what lint knows.
-    let sd = synth::random_lora(Layout::Tiny, 2, 1.0, 1).to_bytes(Precision::F32);
-    let err = lint(Path::new("x.safetensors"), &sd, Loader::ComfyUi).expect_err("not known");
+    // The made-up tiny layout has SD1.x names with other widths: against SD1.x's tables
+    // every module is mis-shaped (with --model and its checkpoint it loads, see the CLI's
+    // tests).
+    let tiny = synth::random_lora(Layout::Tiny, 2, 1.0, 1);
+    let report = lint_of(&tiny.to_bytes(Precision::F32));
+    assert_eq!(report.layout, "SD1.x UNet");
+    assert_eq!(report.loaded_modules, 0);
+    assert_eq!(report.problems.len(), tiny.modules.len());
     assert!(
-        err.to_string()
-            .contains("lint knows the FLUX.1 and SD3.5 layouts")
+        report
+            .problems
+            .iter()
+            .all(|p| p.problem.contains("does not give the layer's")),
+        "{:?}",
+        report.problems
     );
+    // Names of no model lint knows: an error that asks for the model.
+    let unknown = file_of(&[
+        ("some_net_layer_0.lora_up.weight", "F16", vec![8, 2]),
+        ("some_net_layer_0.lora_down.weight", "F16", vec![2, 8]),
+    ]);
+    let err =
+        lint(Path::new("x.safetensors"), &unknown, Loader::ComfyUi, None).expect_err("not known");
+    assert!(
+        err.to_string().contains("give the model with --model"),
+        "{err}"
+    );
+}
+
+const LOADERS: [Loader; 3] = [Loader::ComfyUi, Loader::A1111, Loader::Diffusers];
+
+fn lint_for(bytes: &[u8], loader: Loader) -> LintReport {
+    lint(Path::new("x.safetensors"), bytes, loader, None).expect("lints")
+}
+
+/// kohya's SD1.x and SDXL UNet LoRAs (every linear, 1x1 and 3x3 conv module our layout
+/// tables list, LoCon included) load in full in all three loaders.
+#[test]
+fn kohya_unet_loras_load_in_every_loader() {
+    for (layout, label) in [(Layout::Sd1, "SD1.x UNet"), (Layout::Sdxl, "SDXL UNet")] {
+        let lora = synth::random_lora(layout, 2, 1.0, 3);
+        let bytes = lora.to_bytes(Precision::F16);
+        for loader in LOADERS {
+            let report = lint_for(&bytes, loader);
+            assert_eq!(report.layout, label, "{loader:?}");
+            assert!(report.ok(), "{layout:?} {loader:?}: {:?}", report.problems);
+            assert_eq!(
+                report.loaded_modules,
+                lora.modules.len(),
+                "{layout:?} {loader:?}"
+            );
+        }
+    }
+}
+
+/// One SD1.x module's tensors: kohya names, rank 2.
+fn sd1_module(name: &str, out: usize, inp: usize) -> Vec<(String, &'static str, Vec<usize>)> {
+    vec![
+        (format!("{name}.lora_up.weight"), "F16", vec![out, 2]),
+        (format!("{name}.lora_down.weight"), "F16", vec![2, inp]),
+        (format!("{name}.alpha"), "F16", vec![]),
+    ]
+}
+
+fn file_of_owned(tensors: &[(String, &'static str, Vec<usize>)]) -> Vec<u8> {
+    let borrowed: Vec<(&str, &str, Vec<usize>)> = tensors
+        .iter()
+        .map(|(k, d, s)| (k.as_str(), *d, s.clone()))
+        .collect();
+    file_of(&borrowed)
+}
+
+/// A module no layer of the UNet has, and a module with the wrong shape, are named by key
+/// in every loader; A1111 and diffusers fail differently on a name they do not map
+/// (A1111 ignores it, diffusers' kohya conversion raises on a key left over), and both are
+/// problems.
+#[test]
+fn unet_problems_are_named_in_every_loader() {
+    let good = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q";
+    let mut tensors = sd1_module(good, 320, 320);
+    tensors.extend(sd1_module(
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k",
+        320,
+        1024,
+    ));
+    tensors.extend(sd1_module(
+        "lora_unet_down_blocks_9_attentions_0_proj_in",
+        320,
+        320,
+    ));
+    let bytes = file_of_owned(&tensors);
+    for loader in LOADERS {
+        let report = lint_for(&bytes, loader);
+        assert_eq!(report.layout, "SD1.x UNet", "{loader:?}");
+        let keys: Vec<&str> = report.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(
+            keys.iter().any(|k| k.contains("attn2_to_k")),
+            "{loader:?}: the cross-attention k of a 1024-wide context is not SD1's 768: {keys:?}"
+        );
+        assert!(
+            keys.iter().any(|k| k.contains("down_blocks_9")),
+            "{loader:?}: no down block 9: {keys:?}"
+        );
+        assert!(
+            !keys.iter().any(|k| k.contains("attn1_to_q")),
+            "{loader:?}: the good module is not a problem: {keys:?}"
+        );
+    }
+}
+
+/// AUTOMATIC1111's webui has no FLUX.1 loader: such a file is refused for `a1111`.
+#[test]
+fn a1111_refuses_a_flux_lora() {
+    let lora = synth::sampled_lora(Layout::Flux, Naming::Kohya, 17, 2, 4);
+    let bytes = lora.to_bytes(Precision::F16);
+    let result = lint(Path::new("x.safetensors"), &bytes, Loader::A1111, None);
+    let refused = match result {
+        Err(_) => true,
+        Ok(r) => !r.ok(),
+    };
+    assert!(refused, "a FLUX.1 LoRA must not pass for a1111");
+    assert!(lint_for(&bytes, Loader::ComfyUi).ok());
 }
