@@ -85,7 +85,7 @@ impl File {
 
     fn assemble(header: &Map<String, Value>, data: &[u8]) -> Vec<u8> {
         let mut text = serde_json::to_vec(header).unwrap();
-        while text.len() % 8 != 0 {
+        while !text.len().is_multiple_of(8) {
             text.push(b' ');
         }
         let mut out = (text.len() as u64).to_le_bytes().to_vec();

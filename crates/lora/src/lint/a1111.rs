@@ -134,27 +134,27 @@ fn to_compvis(key: &str) -> String {
     {
         return format!("diffusion_model_time_embed_{}{rest}", n * 2 - 2);
     }
-    if let Some((b, rest)) = key.strip_prefix("lora_unet_down_blocks_").and_then(num) {
-        if let Some((attn, j, suffix)) = rest.strip_prefix('_').and_then(inner) {
-            return format!(
-                "diffusion_model_input_blocks_{}_{}_{suffix}",
-                1 + b * 3 + j,
-                usize::from(attn)
-            );
-        }
+    if let Some((b, rest)) = key.strip_prefix("lora_unet_down_blocks_").and_then(num)
+        && let Some((attn, j, suffix)) = rest.strip_prefix('_').and_then(inner)
+    {
+        return format!(
+            "diffusion_model_input_blocks_{}_{}_{suffix}",
+            1 + b * 3 + j,
+            usize::from(attn)
+        );
     }
     if let Some((attn, j, suffix)) = key.strip_prefix("lora_unet_mid_block_").and_then(inner) {
         let index = if attn { 1 } else { j * 2 };
         return format!("diffusion_model_middle_block_{index}_{suffix}");
     }
-    if let Some((b, rest)) = key.strip_prefix("lora_unet_up_blocks_").and_then(num) {
-        if let Some((attn, j, suffix)) = rest.strip_prefix('_').and_then(inner) {
-            return format!(
-                "diffusion_model_output_blocks_{}_{}_{suffix}",
-                b * 3 + j,
-                usize::from(attn)
-            );
-        }
+    if let Some((b, rest)) = key.strip_prefix("lora_unet_up_blocks_").and_then(num)
+        && let Some((attn, j, suffix)) = rest.strip_prefix('_').and_then(inner)
+    {
+        return format!(
+            "diffusion_model_output_blocks_{}_{}_{suffix}",
+            b * 3 + j,
+            usize::from(attn)
+        );
     }
     if let Some((b, rest)) = key.strip_prefix("lora_unet_down_blocks_").and_then(num)
         && rest.starts_with("_downsamplers_0_conv")
