@@ -283,7 +283,10 @@ mod tests {
             }),
         );
         let got = [train, plot, evaluation];
-        let want = [
+        // The matrix kernels are picked at run time from the CPU's SIMD features, and the
+        // families round differently, so each CPU family seen so far has its golden set. A
+        // code change moves every set; a machine must match one of them in full.
+        let recorded_first = [
             hashes(&[
                 (
                     "lora.safetensors",
@@ -313,7 +316,40 @@ mod tests {
                 ),
             ]),
         ];
-        assert_eq!(got, want, "{got:#?}");
+        let recorded_on_avx2_fma_without_avx512 = [
+            hashes(&[
+                (
+                    "lora.safetensors",
+                    "0e76fb6cb9d366f5259e3c97ac4037dca84ac82aecd33977fc4cc84a78e5a903",
+                ),
+                (
+                    "loss.csv",
+                    "23f5d7935aa994b2ae8e17a1f72a9ceb3cb31c51e0d0830ea67c4904d87fd9ba",
+                ),
+            ]),
+            hashes(&[(
+                "grid.png",
+                "c097ab93e7d0bf30c9d4bf5bf1f999cce20cc58d284763fa795c7017f5c6f26a",
+            )]),
+            hashes(&[
+                (
+                    "quality.json",
+                    "6147981770ecc3d3ae9c8283903c4d947f1d52ad469801f98b557f0c50d9e8d2",
+                ),
+                (
+                    "quality.md",
+                    "bb455654f267f4badb7a97a6e9c05a122c594d4ba8ef207a2efa8139cc6cd57a",
+                ),
+                (
+                    "grid.png",
+                    "6812ab3d6c4ab2644fc7fe7e54ba816350ef234b6a4c456cabe738dfbc707c2d",
+                ),
+            ]),
+        ];
+        assert!(
+            got == recorded_first || got == recorded_on_avx2_fma_without_avx512,
+            "matches no recorded CPU family: {got:#?}"
+        );
     }
 
     /// Every optimizer, schedule and sampler the recipe accepts reaches the worker and runs.
