@@ -19,6 +19,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::ops::Range;
 
+use slider_lora::unet_names::{
+    diffusers_path, diffusers_resnet_path, is_locon_module, is_transformer_module,
+};
+
 pub const UNET: &str = "model.diffusion_model.";
 const SD1_TE: &str = "cond_stage_model.transformer.";
 const SDXL_TE1: &str = "conditioner.embedders.0.transformer.";
@@ -49,7 +53,7 @@ pub fn targets(shapes: &BTreeMap<String, Vec<usize>>) -> BTreeMap<String, Target
             .strip_prefix(UNET)
             .and_then(|p| p.strip_suffix(".weight"))
         {
-            if !(is_transformer_target(path) || is_locon_target(path)) {
+            if !(is_transformer_module(path) || is_locon_module(path)) {
                 continue;
             }
             let named = if sdxl {
@@ -141,109 +145,4 @@ fn is_text_target(path: &str) -> bool {
             | ["text_model", "encoder", "layers", n, "mlp", "fc1" | "fc2"]
             if n.parse::<usize>().is_ok()
     )
-}
-
-fn is_transformer_target(path: &str) -> bool {
-    const BLOCK_LEAVES: [&str; 10] = [
-        "attn1.to_q",
-        "attn1.to_k",
-        "attn1.to_v",
-        "attn1.to_out.0",
-        "attn2.to_q",
-        "attn2.to_k",
-        "attn2.to_v",
-        "attn2.to_out.0",
-        "ff.net.0.proj",
-        "ff.net.2",
-    ];
-    if path.contains(".transformer_blocks.") {
-        return BLOCK_LEAVES.iter().any(|leaf| path.ends_with(leaf));
-    }
-    path.ends_with(".proj_in") || path.ends_with(".proj_out")
-}
-
-fn is_locon_target(path: &str) -> bool {
-    let parts: Vec<&str> = path.split('.').collect();
-    matches!(
-        parts.as_slice(),
-        [.., "in_layers", "2"]
-            | [.., "out_layers", "3"]
-            | [.., "emb_layers", "1"]
-            | [.., "skip_connection"]
-            | ["input_blocks", _, "0", "op"]
-            | ["output_blocks", _, _, "conv"]
-    )
-}
-
-/// Diffusers path of a ResNet block's or sampler's module of an SD1-family UNet.
-fn diffusers_resnet_path(path: &str, per_level: usize) -> Option<String> {
-    let leaf = |rest: &[&str]| match rest {
-        ["in_layers", "2"] => Some("conv1"),
-        ["out_layers", "3"] => Some("conv2"),
-        ["emb_layers", "1"] => Some("time_emb_proj"),
-        ["skip_connection"] => Some("conv_shortcut"),
-        _ => None,
-    };
-    let parts: Vec<&str> = path.split('.').collect();
-    match parts.as_slice() {
-        ["input_blocks", n, "0", "op"] => {
-            let p = n.parse::<usize>().ok()?.checked_sub(1)?;
-            Some(format!("down_blocks.{}.downsamplers.0.conv", p / per_level))
-        }
-        ["input_blocks", n, "0", rest @ ..] => {
-            let p = n.parse::<usize>().ok()?.checked_sub(1)?;
-            Some(format!(
-                "down_blocks.{}.resnets.{}.{}",
-                p / per_level,
-                p % per_level,
-                leaf(rest)?
-            ))
-        }
-        ["middle_block", m, rest @ ..] => {
-            let i = match *m {
-                "0" => 0,
-                "2" => 1,
-                _ => return None,
-            };
-            Some(format!("mid_block.resnets.{i}.{}", leaf(rest)?))
-        }
-        ["output_blocks", n, _, "conv"] => {
-            let n = n.parse::<usize>().ok()?;
-            Some(format!("up_blocks.{}.upsamplers.0.conv", n / per_level))
-        }
-        ["output_blocks", n, "0", rest @ ..] => {
-            let n = n.parse::<usize>().ok()?;
-            Some(format!(
-                "up_blocks.{}.resnets.{}.{}",
-                n / per_level,
-                n % per_level,
-                leaf(rest)?
-            ))
-        }
-        _ => None,
-    }
-}
-
-/// Diffusers path of a spatial transformer's module of an SD1-family UNet.
-fn diffusers_path(path: &str, per_level: usize) -> Option<String> {
-    let parts: Vec<&str> = path.split('.').collect();
-    let (head, rest) = match parts.as_slice() {
-        ["input_blocks", n, "1", rest @ ..] => {
-            let p = n.parse::<usize>().ok()?.checked_sub(1)?;
-            (
-                format!("down_blocks.{}.attentions.{}", p / per_level, p % per_level),
-                rest,
-            )
-        }
-        ["middle_block", "1", rest @ ..] => ("mid_block.attentions.0".to_owned(), rest),
-        ["output_blocks", n, "1", rest @ ..] => {
-            let n = n.parse::<usize>().ok()?;
-            (
-                format!("up_blocks.{}.attentions.{}", n / per_level, n % per_level),
-                rest,
-            )
-        }
-        _ => return None,
-    };
-    Some(format!("{head}.{}", rest.join(".")))
 }

@@ -44,6 +44,7 @@ mod resize;
 mod svd_merge;
 pub mod synth;
 pub mod transformer;
+pub mod unet_names;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -27,6 +27,9 @@ use burn::tensor::ops::ConvOptions;
 use burn::tensor::{Device, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use slider_lora::unet_names::{
+    diffusers_path, diffusers_resnet_path, is_locon_module, is_transformer_module,
+};
 use slider_lora::{AlphaStorage, Lora, Module as FileModule, ModuleKind, TensorDtype};
 
 use crate::unet::{Adapters, Layer, UNet};
@@ -74,7 +77,7 @@ pub struct Target {
 
 /// The modules kohya's `networks.lora` adapts in `unet` without conv options, sorted by name.
 pub fn lora_targets(unet: &UNet) -> Vec<Target> {
-    targets_where(unet, is_target)
+    targets_where(unet, is_transformer_module)
 }
 
 /// The modules kohya's `networks.lora` adds with `conv_dim` ("LoCon"), sorted by name: in every
@@ -86,7 +89,7 @@ pub fn lora_targets(unet: &UNet) -> Vec<Target> {
 /// `lora_unet_up_blocks_0_upsamplers_0_conv` for SD1-family UNets, the original paths
 /// (`lora_unet_input_blocks_1_0_in_layers_2`, `lora_unet_input_blocks_3_0_op`, ...) for SDXL.
 pub fn locon_targets(unet: &UNet) -> Vec<Target> {
-    targets_where(unet, is_locon_target)
+    targets_where(unet, is_locon_module)
 }
 
 /// Every module a network of `unet` may adapt: [`lora_targets`] and [`locon_targets`].
@@ -139,113 +142,6 @@ fn targets_where(unet: &UNet, wanted: fn(&str) -> bool) -> Vec<Target> {
         .collect();
     targets.sort_by(|a, b| a.name.cmp(&b.name));
     targets
-}
-
-/// Whether a module path is one of the ResNet-block or sampler modules LoCon adds.
-fn is_locon_target(path: &str) -> bool {
-    let parts: Vec<&str> = path.split('.').collect();
-    matches!(
-        parts.as_slice(),
-        [.., "in_layers", "2"]
-            | [.., "out_layers", "3"]
-            | [.., "emb_layers", "1"]
-            | [.., "skip_connection"]
-            | ["input_blocks", _, "0", "op"]
-            | ["output_blocks", _, _, "conv"]
-    )
-}
-
-/// The diffusers path of a ResNet block's or sampler's module (see [`diffusers_path`] for the
-/// block numbering): `input_blocks.N.0.in_layers.2` is `down_blocks.{level}.resnets.{i}.conv1`
-/// (`out_layers.3` `conv2`, `emb_layers.1` `time_emb_proj`, `skip_connection`
-/// `conv_shortcut`), `input_blocks.N.0.op` `down_blocks.{level}.downsamplers.0.conv`,
-/// `middle_block.{0,2}` `mid_block.resnets.{0,1}`, `output_blocks.N.M.conv`
-/// `up_blocks.{level}.upsamplers.0.conv`.
-fn diffusers_resnet_path(path: &str, per_level: usize) -> Option<String> {
-    let leaf = |rest: &[&str]| match rest {
-        ["in_layers", "2"] => Some("conv1"),
-        ["out_layers", "3"] => Some("conv2"),
-        ["emb_layers", "1"] => Some("time_emb_proj"),
-        ["skip_connection"] => Some("conv_shortcut"),
-        _ => None,
-    };
-    let parts: Vec<&str> = path.split('.').collect();
-    match parts.as_slice() {
-        ["input_blocks", n, "0", "op"] => {
-            let p = n.parse::<usize>().ok()?.checked_sub(1)?;
-            Some(format!("down_blocks.{}.downsamplers.0.conv", p / per_level))
-        }
-        ["input_blocks", n, "0", rest @ ..] => {
-            let p = n.parse::<usize>().ok()?.checked_sub(1)?;
-            let (level, i) = (p / per_level, p % per_level);
-            Some(format!("down_blocks.{level}.resnets.{i}.{}", leaf(rest)?))
-        }
-        ["middle_block", m, rest @ ..] => {
-            let i = match *m {
-                "0" => 0,
-                "2" => 1,
-                _ => return None,
-            };
-            Some(format!("mid_block.resnets.{i}.{}", leaf(rest)?))
-        }
-        ["output_blocks", n, _, "conv"] => {
-            let n = n.parse::<usize>().ok()?;
-            Some(format!("up_blocks.{}.upsamplers.0.conv", n / per_level))
-        }
-        ["output_blocks", n, "0", rest @ ..] => {
-            let n = n.parse::<usize>().ok()?;
-            let (level, i) = (n / per_level, n % per_level);
-            Some(format!("up_blocks.{level}.resnets.{i}.{}", leaf(rest)?))
-        }
-        _ => None,
-    }
-}
-
-/// Whether a module path inside the UNet is one of kohya's targets.
-fn is_target(path: &str) -> bool {
-    const BLOCK_LEAVES: [&str; 10] = [
-        "attn1.to_q",
-        "attn1.to_k",
-        "attn1.to_v",
-        "attn1.to_out.0",
-        "attn2.to_q",
-        "attn2.to_k",
-        "attn2.to_v",
-        "attn2.to_out.0",
-        "ff.net.0.proj",
-        "ff.net.2",
-    ];
-    if path.contains(".transformer_blocks.") {
-        return BLOCK_LEAVES.iter().any(|leaf| path.ends_with(leaf));
-    }
-    path.ends_with(".proj_in") || path.ends_with(".proj_out")
-}
-
-/// The diffusers path of a spatial transformer's module: `input_blocks.N.1` is
-/// `down_blocks.{level}.attentions.{i}`, `middle_block.1` is `mid_block.attentions.0`,
-/// `output_blocks.N.1` is `up_blocks.{level}.attentions.{i}`; `per_level` is
-/// `num_res_blocks + 1`.
-fn diffusers_path(path: &str, per_level: usize) -> Option<String> {
-    let parts: Vec<&str> = path.split('.').collect();
-    let (head, rest) = match parts.as_slice() {
-        ["input_blocks", n, "1", rest @ ..] => {
-            let p = n.parse::<usize>().ok()?.checked_sub(1)?;
-            (
-                format!("down_blocks.{}.attentions.{}", p / per_level, p % per_level),
-                rest,
-            )
-        }
-        ["middle_block", "1", rest @ ..] => ("mid_block.attentions.0".to_owned(), rest),
-        ["output_blocks", n, "1", rest @ ..] => {
-            let n = n.parse::<usize>().ok()?;
-            (
-                format!("up_blocks.{}.attentions.{}", n / per_level, n % per_level),
-                rest,
-            )
-        }
-        _ => return None,
-    };
-    Some(format!("{head}.{}", rest.join(".")))
 }
 
 /// A low-rank factor in kohya's tensor shape: `[rank, in]`/`[out, rank]` for linear modules,
