@@ -422,3 +422,72 @@ fn lint_against_a_checkpoint_checks_the_checkpoints_own_layers() {
     let err = fails(&["lint", s(&lora), "--model", s(&lora)]);
     assert!(err.contains("not a checkpoint"), "{err}");
 }
+
+/// A recipe's `rank_rule:` picks the same ranks as the CLI's `--rank_rule`, and the two
+/// sd-scripts rules differ on a merged slider.
+#[test]
+fn a_recipes_rank_rule_is_the_clis() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let merged = asset("big_side.safetensors");
+    let recipe = dir.path().join("resize.yaml");
+    let node = |rule: &str| {
+        format!(
+            "{{kind: resize, model: {}, new_rank: 8, dynamic_method: sv_fro, \
+             dynamic_param: 0.75, rank_rule: {rule}}}",
+            s(&merged)
+        )
+    };
+    std::fs::write(
+        &recipe,
+        format!(
+            "nodes:\n  past: {}\n  reach: {}\noutputs:\n  past: out/past.safetensors\n  \
+             reach: out/reach.safetensors\n",
+            node("one-past-threshold"),
+            node("reach-threshold")
+        ),
+    )
+    .expect("writes the recipe");
+    ok(&[s(&recipe), "--quiet"]);
+    let ranks = |file: &Path| -> Vec<u64> {
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&["inspect", s(file), "--json"])).expect("json");
+        v["modules"]
+            .as_array()
+            .expect("modules")
+            .iter()
+            .map(|m| m["rank"].as_u64().expect("rank"))
+            .collect()
+    };
+    for rule in ["one-past-threshold", "reach-threshold"] {
+        let by_cli = dir.path().join(format!("{rule}.safetensors"));
+        ok(&[
+            "resize",
+            "--model",
+            s(&merged),
+            "--save_to",
+            s(&by_cli),
+            "--new_rank",
+            "8",
+            "--dynamic_method",
+            "sv_fro",
+            "--dynamic_param",
+            "0.75",
+            "--rank_rule",
+            rule,
+        ]);
+        let by_recipe = dir.path().join(if rule == "reach-threshold" {
+            "out/reach.safetensors"
+        } else {
+            "out/past.safetensors"
+        });
+        assert_eq!(ranks(&by_recipe), ranks(&by_cli), "{rule}");
+    }
+    let (past, reach) = (
+        ranks(&dir.path().join("out/past.safetensors")),
+        ranks(&dir.path().join("out/reach.safetensors")),
+    );
+    assert!(
+        past.iter().zip(&reach).all(|(p, r)| p >= r) && past != reach,
+        "{past:?} vs {reach:?}"
+    );
+}

@@ -333,7 +333,7 @@ impl FileHashMemo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use slider_recipe::{MergeParams, Precision, ResizeParams};
+    use slider_recipe::{DynamicMethod, MergeParams, Precision, RankRule, ResizeParams};
 
     fn merge(models: Vec<Input>, ratios: Vec<f64>) -> NodeParams {
         NodeParams::Merge(MergeParams {
@@ -504,12 +504,43 @@ mod tests {
             new_conv_rank: 4,
             dynamic_method: None,
             dynamic_param: None,
+            rank_rule: RankRule::default(),
             save_precision: Precision::Float,
         });
         let m = merge(vec![Input::File(a)], vec![4.0]);
         assert_ne!(
             key(&resize, 1, &mut memo, &none),
             key(&m, 1, &mut memo, &none)
+        );
+    }
+
+    /// The default rank rule stays out of the document, so resize nodes written before the
+    /// rule existed keep their keys; the other rule is a different node.
+    #[test]
+    fn only_a_chosen_rank_rule_enters_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.bin");
+        fs::write(&a, b"x").unwrap();
+        let mut memo = FileHashMemo::default();
+        let none = BTreeMap::new();
+        let resize = |rank_rule| {
+            NodeParams::Resize(ResizeParams {
+                model: Input::File(a.clone()),
+                new_rank: 4,
+                new_conv_rank: 4,
+                dynamic_method: Some(DynamicMethod::SvFro),
+                dynamic_param: Some(0.9),
+                rank_rule,
+                save_precision: Precision::Float,
+            })
+        };
+        let doc = fingerprint(&resize(RankRule::OnePastThreshold), 1, |_| Ok(None))
+            .unwrap()
+            .doc;
+        assert!(!doc.to_string().contains("rank_rule"), "{doc}");
+        assert_ne!(
+            key(&resize(RankRule::OnePastThreshold), 1, &mut memo, &none),
+            key(&resize(RankRule::ReachThreshold), 1, &mut memo, &none)
         );
     }
 

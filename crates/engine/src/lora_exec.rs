@@ -3,8 +3,8 @@
 
 use std::path::Path;
 
-use slider_lora::{DynamicMethod, Lora, ResizeOptions, SvdMergeOptions};
-use slider_recipe::{DynamicMethod as Method, Input, NodeParams, Precision};
+use slider_lora::{DynamicMethod, Lora, RankRule, ResizeOptions, SvdMergeOptions};
+use slider_recipe::{DynamicMethod as Method, Input, NodeParams, Precision, RankRule as Rule};
 
 use crate::executor::{ExecError, Executor, Job, Produced};
 
@@ -146,7 +146,12 @@ impl Executor for ResizeExecutor {
             new_conv_rank: p.new_conv_rank,
             dynamic,
         };
-        let (resized, stats) = slider_lora::resize(&model, &opts).map_err(lora_err("resize"))?;
+        let rule = match p.rank_rule {
+            Rule::OnePastThreshold => RankRule::OnePastThreshold,
+            Rule::ReachThreshold => RankRule::ReachThreshold,
+        };
+        let (resized, stats) =
+            slider_lora::resize_by_rule(&model, &opts, rule).map_err(lora_err("resize"))?;
         for s in &stats {
             job.log.line(&format!(
                 "{}: rank {} alpha {} sum(S) retained {:.4} fro retained {:.4} max ratio {:.3}",

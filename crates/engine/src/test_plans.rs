@@ -518,6 +518,7 @@ fn lora_kinds_run_in_process_and_verify_against_the_lockfile() {
                     new_conv_rank: 4,
                     dynamic_method: Some(slider_recipe::DynamicMethod::SvFro),
                     dynamic_param: Some(0.75),
+                    rank_rule: Default::default(),
                     save_precision: Precision::Fp16,
                 }),
             ),

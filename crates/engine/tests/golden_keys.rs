@@ -75,31 +75,31 @@ const EYESIZE: Pinned = &[
     ),
     (
         "check_big_45deg",
-        "8da78a5dec5f1cc3b8963f944af6da2fdc8cb1dd7406f505f9922bdfdc43b48a",
+        "e9eb98b2b4796550e63442a65b026a3ad5fc36d26106b3db3c7716f6f6148001",
     ),
     (
         "check_big_front",
-        "84dfaaae331184d9ad2a4dc5fa5681fd12d65615eea8f8926e39670ede830d7c",
+        "30b50b087fe05bc6ebdfaafe8631a713031a98c8e19d52da59c06a581c43580a",
     ),
     (
         "check_big_side",
-        "0d5d84a054e829b32fc9340c03cd5f3129aafd7469c55ec95ca5a32fa006ff64",
+        "b790049b1af879075164b7503116db43d0a96c888488a0b3c9e7ac3868f8fe9f",
     ),
     (
         "check_eyesize",
-        "3242d004ded1681b5e37932fd62beebfc39c4472507466756ae93e94f828c668",
+        "dbd8d98c931875030057f8a2b7d4f445c33961e313f02c6ff372086739330cf3",
     ),
     (
         "check_small_45deg",
-        "51e94e9b9d95f7e5f6cfea961bc5ba2cfc29836dbcdf4481369256b84f997e31",
+        "4ca2521d33a13790d297562a90fc13691880c5d66b513d56a62fe5ea2cd40488",
     ),
     (
         "check_small_front",
-        "f250c5fe7c9709a76423860a29869f404ed9a232b6d4772f213c8249a46a0821",
+        "125dccf47f7aeb95db4a0bf97fd89d5bf1bc50eab06cd2292c6fcafad0c5d0ff",
     ),
     (
         "check_small_side",
-        "62d38e6eecadb7d6ac8ce39aa242a39a558407086e3804c92ea03015ec3e88e9",
+        "6ddc775ea61773788be21aa51d0a0f64724089ad370db9c4716ae0c0b1971a72",
     ),
     (
         "eyesize",

@@ -83,6 +83,32 @@ pub enum GridError {
     },
 }
 
+/// `cell` drawn `factor` times larger: every pixel becomes a `factor` x `factor` square
+/// (nearest neighbour, no smoothing, so a person sees the pixels the model made).
+pub fn scale_up(cell: &RgbImage, factor: u32) -> Result<RgbImage, GridError> {
+    let (w, h) = cell.dimensions();
+    let factor = factor.max(1);
+    let (sw, sh) = (
+        u64::from(w) * u64::from(factor),
+        u64::from(h) * u64::from(factor),
+    );
+    if sw * sh > MAX_PIXELS {
+        return Err(GridError::TooLarge {
+            width: sw,
+            height: sh,
+        });
+    }
+    // Both fit in u32: their product is at most MAX_PIXELS and each side is at least 1 when
+    // the other is non-zero.
+    let (sw, sh) = (
+        u32::try_from(sw).unwrap_or(u32::MAX),
+        u32::try_from(sh).unwrap_or(u32::MAX),
+    );
+    Ok(RgbImage::from_fn(sw, sh, |x, y| {
+        *cell.get_pixel(x / factor, y / factor)
+    }))
+}
+
 /// Where everything of a composed sheet lies, in pixels.
 #[derive(Clone, Debug, PartialEq)]
 pub struct GridLayout {
@@ -639,6 +665,23 @@ mod tests {
                     .collect()
             })
             .collect()
+    }
+
+    #[test]
+    fn scaling_up_makes_each_pixel_a_square() {
+        let mut cell = RgbImage::new(2, 1);
+        cell.put_pixel(0, 0, Rgb([1, 2, 3]));
+        cell.put_pixel(1, 0, Rgb([200, 100, 50]));
+        let big = scale_up(&cell, 3).unwrap();
+        assert_eq!(big.dimensions(), (6, 3));
+        for (x, y, p) in big.enumerate_pixels() {
+            assert_eq!(p, cell.get_pixel(x / 3, y / 3), "({x}, {y})");
+        }
+        assert_eq!(scale_up(&cell, 1).unwrap(), cell);
+        assert!(matches!(
+            scale_up(&RgbImage::new(1, 1), 1 << 15),
+            Err(GridError::TooLarge { .. })
+        ));
     }
 
     fn labels(prefix: &str, n: usize) -> Vec<String> {

@@ -87,6 +87,25 @@ pub enum DynamicMethod {
     SvCumulative,
 }
 
+/// Which sd-scripts version's dynamic rank rule a resize follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RankRule {
+    /// sd-scripts before PR #2194: one rank past the first that reaches the target.
+    #[default]
+    OnePastThreshold,
+    /// sd-scripts after PR #2194: the first rank that reaches the target.
+    ReachThreshold,
+}
+
+impl RankRule {
+    /// Whether this is the default rule (which stays out of serialized parameters, so the
+    /// keys of nodes written before the rule existed do not change).
+    pub fn is_default(&self) -> bool {
+        *self == RankRule::default()
+    }
+}
+
 /// `resize_lora.py`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResizeParams {
@@ -96,6 +115,9 @@ pub struct ResizeParams {
     pub new_conv_rank: usize,
     pub dynamic_method: Option<DynamicMethod>,
     pub dynamic_param: Option<f64>,
+    /// Only with a `dynamic_method`.
+    #[serde(default, skip_serializing_if = "RankRule::is_default")]
+    pub rank_rule: RankRule,
     pub save_precision: Precision,
 }
 
@@ -159,6 +181,18 @@ pub struct XyPlotParams {
     pub sampler: Sampler,
     pub width: usize,
     pub height: usize,
+    /// Each cell drawn this many times larger on the sheet (every pixel a square, nearest
+    /// neighbour); 1 draws the cells at their sampled size.
+    #[serde(default = "unscaled", skip_serializing_if = "is_unscaled")]
+    pub cell_scale: u32,
+}
+
+fn unscaled() -> u32 {
+    1
+}
+
+fn is_unscaled(scale: &u32) -> bool {
+    *scale == 1
 }
 
 /// Slider quality on the toy eye-size world: for each prompt x seed x weight, sample with the

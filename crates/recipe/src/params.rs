@@ -41,6 +41,7 @@ pub fn param_names(kind: &str) -> &'static [&'static str] {
             "new_conv_rank",
             "dynamic_method",
             "dynamic_param",
+            "rank_rule",
             "save_precision",
         ],
         "command" => &["run", "inputs", "outputs"],
@@ -83,6 +84,7 @@ pub fn param_names(kind: &str) -> &'static [&'static str] {
             "sampler",
             "width",
             "height",
+            "cell_scale",
         ],
         "evaluate" => &[
             "base",
@@ -693,6 +695,21 @@ fn resize(f: &mut Fields<'_>) -> ResizeParams {
             ),
         _ => {}
     }
+    let rule = f.choice("rank_rule", &["one-past-threshold", "reach-threshold"]);
+    let rank_rule = match rule {
+        Some(("reach-threshold", _)) => RankRule::ReachThreshold,
+        _ => RankRule::OnePastThreshold,
+    };
+    if let (Some((r, span)), None) = (rule, method)
+        && f.get("dynamic_method").is_none()
+    {
+        f.bad_value(
+            span,
+            format!("`rank_rule: {r}` has no effect without `dynamic_method`"),
+            "unused",
+            "the rule picks a dynamic rank; add `dynamic_method: sv_fro` (or sv_ratio, sv_cumulative), or remove this key".into(),
+        );
+    }
     let save_precision = f.precision("save_precision").unwrap_or(Precision::Float);
     ResizeParams {
         model: model.unwrap_or(Input::Node(String::new())),
@@ -700,6 +717,7 @@ fn resize(f: &mut Fields<'_>) -> ResizeParams {
         new_conv_rank,
         dynamic_method,
         dynamic_param: param.map(|(p, _)| p),
+        rank_rule,
         save_precision,
     }
 }
@@ -1166,6 +1184,7 @@ fn xy_plot(f: &mut Fields<'_>) -> XyPlotParams {
         .map_or(Sampler::EulerA, |(c, _)| c);
     let width = image_size(f, "width");
     let height = image_size(f, "height");
+    let cell_scale = cell_scale(f, width.min(height));
     XyPlotParams {
         base: base.unwrap_or(Input::Node(String::new())),
         loras,
@@ -1178,6 +1197,32 @@ fn xy_plot(f: &mut Fields<'_>) -> XyPlotParams {
         sampler,
         width,
         height,
+        cell_scale,
+    }
+}
+
+/// The smallest cell side a grid is drawn at unless `cell_scale` says otherwise.
+pub(crate) const LEGIBLE_CELL_PX: usize = 192;
+
+/// The largest `cell_scale`.
+const MAX_CELL_SCALE: usize = 16;
+
+/// `cell_scale`: by default the smallest whole factor that draws cells at least
+/// [`LEGIBLE_CELL_PX`] on their shorter side.
+fn cell_scale(f: &mut Fields<'_>, shorter_side: usize) -> u32 {
+    let legible = LEGIBLE_CELL_PX.div_ceil(shorter_side.max(1)).max(1);
+    let v = f.count_or("cell_scale", legible, 1);
+    match f.get("cell_scale").map(|y| y.span) {
+        Some(span) if v > MAX_CELL_SCALE => {
+            f.bad_value(
+                span,
+                format!("`cell_scale` must be at most {MAX_CELL_SCALE}, found {v}"),
+                "too large",
+                format!("{legible} draws these cells at {LEGIBLE_CELL_PX} px or more"),
+            );
+            1
+        }
+        _ => u32::try_from(v).unwrap_or(1),
     }
 }
 

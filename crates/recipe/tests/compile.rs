@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use slider_recipe::{Axis, Input, NodeParams, Plan, Precision, load_str};
+use slider_recipe::{Axis, Input, NodeParams, Plan, Precision, RankRule, load_str};
 
 /// A temp dir holding the recipe's input files (empty: only their existence matters here).
 struct Dir(tempfile::TempDir);
@@ -124,6 +124,7 @@ nodes:
   m: {kind: svd_merge, models: [a.safetensors], ratios: [1]}
   m16: {kind: svd_merge, models: [a.safetensors], ratios: [1], new_rank: 8, precision: fp16, clamp_quantile: null}
   r: {kind: resize, model: a.safetensors, new_rank: 6}
+  reach: {kind: resize, model: a.safetensors, dynamic_method: sv_fro, dynamic_param: 0.9, rank_rule: reach-threshold}
   p: {kind: merge, models: [a.safetensors, b.safetensors], ratios: [1, -1]}
   g: {kind: xy_plot, prompt: 1girl, loras: [m], x: {weight: [0, 1]}}
 "#,
@@ -171,6 +172,9 @@ nodes:
     let r = get!(plan, "r", Resize);
     assert_eq!((r.new_rank, r.new_conv_rank), (6, 6));
     assert_eq!((r.dynamic_method, r.dynamic_param), (None, None));
+    assert_eq!(r.rank_rule, RankRule::OnePastThreshold);
+    let reach = get!(plan, "reach", Resize);
+    assert_eq!(reach.rank_rule, RankRule::ReachThreshold);
     assert_eq!(r.save_precision, Precision::Float);
 
     let p = get!(plan, "p", Merge);

@@ -414,6 +414,18 @@ nodes:
         codes: &["recipe::bad_value"],
     },
     Case {
+        name: "rank_rule_without_a_dynamic_method",
+        recipe: "nodes:\n  eyesize: {kind: resize, model: big.safetensors, rank_rule: reach-threshold}\n",
+        set: &[],
+        codes: &["recipe::bad_value"],
+    },
+    Case {
+        name: "misspelled_rank_rule",
+        recipe: "nodes:\n  eyesize: {kind: resize, model: big.safetensors, dynamic_method: sv_fro, dynamic_param: 0.9, rank_rule: reach}\n",
+        set: &[],
+        codes: &["recipe::bad_value"],
+    },
+    Case {
         name: "unknown_precision",
         recipe: "nodes:\n  eyesize: {kind: resize, model: big.safetensors, save_precision: fp8}\n",
         set: &[],

@@ -263,6 +263,7 @@ mod tests {
                 sampler: Sampler::Euler,
                 width: 32,
                 height: 32,
+                cell_scale: 1,
             }),
         );
         let evaluation = world.run(
@@ -389,6 +390,7 @@ mod tests {
                     sampler,
                     width: 32,
                     height: 32,
+                    cell_scale: 1,
                 }),
             );
             assert_eq!(out.len(), 1, "{}", sampler.name());

@@ -140,7 +140,12 @@ pub struct XyPlotConfig {
     pub width: usize,
     /// Cell height in pixels.
     pub height: usize,
+    /// Each cell drawn this many times larger on the sheet (nearest neighbour).
+    pub cell_scale: u32,
 }
+
+/// The largest `cell_scale` a node may ask for.
+pub const MAX_CELL_SCALE: u32 = 16;
 
 /// Why a grid cannot be made.
 #[derive(Debug, thiserror::Error)]
@@ -252,6 +257,12 @@ impl XyPlotConfig {
         if x.name() == y.name() {
             return Err(bad(format!("`x` and `y` both vary `{}`", x.name())));
         }
+        if !(1..=MAX_CELL_SCALE).contains(&params.cell_scale) {
+            return Err(bad(format!(
+                "`cell_scale` must be between 1 and {MAX_CELL_SCALE}, found {}",
+                params.cell_scale
+            )));
+        }
         Ok(Self {
             base: file(&params.base)?,
             loras,
@@ -264,6 +275,7 @@ impl XyPlotConfig {
             sampler: params.sampler.into(),
             width: params.width,
             height: params.height,
+            cell_scale: params.cell_scale,
         })
     }
 
@@ -373,7 +385,7 @@ pub fn run(
                         cell: label.clone(),
                         source: Box::new(source),
                     })?;
-            images.push(image);
+            images.push(slider_grid::scale_up(&image, config.cell_scale)?);
             progress(XyProgress {
                 cell: row * columns + column + 1,
                 cells: cells_total,
@@ -557,6 +569,7 @@ mod tests {
             sampler: SamplerKind::Euler,
             width: 32,
             height: 32,
+            cell_scale: 3,
         };
         let mut seen = Vec::new();
         let out = dir.path().join("out");
@@ -569,10 +582,28 @@ mod tests {
         assert_eq!(seen, [(1, 4), (2, 4), (3, 4), (4, 4)]);
         let sheet = image::open(&outcome.grid).unwrap().to_rgb8();
         assert!(
-            sheet.width() > 2 * 32 && sheet.height() > 2 * 32,
+            sheet.width() > 2 * 96 && sheet.height() > 2 * 96,
             "{:?}",
             sheet.dimensions()
         );
+        // Every cell is drawn in 3 x 3 squares of one colour.
+        let layout = slider_grid::layout(
+            &vec![vec![image::RgbImage::new(96, 96); 2]; 2],
+            &[config.x.label(0), config.x.label(1)],
+            &[config.y.label(0), config.y.label(1)],
+            Some(&format!("a face | {} 2 steps, CFG 4", config.sampler)),
+        )
+        .unwrap();
+        let (x0, y0) = layout.cell_origin(1, 1);
+        for y in 0..96 {
+            for x in 0..96 {
+                assert_eq!(
+                    sheet.get_pixel(x0 + x, y0 + y),
+                    sheet.get_pixel(x0 + x / 3 * 3, y0 + y / 3 * 3),
+                    "({x}, {y})"
+                );
+            }
+        }
         let text: BTreeMap<String, String> = slider_grid::read_png_text(&outcome.grid)
             .unwrap()
             .into_iter()
