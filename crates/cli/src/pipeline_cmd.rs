@@ -74,7 +74,27 @@ pub struct ExecArgs {
     /// Keep running independent branches after a failure (the default).
     #[arg(long, overrides_with = "no_keep_going")]
     pub keep_going: bool,
+    /// Where GPU nodes run: `local` workers (the default), or one Slurm job each (`slurm`:
+    /// the store must be on a filesystem the cluster's nodes share; docs/cluster.md).
+    #[arg(long, value_enum, default_value_t = ExecutorKind::Local)]
+    pub executor: ExecutorKind,
+    /// The cluster profile (YAML): per node kind the partition, gres, cpus, mem, time,
+    /// account, extra sbatch flags and device; none of it enters a node's key.
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+    /// Slurm jobs in flight at once [default: the profile's `max_jobs`, else 8].
+    #[arg(long, value_name = "N")]
+    pub max_jobs: Option<usize>,
 }
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecutorKind {
+    Local,
+    Slurm,
+}
+
+/// Jobs in flight without `--max-jobs` or a profile's `max_jobs`.
+const DEFAULT_MAX_JOBS: usize = 8;
 
 #[derive(Subcommand, Debug)]
 pub enum PipelineCommand {
@@ -163,7 +183,7 @@ pub fn run_recipe(args: RunArgs, quiet: bool) -> miette::Result<ExitCode> {
     if args.dry_run {
         return dry_run(&plan, &store, args.json);
     }
-    let opts = run_options(&args.exec)?;
+    let opts = run_options(&args.exec, &plan)?;
     let bars = progress::Bars::new(quiet);
     let summary = slider_engine::run(&plan, &store, &opts, &bars).into_diagnostic();
     bars.finish();
@@ -195,7 +215,69 @@ fn store_root(plan: &Plan, args: &PlanArgs) -> PathBuf {
         .unwrap_or_else(|| Store::default_root(&plan.recipe_path))
 }
 
-fn run_options(exec: &ExecArgs) -> miette::Result<RunOptions> {
+/// The Slurm settings of `--executor slurm` (None for local), refusing cluster flags that
+/// would do nothing.
+fn slurm_settings(
+    exec: &ExecArgs,
+    plan: &Plan,
+    exe: &Path,
+) -> miette::Result<Option<slider_engine::slurm::SlurmSettings>> {
+    if exec.executor == ExecutorKind::Local {
+        for (given, flag) in [
+            (exec.profile.is_some(), "--profile"),
+            (exec.max_jobs.is_some(), "--max-jobs"),
+        ] {
+            if given {
+                return Err(miette::miette!(
+                    "{flag} is for `--executor slurm`; without it GPU nodes run on local workers"
+                ));
+            }
+        }
+        return Ok(None);
+    }
+    if !exec.devices.is_empty() {
+        return Err(miette::miette!(
+            "--devices picks local workers; with `--executor slurm` the device is the profile's \
+             `device:` (per kind)"
+        ));
+    }
+    let kinds = worker_kinds();
+    let names: Vec<&str> = kinds.iter().map(|k| k.kind.as_str()).collect();
+    let profile = match &exec.profile {
+        Some(p) => slider_recipe::load_profile(p, &names).map_err(miette::Report::new)?,
+        None => slider_recipe::ClusterProfile::default(),
+    };
+    let job_name = profile.job_name.clone().unwrap_or_else(|| {
+        let stem = plan
+            .recipe_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let safe: String = stem
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+            .collect();
+        format!("slider-{safe}")
+    });
+    let max_jobs = exec
+        .max_jobs
+        .or(profile.max_jobs)
+        .unwrap_or(DEFAULT_MAX_JOBS)
+        .max(1);
+    let mut worker_command = profile
+        .command
+        .clone()
+        .unwrap_or_else(|| vec![exe.display().to_string()]);
+    worker_command.push("worker".into());
+    Ok(Some(slider_engine::slurm::SlurmSettings {
+        profile,
+        job_name,
+        max_jobs,
+        worker_command,
+    }))
+}
+
+fn run_options(exec: &ExecArgs, plan: &Plan) -> miette::Result<RunOptions> {
     let cancel = CancelToken::new();
     cancel
         .cancel_on_signals()
@@ -212,6 +294,7 @@ fn run_options(exec: &ExecArgs) -> miette::Result<RunOptions> {
         } else {
             exec.devices.clone()
         },
+        slurm: slurm_settings(exec, plan, &exe)?,
         worker_command: vec![exe.display().to_string(), "worker".into()],
         worker_kinds: worker_kinds(),
         cancel,
@@ -410,7 +493,7 @@ fn verify(
     quiet: bool,
 ) -> miette::Result<ExitCode> {
     let plan = load(recipe, args)?;
-    let opts = run_options(exec)?;
+    let opts = run_options(exec, &plan)?;
     let bars = progress::Bars::new(quiet);
     let comparer = slider_engine::lora_delta_error;
     let tol = tolerance.map(|t| (t, &comparer as &verify::LoraComparer));

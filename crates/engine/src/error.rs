@@ -42,6 +42,10 @@ pub enum EngineError {
     NoLockfile(PathBuf),
     #[error("interrupted")]
     Interrupted,
+    /// The run's settings cannot work (an executor that cannot reach its cluster, a store it
+    /// cannot use).
+    #[error("{0}")]
+    Config(String),
     #[error("internal error: {0}")]
     Internal(String),
 }

@@ -33,6 +33,7 @@ mod lora_exec;
 pub mod protocol;
 pub mod report;
 mod run;
+pub mod slurm;
 pub mod store;
 pub mod verify;
 

@@ -20,6 +20,7 @@ use crate::fingerprint::{FileHashMemo, FileStamp, Fingerprint, fingerprint};
 use crate::journal::{Journal, JournalState};
 use crate::lockfile::{LockedNode, Lockfile, lockfile_path};
 use crate::protocol::{WorkerExecutor, WorkerKind, WorkerPool};
+use crate::slurm::{SlurmCluster, SlurmExecutor, SlurmSettings};
 use crate::store::{MANIFEST_FORMAT, Manifest, OutputFile, Store};
 use crate::{fsutil, in_process_executors};
 
@@ -41,6 +42,8 @@ pub struct RunOptions {
     pub publish: bool,
     /// Write `RECIPE.lock` after a run without failures.
     pub write_lockfile: bool,
+    /// Run the worker kinds as Slurm jobs instead of on local workers (`--executor slurm`).
+    pub slurm: Option<SlurmSettings>,
 }
 
 impl Default for RunOptions {
@@ -56,6 +59,7 @@ impl Default for RunOptions {
             cancel: CancelToken::new(),
             publish: true,
             write_lockfile: true,
+            slurm: None,
         }
     }
 }
@@ -267,7 +271,14 @@ pub fn run(
         .nodes
         .iter()
         .any(|n| opts.worker_kinds.iter().any(|k| k.kind == n.params.kind()));
-    let pool = needs_worker.then(|| {
+    let cluster = match (&opts.slurm, needs_worker) {
+        (Some(settings), true) => Some(Arc::new(SlurmCluster::open(
+            settings.clone(),
+            store.root(),
+        )?)),
+        _ => None,
+    };
+    let pool = (needs_worker && cluster.is_none()).then(|| {
         Arc::new(WorkerPool::new(
             opts.worker_command.clone(),
             &opts.devices,
@@ -278,6 +289,15 @@ pub fn run(
     let mut executors = Executors::default();
     for e in in_process_executors() {
         executors.insert(e);
+    }
+    if let Some(cluster) = &cluster {
+        for k in &opts.worker_kinds {
+            executors.insert(Arc::new(SlurmExecutor {
+                kind: k.kind.clone(),
+                code_version: k.code_version,
+                cluster: Arc::clone(cluster),
+            }));
+        }
     }
     if let Some(pool) = &pool {
         for k in &opts.worker_kinds {
@@ -551,6 +571,14 @@ impl<'a> Scheduler<'a> {
         Ok(())
     }
 
+    /// Worker nodes at once: one per local device, or the cluster's `max_jobs`.
+    fn worker_slots(&self) -> usize {
+        match &self.opts.slurm {
+            Some(s) => s.max_jobs.max(1),
+            None => self.opts.devices.len().max(1),
+        }
+    }
+
     /// The next queued node the limits allow to start (in-process nodes `--jobs` at a time,
     /// worker nodes one per device), counted as running.
     fn next_to_start(&mut self) -> Option<Queued> {
@@ -560,8 +588,7 @@ impl<'a> Scheduler<'a> {
         if self.running_in_process < self.opts.jobs.max(1) && !self.queued_in_process.is_empty() {
             self.running_in_process += 1;
             self.queued_in_process.pop_front()
-        } else if self.running_worker < self.opts.devices.len().max(1)
-            && !self.queued_worker.is_empty()
+        } else if self.running_worker < self.worker_slots() && !self.queued_worker.is_empty()
         {
             self.running_worker += 1;
             self.queued_worker.pop_front()
@@ -906,7 +933,10 @@ fn execute_node(
                 wall_s: t0.elapsed().as_secs_f64(),
                 backend: match exec.placement() {
                     Placement::InProcess => "cpu".into(),
-                    Placement::Worker => format!("worker ({})", opts.devices.join(",")),
+                    Placement::Worker => match &opts.slurm {
+                        Some(s) => format!("slurm (job name {})", s.job_name),
+                        None => format!("worker ({})", opts.devices.join(",")),
+                    },
                 },
                 engine_version: env!("CARGO_PKG_VERSION").into(),
                 doc: fp.doc,

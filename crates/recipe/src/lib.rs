@@ -38,6 +38,7 @@
 //! directory, which must exist. Node names cannot contain `.` or `/`, so `./name` always
 //! means a file.
 
+pub mod cluster;
 mod compile;
 mod diag;
 mod expand;
@@ -47,6 +48,7 @@ mod yaml;
 
 use std::path::Path;
 
+pub use cluster::{ClusterProfile, JobResources, load_profile};
 pub use compile::TOP_KEYS;
 pub use diag::{Location, Problem, RecipeError};
 pub use params::{KINDS, param_names};
