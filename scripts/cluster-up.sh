@@ -45,8 +45,11 @@ munge -n 2>/dev/null | unmunge >/dev/null 2>&1 || fail "munge does not authentic
 # Fake GPUs: character devices slurmd can hand out as gres.
 for i in 0 1; do [ -e /dev/fakegpu$i ] || mknod /dev/fakegpu$i c 1 3; done
 
-# The node as slurmd sees it (CPUs, memory), less a margin so slurmd never finds it smaller.
+# The node as slurmd sees it (memory less a margin so slurmd never finds it smaller). At least
+# 4 CPU slots (config_overrides lets slurmd accept more than the machine has), so that the
+# two fake GPUs, not the CPUs, are what limits 1-GPU jobs in the tests.
 cpus=$(nproc)
+[ "$cpus" -ge 4 ] || cpus=4
 mem_mb=$(awk '/MemTotal/ {printf "%d", $2 / 1024 * 0.9}' /proc/meminfo)
 mkdir -p /etc/slurm /var/spool/slurmctld /var/spool/slurmd /var/log/slurm
 conf=$(cat <<CONF
@@ -73,6 +76,7 @@ SelectTypeParameters=CR_Core_Memory
 DefMemPerCPU=1000
 GresTypes=gpu
 ReturnToService=2
+SlurmdParameters=config_overrides
 MinJobAge=600
 KillWait=5
 SchedulerParameters=batch_sched_delay=0,bf_interval=1,sched_interval=2

@@ -35,7 +35,7 @@ fn args(recipe: &Path) -> Vec<String> {
 
 /// Every published output (`recipes/out/**`) and the lock file, by path relative to the
 /// project, with their bytes. The HTML report is left out: it shows wall times.
-fn published(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+pub(crate) fn published(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     fn walk(root: &Path, dir: &Path, into: &mut BTreeMap<PathBuf, Vec<u8>>) {
         for e in fs::read_dir(dir).unwrap().flatten() {
             let path = e.path();
@@ -61,7 +61,7 @@ fn published(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     files
 }
 
-fn text(out: &Output) -> String {
+pub(crate) fn text(out: &Output) -> String {
     format!(
         "status {}\nstdout:\n{}\nstderr:\n{}",
         out.status,

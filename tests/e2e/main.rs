@@ -9,6 +9,7 @@ mod model;
 mod pipeline;
 mod pretrain;
 mod sample;
+mod slurm;
 mod toyworld;
 mod train;
 

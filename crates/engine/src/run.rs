@@ -588,8 +588,7 @@ impl<'a> Scheduler<'a> {
         if self.running_in_process < self.opts.jobs.max(1) && !self.queued_in_process.is_empty() {
             self.running_in_process += 1;
             self.queued_in_process.pop_front()
-        } else if self.running_worker < self.worker_slots() && !self.queued_worker.is_empty()
-        {
+        } else if self.running_worker < self.worker_slots() && !self.queued_worker.is_empty() {
             self.running_worker += 1;
             self.queued_worker.pop_front()
         } else {

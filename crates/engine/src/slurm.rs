@@ -531,7 +531,13 @@ impl SlurmExecutor {
     }
 
     /// Takes in the worker's new messages; a wrong code version cancels the job.
-    fn absorb(&self, job: &Job, id: &str, lines: Vec<String>, answer: &mut Answer) -> Result<(), ExecError> {
+    fn absorb(
+        &self,
+        job: &Job,
+        id: &str,
+        lines: Vec<String>,
+        answer: &mut Answer,
+    ) -> Result<(), ExecError> {
         for line in lines {
             let msg = match serde_json::from_str::<WorkerMessage>(&line) {
                 Ok(m) => m,
@@ -620,8 +626,9 @@ impl SlurmExecutor {
                         Ok(c) => Some(format!("with exit status {}", c.trim())),
                         Err(_) => {
                             let since = *unlisted_since.get_or_insert_with(Instant::now);
-                            (since.elapsed() >= LATENCY_WAIT)
-                                .then(|| "unlisted (gone from the queue without an exit file)".into())
+                            (since.elapsed() >= LATENCY_WAIT).then(|| {
+                                "unlisted (gone from the queue without an exit file)".into()
+                            })
                         }
                     },
                 };
@@ -727,9 +734,8 @@ impl Executor for SlurmExecutor {
         let dir = JobDir {
             path: cluster.jobs_root.join(job.key),
         };
-        std::fs::create_dir_all(&dir.path).map_err(|e| {
-            ExecError::Failed(format!("cannot create {}: {e}", dir.path.display()))
-        })?;
+        std::fs::create_dir_all(&dir.path)
+            .map_err(|e| ExecError::Failed(format!("cannot create {}: {e}", dir.path.display())))?;
         let device = resources.device.clone().unwrap_or_else(|| "cpu".into());
         let script = job_script(
             job.node,
@@ -745,7 +751,8 @@ impl Executor for SlurmExecutor {
         let mut id = match dir.job_id() {
             Some(id) => match cluster.state(&id)? {
                 Some(s) if !s.is_final() || s.state == "COMPLETED" => {
-                    job.log.line(&format!("adopting slurm job {id} ({})", s.state));
+                    job.log
+                        .line(&format!("adopting slurm job {id} ({})", s.state));
                     cluster.track(&id, true);
                     Some(id)
                 }
@@ -774,7 +781,9 @@ impl Executor for SlurmExecutor {
             match answer.last {
                 Some(Ok(outputs)) => return self.collect(job, &dir, outputs),
                 Some(Err(message)) if state == "COMPLETED" || answer.hello => {
-                    return Err(ExecError::Failed(format!("{message} (slurm job {current})")));
+                    return Err(ExecError::Failed(format!(
+                        "{message} (slurm job {current})"
+                    )));
                 }
                 _ if retries_left > 0 => {
                     retries_left -= 1;
@@ -826,7 +835,9 @@ mod tests {
             reason: String::new(),
         };
         assert!(s("COMPLETED").is_final() && s("NODE_FAIL").is_final());
-        assert!(!s("PENDING").is_final() && !s("REQUEUED").is_final() && !s("COMPLETING").is_final());
+        assert!(
+            !s("PENDING").is_final() && !s("REQUEUED").is_final() && !s("COMPLETING").is_final()
+        );
     }
 
     #[test]

@@ -26,9 +26,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::RecipeError;
 use crate::diag::{Diag, Sources, Span, closest};
 use crate::yaml::{self, Entry, Value, Yaml};
-use crate::RecipeError;
 
 /// The resources and behaviour of the jobs of one node kind. `None` leaves Slurm's default.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -260,7 +260,9 @@ impl Reader {
                 }
                 "max_jobs" => p.max_jobs = self.whole("max_jobs", y, 1).map(|n| n as usize),
                 "poll_interval_s" => match y.value {
-                    Value::Int(i) if i as f64 >= MIN_POLL_INTERVAL_S => p.poll_interval_s = i as f64,
+                    Value::Int(i) if i as f64 >= MIN_POLL_INTERVAL_S => {
+                        p.poll_interval_s = i as f64
+                    }
                     Value::Float(f) if f >= MIN_POLL_INTERVAL_S && f.is_finite() => {
                         p.poll_interval_s = f
                     }
@@ -288,7 +290,10 @@ impl Reader {
                                 k.key_span,
                                 "not a GPU kind",
                             )
-                            .help(format!("the kinds that run as jobs: {}", gpu_kinds.join(", ")));
+                            .help(format!(
+                                "the kinds that run as jobs: {}",
+                                gpu_kinds.join(", ")
+                            ));
                             if let Some(c) = closest(&k.key, gpu_kinds.iter().copied()) {
                                 d = d.help(format!("did you mean `{c}`?"));
                             }
