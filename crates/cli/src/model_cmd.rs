@@ -10,7 +10,7 @@ use miette::{IntoDiagnostic, WrapErr};
 use slider_models::forward::{read_tensors, write_tensors};
 use slider_models::weights::TensorSource;
 use slider_models::{
-    Checkpoint, ModelSpec, StableDiffusion, check_keys, check_values, open_device,
+    BaseConfig, Checkpoint, ModelSpec, StableDiffusion, check_keys, check_values, open_device,
 };
 
 #[derive(Subcommand, Debug)]
@@ -27,6 +27,12 @@ pub enum ModelCommand {
         /// checked to be finite.
         #[arg(long)]
         headers_only: bool,
+        /// The model's diffusers `config.json` (UNet), or a folder laid out like a diffusers
+        /// repository (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`): what the
+        /// checkpoint's shapes cannot tell (GroupNorm groups, attention heads). Values the
+        /// weights contradict are an error.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
     },
     /// Run the model parts that the input tensors' names call for and write their outputs.
     /// Names (diffusers' argument names): `sample`+`timestep`+`encoder_hidden_states`
@@ -45,6 +51,12 @@ pub enum ModelCommand {
         /// Compute device: `cpu`, `wgpu:N` or `cuda:N` (GPU builds only).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// The model's diffusers `config.json` (UNet), or a folder laid out like a diffusers
+        /// repository (`unet/`, `vae/`, `text_encoder/`, `text_encoder_2/`): what the
+        /// checkpoint's shapes cannot tell (GroupNorm groups, attention heads). Values the
+        /// weights contradict are an error.
+        #[arg(long, value_name = "PATH")]
+        config: Option<PathBuf>,
     },
 }
 
@@ -54,19 +66,41 @@ pub fn run(cmd: ModelCommand) -> miette::Result<ExitCode> {
             checkpoint,
             json,
             headers_only,
-        } => inspect(&checkpoint, json, !headers_only),
+            config,
+        } => inspect(
+            &checkpoint,
+            json,
+            !headers_only,
+            &base_config(config.as_deref())?,
+        ),
         ModelCommand::Forward {
             checkpoint,
             inputs,
             out,
             device,
-        } => forward(&checkpoint, &inputs, &out, &device),
+            config,
+        } => forward(
+            &checkpoint,
+            &inputs,
+            &out,
+            &device,
+            &base_config(config.as_deref())?,
+        ),
     }
 }
 
-fn inspect(path: &Path, json: bool, values: bool) -> miette::Result<ExitCode> {
+/// The `--config` of a command, read and checked; none when absent.
+pub fn base_config(path: Option<&Path>) -> miette::Result<BaseConfig> {
+    match path {
+        Some(p) => BaseConfig::load(p).into_diagnostic(),
+        None => Ok(BaseConfig::none()),
+    }
+}
+
+fn inspect(path: &Path, json: bool, values: bool, config: &BaseConfig) -> miette::Result<ExitCode> {
     let ckpt = Checkpoint::open(path).into_diagnostic()?;
-    let spec = ModelSpec::detect(&ckpt).into_diagnostic()?;
+    let spec = ModelSpec::detect_with(&ckpt, config).into_diagnostic()?;
+    let assumed = spec.assumptions(&ckpt, config);
     let mut report = check_keys(&ckpt, &spec);
     if values {
         let spinner = spinner("reading every value");
@@ -105,6 +139,8 @@ fn inspect(path: &Path, json: bool, values: bool) -> miette::Result<ExitCode> {
             "architecture": spec.name(),
             "spec": spec,
             "scaling_factor": spec.family.scaling_factor(),
+            "configs": slider_models::diffusers_config::describe(config),
+            "assumed": assumed,
             "parts": parts,
             "other_keys": other,
             "keys": report,
@@ -135,6 +171,19 @@ fn inspect(path: &Path, json: bool, values: bool) -> miette::Result<ExitCode> {
                 .map(|a| format!(", added conditioning {a}"))
                 .unwrap_or_default()
         );
+        println!(
+            "groupnorm     {} groups, eps {:e}",
+            spec.unet.norm_num_groups, spec.unet.norm_eps
+        );
+        for (part, file) in slider_models::diffusers_config::describe(config) {
+            println!("config        {part} from {}", file.display());
+        }
+        if !assumed.is_empty() {
+            println!(
+                "assumed       {} (shapes cannot tell; --config gives them)",
+                assumed.join("; ")
+            );
+        }
         println!("latent scale  {}", spec.family.scaling_factor());
         println!();
         println!(
@@ -197,12 +246,18 @@ fn group_digits(n: u64) -> String {
     out
 }
 
-fn forward(path: &Path, inputs_path: &Path, out: &Path, device: &str) -> miette::Result<ExitCode> {
+fn forward(
+    path: &Path,
+    inputs_path: &Path,
+    out: &Path,
+    device: &str,
+    config: &BaseConfig,
+) -> miette::Result<ExitCode> {
     let device = open_device(device).into_diagnostic()?;
     let inputs = read_tensors(inputs_path).into_diagnostic()?;
     let spinner = spinner("loading checkpoint");
     let ckpt = Checkpoint::open(path).into_diagnostic()?;
-    let model = StableDiffusion::load(&ckpt, &device).into_diagnostic()?;
+    let model = StableDiffusion::load_with(&ckpt, config, &device).into_diagnostic()?;
     spinner.set_message("running forward passes");
     let outputs = model
         .forward_named(&inputs, &device)

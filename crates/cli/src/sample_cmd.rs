@@ -19,6 +19,10 @@ pub struct SampleArgs {
     /// The base model: a single-file SD1.x or SDXL checkpoint (`.safetensors`).
     #[arg(long)]
     pub base: PathBuf,
+    /// The base model's diffusers `config.json` (UNet) or a diffusers-layout folder
+    /// (`unet/`, `vae/`, `text_encoder/`...): what the checkpoint's shapes cannot tell.
+    #[arg(long, value_name = "PATH")]
+    pub config: Option<PathBuf>,
     /// What to draw.
     #[arg(long)]
     pub prompt: String,
@@ -77,8 +81,9 @@ pub fn run(args: SampleArgs, quiet: bool) -> miette::Result<ExitCode> {
         .collect();
 
     let device = open_device(&args.device).into_diagnostic()?;
+    let config = crate::model_cmd::base_config(args.config.as_deref())?;
     let started = Instant::now();
-    let generator = Generator::load(&args.base, &device)
+    let generator = Generator::load_with(&args.base, &config, &device)
         .into_diagnostic()
         .wrap_err_with(|| format!("loading {}", args.base.display()))?;
     let loaded_s = started.elapsed().as_secs_f64();

@@ -10,8 +10,10 @@
 //! | CLIP ViT-L/14 (HF layout) | `cond_stage_model.transformer.` | `conditioner.embedders.0.transformer.` |
 //! | OpenCLIP ViT-bigG (open_clip layout) | - | `conditioner.embedders.1.model.` |
 //!
-//! What the weights cannot say (attention head counts of non-standard models) is read from
-//! the `slider.*` metadata our writer stores; users' checkpoints get the SD1/SDXL values.
+//! What the weights cannot say (attention heads, GroupNorm group counts) is read from a
+//! diffusers `config.json` when one is given ([`ModelSpec::detect_with`]), else from the
+//! `slider.*` metadata our writer stores; otherwise users' checkpoints get the SD1/SDXL values
+//! and [`ModelSpec::assumptions`] says which.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -25,9 +27,13 @@ use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 
 use crate::clip::{Activation, ClipTextModel, OpenClipText, TextConfig};
-use crate::unet::{Heads, UNet, UNetConfig};
+use crate::diffusers_config::{
+    BaseConfig, ConfigError, Part, text_disagreements, unet_disagreements, vae_disagreements,
+};
+use crate::layers::GROUP_NORM_GROUPS;
+use crate::unet::{DEFAULT_NORM_EPS, Heads, UNet, UNetConfig};
 use crate::vae::{SD1_SCALING_FACTOR, SDXL_SCALING_FACTOR, Vae, VaeConfig};
-use crate::weights::{FillReport, TensorSource, fill, param_keys, param_values};
+use crate::weights::{FillReport, KeyOf, TensorSource, fill, param_keys, param_values};
 
 /// Key prefix of the UNet.
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
@@ -80,6 +86,9 @@ pub enum CheckpointError {
         /// What was wrong.
         message: String,
     },
+    /// A diffusers config that cannot be read, or that the weights contradict.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     /// Keys missing, unexpected or mis-shaped.
     #[error("{path}: the checkpoint does not match the detected architecture ({summary})\n{report}",
         summary = report.summary())]
@@ -302,7 +311,7 @@ impl Family {
 }
 
 /// The architecture of a checkpoint: one configuration per part it holds.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelSpec {
     /// Conditioning scheme.
     pub family: Family,
@@ -391,18 +400,43 @@ impl ModelSpec {
 
     /// Reads the architecture from the keys and shapes of `ckpt`.
     pub fn detect(ckpt: &Checkpoint) -> Result<Self, CheckpointError> {
+        Self::detect_with(ckpt, &BaseConfig::none())
+    }
+
+    /// Reads the architecture from the keys and shapes of `ckpt`, completed and overridden by
+    /// `config`'s parts (diffusers' `from_single_file(config=...)`). A configured value that
+    /// the shapes contradict is a [`ConfigError::Contradicts`] naming the config key and the
+    /// first disagreeing tensor.
+    pub fn detect_with(ckpt: &Checkpoint, config: &BaseConfig) -> Result<Self, CheckpointError> {
         if !ckpt.keys().any(|k| k.starts_with(UNET_PREFIX)) {
             return Err(CheckpointError::NotStableDiffusion {
                 path: ckpt.path.clone(),
             });
         }
-        let unet = infer_unet(ckpt)
-            .and_then(|c| c.validate().map(|()| c))
-            .map_err(|message| CheckpointError::Architecture {
-                path: ckpt.path.clone(),
-                part: "UNet",
-                message,
-            })?;
+        let device = Device::flex();
+        let unet = match &config.unet {
+            Some(part) => {
+                let keys = || param_keys(&part.config.init(&device));
+                configured(
+                    ckpt,
+                    part,
+                    infer_unet(ckpt),
+                    unet_disagreements,
+                    UNET_PREFIX,
+                    keys,
+                )?
+            }
+            None => infer_unet(ckpt)
+                .and_then(|c| match c.validate() {
+                    Ok(()) => Ok(c),
+                    Err(m) => Err(unet_hint(m, &c)),
+                })
+                .map_err(|message| CheckpointError::Architecture {
+                    path: ckpt.path.clone(),
+                    part: "UNet",
+                    message,
+                })?,
+        };
         let family = if unet.adm_in_channels.is_some()
             || ckpt.keys().any(|k| k.starts_with(SDXL_TEXT_G_PREFIX))
         {
@@ -417,32 +451,66 @@ impl ModelSpec {
                 message,
             }
         };
-        let vae = if ckpt.keys().any(|k| k.starts_with(VAE_PREFIX)) {
-            Some(
+        let has = |prefix: &str| ckpt.keys().any(|k| k.starts_with(prefix));
+        let vae = match (&config.vae, has(VAE_PREFIX)) {
+            (_, false) => None,
+            (Some(part), true) => {
+                let keys = || param_keys(&part.config.init(&device));
+                Some(configured(
+                    ckpt,
+                    part,
+                    infer_vae(ckpt),
+                    vae_disagreements,
+                    VAE_PREFIX,
+                    keys,
+                )?)
+            }
+            (None, true) => Some(
                 infer_vae(ckpt)
-                    .and_then(|c| c.validate().map(|()| c))
+                    .and_then(|c| c.validate().map(|()| c).map_err(vae_hint))
                     .map_err(arch("VAE"))?,
-            )
-        } else {
-            None
+            ),
         };
-        let text_l = if ckpt.keys().any(|k| k.starts_with(family.text_l_prefix())) {
-            Some(
-                infer_hf_clip(ckpt, family.text_l_prefix())
+        let text_l_prefix = family.text_l_prefix();
+        let text_l = match (&config.text_l, has(text_l_prefix)) {
+            (_, false) => None,
+            (Some(part), true) => {
+                let keys = || param_keys(&part.config.init_hf(&device));
+                let shapes = infer_hf_clip(ckpt, text_l_prefix);
+                Some(configured(
+                    ckpt,
+                    part,
+                    shapes,
+                    text_disagreements,
+                    text_l_prefix,
+                    keys,
+                )?)
+            }
+            (None, true) => Some(
+                infer_hf_clip(ckpt, text_l_prefix)
                     .and_then(|c| c.validate().map(|()| c))
                     .map_err(arch("CLIP-L"))?,
-            )
-        } else {
-            None
+            ),
         };
-        let text_g = if ckpt.keys().any(|k| k.starts_with(SDXL_TEXT_G_PREFIX)) {
-            Some(
+        let text_g = match (&config.text_g, has(SDXL_TEXT_G_PREFIX)) {
+            (_, false) => None,
+            (Some(part), true) => {
+                let keys = || param_keys(&part.config.init_open_clip(&device));
+                let shapes = infer_open_clip(ckpt);
+                Some(configured(
+                    ckpt,
+                    part,
+                    shapes,
+                    text_disagreements,
+                    SDXL_TEXT_G_PREFIX,
+                    keys,
+                )?)
+            }
+            (None, true) => Some(
                 infer_open_clip(ckpt)
                     .and_then(|c| c.validate().map(|()| c))
                     .map_err(arch("OpenCLIP bigG"))?,
-            )
-        } else {
-            None
+            ),
         };
         Ok(Self {
             family,
@@ -491,6 +559,29 @@ impl ModelSpec {
             "slider.unet.size_embed_dim".into(),
             self.unet.size_embed_dim.to_string(),
         );
+        // Stored only when not the default, so the released configurations keep their bytes.
+        if self.unet.norm_num_groups != GROUP_NORM_GROUPS {
+            m.insert(
+                "slider.unet.norm_num_groups".into(),
+                self.unet.norm_num_groups.to_string(),
+            );
+        }
+        if self.unet.norm_eps != DEFAULT_NORM_EPS {
+            m.insert(
+                "slider.unet.norm_eps".into(),
+                self.unet.norm_eps.to_string(),
+            );
+        }
+        if let Some(v) = self
+            .vae
+            .as_ref()
+            .filter(|v| v.norm_num_groups != GROUP_NORM_GROUPS)
+        {
+            m.insert(
+                "slider.vae.norm_num_groups".into(),
+                v.norm_num_groups.to_string(),
+            );
+        }
         if let Some(t) = &self.text_l {
             m.insert("slider.text_l.heads".into(), t.heads.to_string());
         }
@@ -501,6 +592,46 @@ impl ModelSpec {
             m.insert("slider.model_spec".into(), json);
         }
         m
+    }
+
+    /// What this spec took on trust for `ckpt`: values that neither `config` nor our writer's
+    /// metadata gave and the shapes cannot tell, each with the value assumed. Empty for our
+    /// own files and for fully configured parts.
+    pub fn assumptions(&self, ckpt: &Checkpoint, config: &BaseConfig) -> Vec<String> {
+        let mut out = Vec::new();
+        if ckpt.metadata.contains_key("slider.model_spec") {
+            return out;
+        }
+        if config.unet.is_none() {
+            if !ckpt.metadata.contains_key("slider.unet.heads") {
+                out.push(format!(
+                    "UNet attention heads {:?} (the {:?} family's)",
+                    self.unet.heads, self.family
+                ));
+            }
+            if !ckpt.metadata.contains_key("slider.unet.norm_num_groups") {
+                out.push(format!(
+                    "UNet GroupNorm groups {} (norm_num_groups) and eps {:e} (norm_eps)",
+                    self.unet.norm_num_groups, self.unet.norm_eps
+                ));
+            }
+        }
+        if let (None, Some(vae)) = (&config.vae, &self.vae)
+            && !ckpt.metadata.contains_key("slider.vae.norm_num_groups")
+        {
+            out.push(format!("VAE GroupNorm groups {}", vae.norm_num_groups));
+        }
+        if let (None, Some(t)) = (&config.text_l, &self.text_l)
+            && !ckpt.metadata.contains_key("slider.text_l.heads")
+        {
+            out.push(format!("CLIP-L attention heads {}", t.heads));
+        }
+        if let (None, Some(t)) = (&config.text_g, &self.text_g)
+            && !ckpt.metadata.contains_key("slider.text_g.heads")
+        {
+            out.push(format!("OpenCLIP bigG attention heads {}", t.heads));
+        }
+        out
     }
 
     /// Every parameter key of this architecture with its stored shape, by part.
@@ -641,7 +772,17 @@ impl StableDiffusion {
     /// reading any value, with the complete [`KeyReport`] when a key is missing, unexpected,
     /// mis-shaped or of an unsupported dtype.
     pub fn load(ckpt: &Checkpoint, device: &Device) -> Result<Self, CheckpointError> {
-        let spec = ModelSpec::detect(ckpt)?;
+        Self::load_with(ckpt, &BaseConfig::none(), device)
+    }
+
+    /// [`StableDiffusion::load`] with the architecture completed by diffusers configs (see
+    /// [`ModelSpec::detect_with`]).
+    pub fn load_with(
+        ckpt: &Checkpoint,
+        config: &BaseConfig,
+        device: &Device,
+    ) -> Result<Self, CheckpointError> {
+        let spec = ModelSpec::detect_with(ckpt, config)?;
         Self::load_as(ckpt, spec, device)
     }
 
@@ -987,6 +1128,14 @@ fn infer_unet(ckpt: &Checkpoint) -> Result<UNetConfig, String> {
         None => Heads::Count(8),
     };
     let size_embed_dim = metadata_usize(ckpt, "slider.unet.size_embed_dim")?.unwrap_or(256);
+    let norm_num_groups =
+        metadata_usize(ckpt, "slider.unet.norm_num_groups")?.unwrap_or(GROUP_NORM_GROUPS);
+    let norm_eps = match ckpt.metadata.get("slider.unet.norm_eps") {
+        Some(v) => v
+            .parse::<f64>()
+            .map_err(|_| format!("metadata `slider.unet.norm_eps` = `{v}` is not a number"))?,
+        None => DEFAULT_NORM_EPS,
+    };
     Ok(UNetConfig {
         in_channels,
         out_channels,
@@ -1000,7 +1149,80 @@ fn infer_unet(ckpt: &Checkpoint) -> Result<UNetConfig, String> {
         use_linear_projection,
         adm_in_channels,
         size_embed_dim,
+        norm_num_groups,
+        norm_eps,
     })
+}
+
+/// A part's configured architecture, checked against what `ckpt`'s shapes show (when they can
+/// be read): the first disagreement is an error naming the config key and the first tensor
+/// whose shape differs under the config.
+fn configured<T: Clone>(
+    ckpt: &Checkpoint,
+    part: &Part<T>,
+    shapes: Result<T, String>,
+    disagreements: fn(&T, &T) -> Vec<(&'static str, String, String)>,
+    prefix: &str,
+    keys: impl FnOnce() -> Vec<(KeyOf, Vec<usize>)>,
+) -> Result<T, CheckpointError> {
+    let Ok(shapes) = shapes else {
+        // Shapes that say nothing coherent: the key check of the load lists what is wrong.
+        return Ok(part.config.clone());
+    };
+    let Some((key, value, found)) = disagreements(&part.config, &shapes).into_iter().next() else {
+        return Ok(part.config.clone());
+    };
+    let (tensor, expected, actual) = keys()
+        .into_iter()
+        .map(|(k, shape)| {
+            let stored = if k.transposed && shape.len() == 2 {
+                vec![shape[1], shape[0]]
+            } else {
+                shape
+            };
+            (format!("{prefix}{}", k.key), stored)
+        })
+        .find_map(|(k, want)| match ckpt.shape(&k) {
+            Some(got) if got == want.as_slice() => None,
+            Some(got) => Some((k, want, format!("{got:?}"))),
+            None => Some((k, want, "absent".to_string())),
+        })
+        .unwrap_or_else(|| ("(no tensor)".into(), Vec::new(), "-".into()));
+    Err(ConfigError::Contradicts {
+        path: part.path.clone(),
+        key: key.into(),
+        value,
+        found: format!("which shows {found}"),
+        tensor,
+        expected,
+        actual,
+    }
+    .into())
+}
+
+/// What the UNet's shapes cannot tell, said where a guess of it fails.
+fn unet_hint(message: String, guessed: &UNetConfig) -> String {
+    if !(message.contains("GroupNorm") || message.contains("heads")) {
+        return message;
+    }
+    format!(
+        "{message}. A checkpoint's shapes cannot tell GroupNorm's group count nor the attention \
+         heads; assumed norm_num_groups {} and heads {:?}. Give the model's diffusers \
+         config.json (`--config`, or `base_config:` in a recipe)",
+        guessed.norm_num_groups, guessed.heads
+    )
+}
+
+/// Same as [`unet_hint`] for the autoencoder's group count.
+fn vae_hint(message: String) -> String {
+    if !message.contains("GroupNorm") {
+        return message;
+    }
+    format!(
+        "{message}. A checkpoint's shapes cannot tell GroupNorm's group count; assumed 32. Give \
+         the VAE's diffusers config.json (`--config` with a folder holding vae/config.json, or \
+         `base_config:` in a recipe)"
+    )
 }
 
 fn parse_heads(v: &str) -> Result<Heads, String> {
@@ -1039,12 +1261,15 @@ fn infer_vae(ckpt: &Checkpoint) -> Result<VaeConfig, String> {
         .collect::<Result<Vec<_>, _>>()?;
     let num_res_blocks = count_indexed(ckpt, &format!("{p}encoder.down.0.block."), ".conv1.weight");
     let z_channels = need_dim(ckpt, &format!("{p}decoder.conv_in.weight"), 1)?;
+    let norm_num_groups =
+        metadata_usize(ckpt, "slider.vae.norm_num_groups")?.unwrap_or(GROUP_NORM_GROUPS);
     Ok(VaeConfig {
         in_channels,
         ch,
         ch_mult,
         num_res_blocks,
         z_channels,
+        norm_num_groups,
     })
 }
 

@@ -23,12 +23,14 @@ pub fn conv2d(c_in: usize, c_out: usize, k: usize, stride: usize, device: &Devic
         .init(device)
 }
 
-/// GroupNorm's group count in every SD part: the only one SD uses.
+/// GroupNorm's group count in every released SD part (diffusers' `norm_num_groups` default);
+/// other models say theirs in their configuration.
 pub const GROUP_NORM_GROUPS: usize = 32;
 
-/// `nn.GroupNorm(32, channels, eps)`: the only group count SD uses.
-pub fn group_norm(channels: usize, eps: f64, device: &Device) -> GroupNorm {
-    GroupNormConfig::new(GROUP_NORM_GROUPS, channels)
+/// `nn.GroupNorm(groups, channels, eps)`. Callers validate `channels % groups == 0` first
+/// (burn asserts it).
+pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> GroupNorm {
+    GroupNormConfig::new(groups, channels)
         .with_epsilon(eps)
         .init(device)
 }

@@ -24,6 +24,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod ddpm;
 pub mod device;
+pub mod diffusers_config;
 #[doc(hidden)]
 pub mod fixtures;
 pub mod forward;
@@ -43,6 +44,7 @@ pub use checkpoint::{
 pub use clip::{ClipTextModel, OpenClipText, TextConfig, TextOutput};
 pub use ddpm::{DdpmError, NoiseSchedule, apply_noise_offset, standard_normal};
 pub use device::{DeviceError, open_device, parse_device};
+pub use diffusers_config::{BaseConfig, ConfigError};
 pub use forward::{ForwardError, HostTensor};
 pub use lora::{AdapterError, LoraNetwork, lora_targets};
 pub use tokenizer::{Padding, Tokenizer};

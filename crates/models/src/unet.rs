@@ -35,10 +35,42 @@ impl Heads {
             Heads::Dim(d) => (channels / d).max(1),
         }
     }
+
+    /// Whether `channels` split evenly into these heads.
+    pub fn divides(self, channels: usize) -> bool {
+        match self {
+            Heads::Count(0) | Heads::Dim(0) => false,
+            Heads::Count(n) => channels.is_multiple_of(n),
+            Heads::Dim(d) => channels.is_multiple_of(d),
+        }
+    }
 }
 
-/// Hyper-parameters of the UNet, named as in the LDM/SGM configs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// diffusers' `norm_num_groups` default, the group count of every released SD model.
+pub const DEFAULT_NORM_NUM_GROUPS: usize = GROUP_NORM_GROUPS;
+/// diffusers' `norm_eps` default, the epsilon of the res blocks' and the output's GroupNorm.
+pub const DEFAULT_NORM_EPS: f64 = 1e-5;
+
+fn default_groups() -> usize {
+    DEFAULT_NORM_NUM_GROUPS
+}
+
+fn is_default_groups(g: &usize) -> bool {
+    *g == DEFAULT_NORM_NUM_GROUPS
+}
+
+fn default_eps() -> f64 {
+    DEFAULT_NORM_EPS
+}
+
+fn is_default_eps(eps: &f64) -> bool {
+    *eps == DEFAULT_NORM_EPS
+}
+
+/// Hyper-parameters of the UNet, named as in the LDM/SGM configs. The GroupNorm fields are
+/// left out of the serialisation at their defaults, so the metadata our writer stores for the
+/// released configurations keeps its bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UNetConfig {
     /// Latent channels in.
     pub in_channels: usize,
@@ -64,6 +96,14 @@ pub struct UNetConfig {
     pub adm_in_channels: Option<usize>,
     /// Width of the sinusoidal embedding of each SDXL size/crop number (256).
     pub size_embed_dim: usize,
+    /// GroupNorm's group count everywhere in the UNet (diffusers' `norm_num_groups`, 32).
+    /// Shapes cannot tell it: a checkpoint of another count needs its config.
+    #[serde(default = "default_groups", skip_serializing_if = "is_default_groups")]
+    pub norm_num_groups: usize,
+    /// Epsilon of the res blocks' and the output's GroupNorm (diffusers' `norm_eps`, 1e-5);
+    /// the spatial transformers' GroupNorm keeps 1e-6, as in both references.
+    #[serde(default = "default_eps", skip_serializing_if = "is_default_eps")]
+    pub norm_eps: f64,
 }
 
 impl UNetConfig {
@@ -82,6 +122,8 @@ impl UNetConfig {
             use_linear_projection: false,
             adm_in_channels: None,
             size_embed_dim: 256,
+            norm_num_groups: DEFAULT_NORM_NUM_GROUPS,
+            norm_eps: DEFAULT_NORM_EPS,
         }
     }
 
@@ -100,6 +142,8 @@ impl UNetConfig {
             use_linear_projection: true,
             adm_in_channels: Some(2816),
             size_embed_dim: 256,
+            norm_num_groups: DEFAULT_NORM_NUM_GROUPS,
+            norm_eps: DEFAULT_NORM_EPS,
         }
     }
 
@@ -119,12 +163,14 @@ impl UNetConfig {
             use_linear_projection: false,
             adm_in_channels: None,
             size_embed_dim: 256,
+            norm_num_groups: DEFAULT_NORM_NUM_GROUPS,
+            norm_eps: DEFAULT_NORM_EPS,
         }
     }
 
     /// Whether a UNet of this configuration can be built, before any burn op sees it: every
-    /// width non-zero, every normalised width divisible by GroupNorm's 32 groups, every
-    /// attention width divisible by its heads, one transformer depth per level.
+    /// width non-zero, every normalised width divisible by GroupNorm's `norm_num_groups`,
+    /// every attention width divisible by its heads, one transformer depth per level.
     pub fn validate(&self) -> Result<(), String> {
         let nonzero = [
             ("in_channels", self.in_channels),
@@ -153,10 +199,20 @@ impl UNetConfig {
         if matches!(self.heads, Heads::Count(0) | Heads::Dim(0)) {
             return Err(format!("UNet heads {:?}: must be non-zero", self.heads));
         }
-        if !self.model_channels.is_multiple_of(GROUP_NORM_GROUPS) {
+        let groups = self.norm_num_groups;
+        if groups == 0 {
+            return Err("UNet norm_num_groups is 0".into());
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(format!(
+                "UNet norm_eps {} must be a positive number",
+                self.norm_eps
+            ));
+        }
+        if !self.model_channels.is_multiple_of(groups) {
             return Err(format!(
                 "UNet model_channels {} (conv_in's width) is not divisible by GroupNorm's \
-                 {GROUP_NORM_GROUPS} groups",
+                 {groups} groups (norm_num_groups)",
                 self.model_channels
             ));
         }
@@ -165,18 +221,17 @@ impl UNetConfig {
                 .model_channels
                 .checked_mul(mult)
                 .ok_or("UNet width overflows")?;
-            if !ch.is_multiple_of(GROUP_NORM_GROUPS) {
+            if !ch.is_multiple_of(groups) {
                 return Err(format!(
                     "UNet level {level} has {ch} channels, not divisible by GroupNorm's \
-                     {GROUP_NORM_GROUPS} groups"
+                     {groups} groups (norm_num_groups)"
                 ));
             }
-            let heads = self.heads.heads_for(ch);
             let attends = self.transformer_depth[level] > 0 || level + 1 == self.channel_mult.len();
-            if attends && !ch.is_multiple_of(heads) {
+            if attends && !self.heads.divides(ch) {
                 return Err(format!(
-                    "UNet level {level}: {ch} channels do not split into {heads} attention heads \
-                     ({:?})",
+                    "UNet level {level}: {ch} channels do not split into attention heads of \
+                     {:?}",
                     self.heads
                 ));
             }
@@ -196,7 +251,8 @@ impl UNetConfig {
     pub fn init(&self, device: &Device) -> UNet {
         let mc = self.model_channels;
         let ted = self.time_embed_dim();
-        let res = |c_in: usize, c_out: usize| ResBlock::new(c_in, c_out, ted, device);
+        let norm = |ch: usize| group_norm(self.norm_num_groups, ch, self.norm_eps, device);
+        let res = |c_in: usize, c_out: usize| ResBlock::new(c_in, c_out, ted, &norm, device);
         let attn = |ch: usize, depth: usize| {
             SpatialTransformer::new(
                 ch,
@@ -204,6 +260,7 @@ impl UNetConfig {
                 depth,
                 self.context_dim,
                 self.use_linear_projection,
+                self.norm_num_groups,
                 device,
             )
         };
@@ -278,11 +335,7 @@ impl UNetConfig {
             input_blocks,
             middle_block,
             output_blocks,
-            out: (
-                group_norm(ch, 1e-5, device),
-                Slot,
-                conv2d(ch, self.out_channels, 3, 1, device),
-            ),
+            out: (norm(ch), Slot, conv2d(ch, self.out_channels, 3, 1, device)),
             model_channels: mc,
             size_embed_dim: self.size_embed_dim,
         }
@@ -545,20 +598,17 @@ pub struct ResBlock {
 }
 
 impl ResBlock {
-    fn new(c_in: usize, c_out: usize, emb_dim: usize, device: &Device) -> Self {
+    fn new(
+        c_in: usize,
+        c_out: usize,
+        emb_dim: usize,
+        norm: &dyn Fn(usize) -> GroupNorm,
+        device: &Device,
+    ) -> Self {
         Self {
-            in_layers: (
-                group_norm(c_in, 1e-5, device),
-                Slot,
-                conv2d(c_in, c_out, 3, 1, device),
-            ),
+            in_layers: (norm(c_in), Slot, conv2d(c_in, c_out, 3, 1, device)),
             emb_layers: (Slot, linear(emb_dim, c_out, true, device)),
-            out_layers: (
-                group_norm(c_out, 1e-5, device),
-                Slot,
-                Slot,
-                conv2d(c_out, c_out, 3, 1, device),
-            ),
+            out_layers: (norm(c_out), Slot, Slot, conv2d(c_out, c_out, 3, 1, device)),
             skip_connection: (c_in != c_out).then(|| conv2d(c_in, c_out, 1, 1, device)),
         }
     }
@@ -612,6 +662,7 @@ impl SpatialTransformer {
         depth: usize,
         context_dim: usize,
         linear_proj: bool,
+        groups: usize,
         device: &Device,
     ) -> Self {
         let proj = || {
@@ -622,7 +673,7 @@ impl SpatialTransformer {
             }
         };
         Self {
-            norm: group_norm(ch, 1e-6, device),
+            norm: group_norm(groups, ch, 1e-6, device),
             proj_in: proj(),
             transformer_blocks: (0..depth)
                 .map(|_| TransformerBlock::new(ch, heads, context_dim, device))

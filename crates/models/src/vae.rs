@@ -21,7 +21,8 @@ pub const SD1_SCALING_FACTOR: f32 = 0.18215;
 /// Latent scaling of SDXL.
 pub const SDXL_SCALING_FACTOR: f32 = 0.13025;
 
-/// Hyper-parameters of the autoencoder, named as in the LDM configs.
+/// Hyper-parameters of the autoencoder, named as in the LDM configs. `norm_num_groups` is left
+/// out of the serialisation at its default, so stored metadata keeps its bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VaeConfig {
     /// Image channels.
@@ -34,6 +35,18 @@ pub struct VaeConfig {
     pub num_res_blocks: usize,
     /// Latent channels.
     pub z_channels: usize,
+    /// GroupNorm's group count everywhere in the autoencoder (diffusers' `norm_num_groups`,
+    /// 32). Shapes cannot tell it.
+    #[serde(default = "default_groups", skip_serializing_if = "is_default_groups")]
+    pub norm_num_groups: usize,
+}
+
+fn default_groups() -> usize {
+    GROUP_NORM_GROUPS
+}
+
+fn is_default_groups(g: &usize) -> bool {
+    *g == GROUP_NORM_GROUPS
 }
 
 impl VaeConfig {
@@ -45,6 +58,7 @@ impl VaeConfig {
             ch_mult: vec![1, 2, 4, 4],
             num_res_blocks: 2,
             z_channels: 4,
+            norm_num_groups: GROUP_NORM_GROUPS,
         }
     }
 
@@ -56,11 +70,12 @@ impl VaeConfig {
             ch_mult: vec![1, 2],
             num_res_blocks: 1,
             z_channels: 4,
+            norm_num_groups: GROUP_NORM_GROUPS,
         }
     }
 
     /// Whether an autoencoder of this configuration can be built: widths non-zero, at least
-    /// one level, every level's width divisible by GroupNorm's 32 groups.
+    /// one level, every level's width divisible by GroupNorm's `norm_num_groups`.
     pub fn validate(&self) -> Result<(), String> {
         let nonzero = [
             ("in_channels", self.in_channels),
@@ -77,12 +92,16 @@ impl VaeConfig {
                 self.ch_mult
             ));
         }
+        let groups = self.norm_num_groups;
+        if groups == 0 {
+            return Err("VAE norm_num_groups is 0".into());
+        }
         for (level, &mult) in self.ch_mult.iter().enumerate() {
             let ch = self.ch.checked_mul(mult).ok_or("VAE width overflows")?;
-            if !ch.is_multiple_of(GROUP_NORM_GROUPS) {
+            if !ch.is_multiple_of(groups) {
                 return Err(format!(
                     "VAE level {level} has {ch} channels, not divisible by GroupNorm's \
-                     {GROUP_NORM_GROUPS} groups"
+                     {groups} groups (norm_num_groups)"
                 ));
             }
         }
@@ -92,6 +111,7 @@ impl VaeConfig {
     /// Builds the autoencoder with fresh (lazy) parameters.
     pub fn init(&self, device: &Device) -> Vae {
         let levels = self.ch_mult.len();
+        let g = self.norm_num_groups;
         let ch_at = |level: usize| self.ch * self.ch_mult[level];
 
         let mut down = Vec::with_capacity(levels);
@@ -100,7 +120,7 @@ impl VaeConfig {
             let block_out = ch_at(level);
             let mut block = Vec::new();
             for _ in 0..self.num_res_blocks {
-                block.push(VaeResBlock::new(block_in, block_out, device));
+                block.push(VaeResBlock::new(block_in, block_out, g, device));
                 block_in = block_out;
             }
             down.push(DownLevel {
@@ -117,8 +137,8 @@ impl VaeConfig {
         let encoder = Encoder {
             conv_in: conv2d(self.in_channels, self.ch, 3, 1, device),
             down,
-            mid: Mid::new(block_in, device),
-            norm_out: group_norm(block_in, 1e-6, device),
+            mid: Mid::new(block_in, g, device),
+            norm_out: group_norm(g, block_in, 1e-6, device),
             conv_out: conv2d(block_in, z2, 3, 1, device),
         };
 
@@ -129,7 +149,7 @@ impl VaeConfig {
             let block_out = ch_at(level);
             let mut block = Vec::new();
             for _ in 0..=self.num_res_blocks {
-                block.push(VaeResBlock::new(block_in, block_out, device));
+                block.push(VaeResBlock::new(block_in, block_out, g, device));
                 block_in = block_out;
             }
             up[level] = Some(UpLevel {
@@ -141,9 +161,9 @@ impl VaeConfig {
         }
         let decoder = Decoder {
             conv_in: conv2d(self.z_channels, top, 3, 1, device),
-            mid: Mid::new(top, device),
+            mid: Mid::new(top, g, device),
             up: up.into_iter().flatten().collect(),
-            norm_out: group_norm(block_in, 1e-6, device),
+            norm_out: group_norm(g, block_in, 1e-6, device),
             conv_out: conv2d(block_in, self.in_channels, 3, 1, device),
         };
 
@@ -293,11 +313,11 @@ pub struct Mid {
 }
 
 impl Mid {
-    fn new(ch: usize, device: &Device) -> Self {
+    fn new(ch: usize, g: usize, device: &Device) -> Self {
         Self {
-            block_1: VaeResBlock::new(ch, ch, device),
-            attn_1: AttnBlock::new(ch, device),
-            block_2: VaeResBlock::new(ch, ch, device),
+            block_1: VaeResBlock::new(ch, ch, g, device),
+            attn_1: AttnBlock::new(ch, g, device),
+            block_2: VaeResBlock::new(ch, ch, g, device),
         }
     }
 
@@ -323,11 +343,11 @@ pub struct VaeResBlock {
 }
 
 impl VaeResBlock {
-    fn new(c_in: usize, c_out: usize, device: &Device) -> Self {
+    fn new(c_in: usize, c_out: usize, g: usize, device: &Device) -> Self {
         Self {
-            norm1: group_norm(c_in, 1e-6, device),
+            norm1: group_norm(g, c_in, 1e-6, device),
             conv1: conv2d(c_in, c_out, 3, 1, device),
-            norm2: group_norm(c_out, 1e-6, device),
+            norm2: group_norm(g, c_out, 1e-6, device),
             conv2: conv2d(c_out, c_out, 3, 1, device),
             nin_shortcut: (c_in != c_out).then(|| conv2d(c_in, c_out, 1, 1, device)),
         }
@@ -359,9 +379,9 @@ pub struct AttnBlock {
 }
 
 impl AttnBlock {
-    fn new(ch: usize, device: &Device) -> Self {
+    fn new(ch: usize, g: usize, device: &Device) -> Self {
         Self {
-            norm: group_norm(ch, 1e-6, device),
+            norm: group_norm(g, ch, 1e-6, device),
             q: conv2d(ch, ch, 1, 1, device),
             k: conv2d(ch, ch, 1, 1, device),
             v: conv2d(ch, ch, 1, 1, device),

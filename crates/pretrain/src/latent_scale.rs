@@ -93,6 +93,7 @@ mod tests {
             ch_mult: vec![1, 2],
             num_res_blocks: 1,
             z_channels: 4,
+            norm_num_groups: 32,
         }
     }
 

@@ -231,6 +231,7 @@ impl TinyBase {
                 ch_mult: self.vae_ch_mult.clone(),
                 num_res_blocks: 1,
                 z_channels: 4,
+                norm_num_groups: 32,
             }),
             text_l: Some(TextConfig {
                 vocab_size: 49408,

@@ -17,6 +17,7 @@ use super::{SampleError, SampleJob};
 use crate::checkpoint::{Checkpoint, Family, StableDiffusion};
 use crate::clip::ClipTextModel;
 use crate::ddpm::standard_normal;
+use crate::diffusers_config::BaseConfig;
 use crate::lora::LoraNetwork;
 use crate::tokenizer::{Padding, Tokenizer};
 use crate::unet::UNet;
@@ -67,8 +68,17 @@ impl std::fmt::Debug for Generator {
 impl Generator {
     /// Loads the single-file checkpoint `base` onto `device`.
     pub fn load(base: &Path, device: &Device) -> Result<Self, SampleError> {
+        Self::load_with(base, &BaseConfig::none(), device)
+    }
+
+    /// [`Generator::load`] with the architecture completed by diffusers configs.
+    pub fn load_with(
+        base: &Path,
+        config: &BaseConfig,
+        device: &Device,
+    ) -> Result<Self, SampleError> {
         let ckpt = Checkpoint::open(base)?;
-        Self::from_model(StableDiffusion::load(&ckpt, device)?, device)
+        Self::from_model(StableDiffusion::load_with(&ckpt, config, device)?, device)
     }
 
     /// Wraps a loaded model; it needs its VAE and text encoder(s).
