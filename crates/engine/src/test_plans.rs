@@ -390,6 +390,7 @@ fn gc_keeps_only_what_lockfiles_reference() {
 pub(crate) fn train(base: Input) -> NodeParams {
     NodeParams::Train(slider_recipe::TrainParams {
         base,
+        base_config: None,
         images: vec![],
         caption: "a".into(),
         learning_rate: 5e-5,

@@ -36,6 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let lora = PathBuf::from(&args[1]);
     let config = EvaluateConfig {
         base: PathBuf::from(&args[0]),
+        base_config: None,
         lora_label: lora
             .file_stem()
             .map_or_else(|| "lora".into(), |s| s.to_string_lossy().into_owned()),

@@ -40,8 +40,17 @@ use crate::eye_meter::{EyeMeter, EyeMeterError};
 use crate::stats::mean;
 pub use crate::stats::{average_ranks, spearman};
 use slider_grid::GridError;
+use slider_models::diffusers_config::BaseConfig;
 use slider_models::sample::{Generator, SampleError, SampleJob, SamplerKind};
 use slider_protocol::params::{EvaluateParams, Input};
+
+/// The `base_config` file read, or none.
+fn base_config(path: Option<&std::path::Path>) -> Result<BaseConfig, SampleError> {
+    path.map_or_else(
+        || Ok(BaseConfig::none()),
+        |p| BaseConfig::load(p).map_err(|e| SampleError::Checkpoint(e.into())),
+    )
+}
 
 /// The primary output: every figure, as JSON.
 pub const QUALITY_JSON: &str = "quality.json";
@@ -60,6 +69,8 @@ pub type MeasureError = Box<dyn std::error::Error + Send + Sync>;
 pub struct EvaluateConfig {
     /// The base checkpoint.
     pub base: PathBuf,
+    /// The base model's diffusers config (`base_config`), when the recipe gives one.
+    pub base_config: Option<PathBuf>,
     /// The slider LoRA under test.
     pub lora: PathBuf,
     /// What the reports call the LoRA: its node's name or the file's stem.
@@ -246,6 +257,11 @@ impl EvaluateConfig {
         }
         Ok(Self {
             base: file("base", &params.base)?,
+            base_config: params
+                .base_config
+                .as_ref()
+                .map(|c| file("base_config", c))
+                .transpose()?,
             lora: file("lora", &params.lora)?,
             lora_label: params.lora.label(),
             meter: file("meter", &params.meter)?,
@@ -308,8 +324,9 @@ pub fn run(
     device: &Device,
     progress: impl FnMut(EvaluateProgress),
 ) -> Result<QualityReport, EvaluateError> {
-    let generator =
-        Generator::load(&config.base, device).map_err(|e| EvaluateError::Base(Box::new(e)))?;
+    let generator = base_config(config.base_config.as_deref())
+        .and_then(|c| Generator::load_with(&config.base, &c, device))
+        .map_err(|e| EvaluateError::Base(Box::new(e)))?;
     let lora = slider_lora::Lora::load(&config.lora)?;
     let meter =
         EyeMeter::load(&config.meter, device).map_err(|e| EvaluateError::Meter(Box::new(e)))?;
@@ -1080,6 +1097,7 @@ mod tests {
         meter.save(&meter_path, &[]).unwrap();
         let config = EvaluateConfig {
             base: dir.path().join("base.safetensors"),
+            base_config: None,
             lora: lora_path,
             lora_label: "slider".into(),
             meter: meter_path,

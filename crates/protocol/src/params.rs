@@ -137,6 +137,11 @@ pub struct CommandParams {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainParams {
     pub base: Input,
+    /// The base model's diffusers `config.json` (what its shapes cannot tell: GroupNorm
+    /// groups, attention heads); enters the key by content. Left out of the serialisation
+    /// when absent, so recipes without it keep their keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_config: Option<Input>,
     pub images: Vec<Input>,
     pub caption: String,
     pub learning_rate: f64,
@@ -170,6 +175,11 @@ pub struct TrainParams {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct XyPlotParams {
     pub base: Input,
+    /// The base model's diffusers `config.json` (what its shapes cannot tell: GroupNorm
+    /// groups, attention heads); enters the key by content. Left out of the serialisation
+    /// when absent, so recipes without it keep their keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_config: Option<Input>,
     /// LoRAs applied to every cell (at weight 1 unless an axis varies it).
     pub loras: Vec<Input>,
     pub prompt: String,
@@ -201,6 +211,11 @@ fn is_unscaled(scale: &u32) -> bool {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EvaluateParams {
     pub base: Input,
+    /// The base model's diffusers `config.json` (what its shapes cannot tell: GroupNorm
+    /// groups, attention heads); enters the key by content. Left out of the serialisation
+    /// when absent, so recipes without it keep their keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_config: Option<Input>,
     /// The slider under test.
     pub lora: Input,
     /// The eye-size meter's weights (a file, or a node that writes one).
@@ -248,9 +263,15 @@ impl NodeParams {
             NodeParams::Merge(p) => p.models.iter().collect(),
             NodeParams::Resize(p) => vec![&p.model],
             NodeParams::Command(p) => p.inputs.values().collect(),
-            NodeParams::Train(p) => std::iter::once(&p.base).chain(&p.images).collect(),
+            NodeParams::Train(p) => std::iter::once(&p.base)
+                .chain(&p.base_config)
+                .chain(&p.images)
+                .collect(),
             NodeParams::XyPlot(p) => {
-                let mut v: Vec<&Input> = std::iter::once(&p.base).chain(&p.loras).collect();
+                let mut v: Vec<&Input> = std::iter::once(&p.base)
+                    .chain(&p.base_config)
+                    .chain(&p.loras)
+                    .collect();
                 for axis in [&p.x, &p.y] {
                     if let Axis::Lora(items) = axis {
                         v.extend(items.iter().flatten());
@@ -258,7 +279,10 @@ impl NodeParams {
                 }
                 v
             }
-            NodeParams::Evaluate(p) => vec![&p.base, &p.lora, &p.meter],
+            NodeParams::Evaluate(p) => std::iter::once(&p.base)
+                .chain(&p.base_config)
+                .chain([&p.lora, &p.meter])
+                .collect(),
             NodeParams::MergeIntoModel(p) => std::iter::once(&p.base).chain(&p.models).collect(),
         }
     }

@@ -16,7 +16,15 @@ use crate::plan::{Node, NodeParams, Origin, Plan};
 use crate::yaml::{self, Entry, Value, Yaml};
 
 /// The recipe's top-level keys.
-pub const TOP_KEYS: [&str; 6] = ["base", "vars", "defaults", "matrix", "nodes", "outputs"];
+pub const TOP_KEYS: [&str; 7] = [
+    "base",
+    "base_config",
+    "vars",
+    "defaults",
+    "matrix",
+    "nodes",
+    "outputs",
+];
 
 /// Compiles recipe text. `None` means `diags` holds at least one problem.
 pub(crate) fn compile(
@@ -55,6 +63,9 @@ pub(crate) fn compile(
     let base = section("base")
         .filter(|e| !matches!(e.value.value, Value::Null))
         .map(|e| substitute(&e.value, &env, sources, diags));
+    let base_config = section("base_config")
+        .filter(|e| !matches!(e.value.value, Value::Null))
+        .map(|e| substitute(&e.value, &env, sources, diags));
 
     let templates = node_templates(&top, section("nodes"), diags)?;
     let mut expanded = Vec::new();
@@ -66,6 +77,7 @@ pub(crate) fn compile(
                 matrix: &matrix,
                 defaults: &defaults,
                 base: base.as_ref(),
+                base_config: base_config.as_ref(),
                 sources,
             },
             &mut expanded,
@@ -149,7 +161,7 @@ fn parse_top(text: &str, diags: &mut Vec<Diag>) -> Option<Vec<Entry>> {
         other => {
             diags.push(Diag::new(
                 "recipe::wrong_type",
-                "a recipe must be a mapping of `base`, `vars`, `defaults`, `matrix`, `nodes`, `outputs`",
+                "a recipe must be a mapping of `base`, `base_config`, `vars`, `defaults`, `matrix`, `nodes`, `outputs`",
                 doc.span,
                 format!("found {}", other.describe()),
             ));
@@ -335,7 +347,7 @@ fn apply_global_overrides(
             )
         };
         match head.as_str() {
-            "base" if o.path.len() == 1 => {
+            "base" | "base_config" if o.path.len() == 1 => {
                 let value = o.value;
                 if let Err(d) = set_path(top, &o.path, value) {
                     diags.push(d);
@@ -612,6 +624,7 @@ struct Context<'a> {
     matrix: &'a [(String, Vec<Yaml>)],
     defaults: &'a BTreeMap<&'static str, Vec<Entry>>,
     base: Option<&'a Yaml>,
+    base_config: Option<&'a Yaml>,
     sources: &'a Sources,
 }
 
@@ -685,6 +698,16 @@ fn expand_template(t: &Entry, cx: &Context<'_>, out: &mut Vec<Expanded>, diags: 
             key: "base".into(),
             key_span: base.span,
             value: base.clone(),
+        });
+    }
+    if let Some(config) = cx.base_config
+        && allowed.contains(&"base_config")
+        && !entries.iter().any(|e| e.key == "base_config")
+    {
+        entries.push(Entry {
+            key: "base_config".into(),
+            key_span: config.span,
+            value: config.clone(),
         });
     }
 
@@ -992,6 +1015,7 @@ fn check_types(
                 Slot::Model => "a base model",
                 Slot::Image => "an image",
                 Slot::Meter => "an eye meter",
+                Slot::Config => "a diffusers config.json",
                 Slot::Any => "a file",
             },
             match what {

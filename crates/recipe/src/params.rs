@@ -47,6 +47,7 @@ pub fn param_names(kind: &str) -> &'static [&'static str] {
         "command" => &["run", "inputs", "outputs"],
         "train" => &[
             "base",
+            "base_config",
             "images",
             "caption",
             "learning_rate",
@@ -74,6 +75,7 @@ pub fn param_names(kind: &str) -> &'static [&'static str] {
         ],
         "xy_plot" => &[
             "base",
+            "base_config",
             "loras",
             "prompt",
             "negative_prompt",
@@ -88,6 +90,7 @@ pub fn param_names(kind: &str) -> &'static [&'static str] {
         ],
         "evaluate" => &[
             "base",
+            "base_config",
             "lora",
             "meter",
             "weights",
@@ -120,6 +123,8 @@ pub(crate) enum Slot {
     Image,
     /// The eye meter's weights (`evaluate`'s `meter`).
     Meter,
+    /// A base model's diffusers `config.json` (`base_config`).
+    Config,
     /// Anything (`command` inputs).
     Any,
 }
@@ -860,6 +865,7 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
     if base.is_none() && f.get("base").is_none() {
         f.missing("base", "path/to/model.safetensors");
     }
+    let base_config = f.input("base_config", Slot::Config);
     let images = f.non_empty_inputs("images", Slot::Image, "[pairs/small.png]");
     let caption = f.text_or("caption", "");
     let learning_rate = f.positive_f64_or("learning_rate", 2e-6);
@@ -955,6 +961,7 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
     let training_comment = f.text_or("training_comment", "");
     TrainParams {
         base: base.unwrap_or(Input::Node(String::new())),
+        base_config,
         images,
         caption,
         learning_rate,
@@ -1139,6 +1146,7 @@ fn xy_plot(f: &mut Fields<'_>) -> XyPlotParams {
     if base.is_none() && f.get("base").is_none() {
         f.missing("base", "path/to/model.safetensors");
     }
+    let base_config = f.input("base_config", Slot::Config);
     let loras = f
         .inputs("loras", Slot::Lora)
         .map_or_else(Vec::new, |(l, _)| l);
@@ -1187,6 +1195,7 @@ fn xy_plot(f: &mut Fields<'_>) -> XyPlotParams {
     let cell_scale = cell_scale(f, width.min(height));
     XyPlotParams {
         base: base.unwrap_or(Input::Node(String::new())),
+        base_config,
         loras,
         prompt,
         negative_prompt,
@@ -1251,6 +1260,7 @@ fn evaluate(f: &mut Fields<'_>) -> EvaluateParams {
     if base.is_none() && f.get("base").is_none() {
         f.missing("base", "path/to/model.safetensors");
     }
+    let base_config = f.input("base_config", Slot::Config);
     let lora = f.input("lora", Slot::Lora);
     if lora.is_none() && f.get("lora").is_none() {
         f.missing("lora", "eyesize");
@@ -1344,6 +1354,7 @@ fn evaluate(f: &mut Fields<'_>) -> EvaluateParams {
     let height = image_size(f, "height");
     EvaluateParams {
         base: base.unwrap_or(Input::Node(String::new())),
+        base_config,
         lora: lora.unwrap_or(Input::Node(String::new())),
         meter: meter.unwrap_or(Input::Node(String::new())),
         weights,
@@ -1406,6 +1417,11 @@ pub(crate) fn slot_refusal(slot: Slot, kind: &str, what: Produces) -> Option<&'s
         (Slot::Model, _) => Some(
             "`base` takes a model checkpoint: a file, a merge_into_model node, or a command \
                  node that writes one",
+        ),
+        (Slot::Config, _) if kind == "command" && what != Produces::Image => None,
+        (Slot::Config, _) => Some(
+            "`base_config` takes a diffusers config.json: a file, or a command node that writes \
+             one",
         ),
         (Slot::Meter, _) if kind == "command" && what != Produces::Image => None,
         (Slot::Meter, _) => {

@@ -49,6 +49,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     write_png(&image, resolution)?;
     let config = TrainConfig {
         base,
+        base_config: None,
         images: vec![image],
         caption: "a photo of sks".into(),
         learning_rate: 5e-5,

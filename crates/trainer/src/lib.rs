@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use slider_models::HostTensor;
 use slider_models::checkpoint::{Checkpoint, CheckpointError, Family, StableDiffusion};
 use slider_models::ddpm::{DdpmError, NoiseSchedule, apply_noise_offset, standard_normal};
+use slider_models::diffusers_config::BaseConfig;
 use slider_models::lora::{AdapterError, Factor, LoraNetwork, NetworkDims};
 use slider_models::tokenizer::{Padding, Tokenizer, TokenizerError};
 use slider_models::unet::UNet;
@@ -45,6 +46,10 @@ pub const LATENT_CACHE_FILE: &str = "latents.safetensors";
 pub struct TrainConfig {
     /// The base checkpoint.
     pub base: PathBuf,
+    /// The base model's diffusers config (`base_config`), when the recipe gives one. Left out
+    /// of the serialisation when absent, so work dirs of earlier runs still resume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_config: Option<PathBuf>,
     /// Training images (PNG, JPEG, WebP).
     pub images: Vec<PathBuf>,
     /// The caption of every image.
@@ -117,6 +122,7 @@ impl TrainConfig {
         }
         Ok(Self {
             base: file(&params.base)?,
+            base_config: params.base_config.as_ref().map(file).transpose()?,
             images: params.images.iter().map(file).collect::<Result<_, _>>()?,
             caption: params.caption.clone(),
             learning_rate: params.learning_rate,
@@ -249,7 +255,11 @@ pub fn train(
 ) -> Result<TrainOutcome, TrainError> {
     check(config)?;
     let ckpt = Checkpoint::open(&config.base)?;
-    let model = StableDiffusion::load(&ckpt, device)?;
+    let base_config = match &config.base_config {
+        Some(path) => BaseConfig::load(path).map_err(CheckpointError::from)?,
+        None => BaseConfig::none(),
+    };
+    let model = StableDiffusion::load_with(&ckpt, &base_config, device)?;
     let multiple = model.spec.pixel_multiple();
     if !config.resolution.is_multiple_of(multiple) {
         return Err(TrainError::Config(format!(
@@ -976,6 +986,7 @@ mod tests {
         }
         TrainConfig {
             base,
+            base_config: None,
             images,
             caption: "a photo of sks".into(),
             learning_rate: 1e-3,

@@ -205,6 +205,7 @@ mod tests {
     fn train_params(world: &World, optimizer: Optimizer, schedule: LrScheduler) -> TrainParams {
         TrainParams {
             base: world.file("base.safetensors"),
+            base_config: None,
             images: vec![world.file("a.png"), world.file("b.png")],
             caption: "a face with big eyes".into(),
             learning_rate: 1e-3,
@@ -253,6 +254,7 @@ mod tests {
             "plot",
             NodeParams::XyPlot(XyPlotParams {
                 base: world.file("base.safetensors"),
+                base_config: None,
                 loras: vec![Input::Node("lora".into())],
                 prompt: "a face".into(),
                 negative_prompt: String::new(),
@@ -270,6 +272,7 @@ mod tests {
             "quality",
             NodeParams::Evaluate(EvaluateParams {
                 base: world.file("base.safetensors"),
+                base_config: None,
                 lora: Input::Node("lora".into()),
                 meter: World::meter(),
                 weights: vec![-1.0, 0.0, 1.0],
@@ -380,6 +383,7 @@ mod tests {
                 sampler.name(),
                 NodeParams::XyPlot(XyPlotParams {
                     base: world.file("base.safetensors"),
+                    base_config: None,
                     loras: vec![Input::Node("lora".into())],
                     prompt: "a face".into(),
                     negative_prompt: String::new(),

@@ -33,8 +33,17 @@ use burn::tensor::Device;
 use serde_json::{Value, json};
 
 use slider_grid::GridError;
+use slider_models::diffusers_config::BaseConfig;
 use slider_models::sample::{Generator, SampleError, SampleJob, SamplerKind};
 use slider_protocol::params::{Axis, Input, XyPlotParams};
+
+/// The `base_config` file read, or none.
+fn base_config(path: Option<&std::path::Path>) -> Result<BaseConfig, SampleError> {
+    path.map_or_else(
+        || Ok(BaseConfig::none()),
+        |p| BaseConfig::load(p).map_err(|e| SampleError::Checkpoint(e.into())),
+    )
+}
 
 /// The file `run` writes into its output directory.
 pub const GRID_FILE: &str = "grid.png";
@@ -119,6 +128,8 @@ impl AxisValues {
 pub struct XyPlotConfig {
     /// The base checkpoint.
     pub base: PathBuf,
+    /// The base model's diffusers config (`base_config`), when the recipe gives one.
+    pub base_config: Option<PathBuf>,
     /// LoRAs applied to every cell at weight 1 (the first one's weight is what a `weight`
     /// axis varies).
     pub loras: Vec<LoraInput>,
@@ -265,6 +276,7 @@ impl XyPlotConfig {
         }
         Ok(Self {
             base: file(&params.base)?,
+            base_config: params.base_config.as_ref().map(file).transpose()?,
             loras,
             prompt: params.prompt.clone(),
             negative_prompt: params.negative_prompt.clone(),
@@ -353,8 +365,9 @@ pub fn run(
     device: &Device,
     mut progress: impl FnMut(XyProgress),
 ) -> Result<XyPlotOutcome, XyPlotError> {
-    let generator =
-        Generator::load(&config.base, device).map_err(|e| XyPlotError::Base(Box::new(e)))?;
+    let generator = base_config(config.base_config.as_deref())
+        .and_then(|c| Generator::load_with(&config.base, &c, device))
+        .map_err(|e| XyPlotError::Base(Box::new(e)))?;
     let mut files: BTreeMap<PathBuf, slider_lora::Lora> = BTreeMap::new();
     let on_axes = [&config.x, &config.y].into_iter().flat_map(|a| match a {
         AxisValues::Lora(v) => v.iter().flatten().collect(),
@@ -556,6 +569,7 @@ mod tests {
         lora.save(&lora_path, slider_lora::Precision::F32).unwrap();
         let config = XyPlotConfig {
             base: dir.path().join("base.safetensors"),
+            base_config: None,
             loras: vec![LoraInput {
                 label: "slider".into(),
                 path: lora_path,
