@@ -50,11 +50,15 @@ fn classes(lora: &Lora) -> Vec<(String, usize)> {
 }
 
 fn dense_merge_time(
+    run: bool,
     inputs: &[&Lora],
     ratios: &[f64],
     opts: &SvdMergeOptions,
 ) -> Result<(Duration, usize), LoraError> {
     let mut total = Duration::ZERO;
+    if !run {
+        return Ok((total, 0));
+    }
     let sample = classes(inputs[0]);
     for (name, count) in &sample {
         let parts: Vec<(&Module, f64)> = inputs
@@ -80,8 +84,15 @@ fn dense_merge_time(
     Ok((total, sample.len()))
 }
 
-fn dense_resize_time(input: &Lora, opts: &ResizeOptions) -> Result<(Duration, usize), LoraError> {
+fn dense_resize_time(
+    run: bool,
+    input: &Lora,
+    opts: &ResizeOptions,
+) -> Result<(Duration, usize), LoraError> {
     let mut total = Duration::ZERO;
+    if !run {
+        return Ok((total, 0));
+    }
     let sample = classes(input);
     for (name, count) in &sample {
         let m = &input.modules[name];
@@ -103,17 +114,46 @@ fn dense_resize_time(input: &Lora, opts: &ResizeOptions) -> Result<(Duration, us
 
 /// Runs the chain; `progress` is told which step starts.
 pub fn run_lora_bench(progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>, LoraError> {
+    run_lora_bench_with(progress, true)
+}
+
+/// [`run_lora_bench`], with the dense path timed (`with_dense`) or skipped (its figures zero):
+/// the fast path alone takes seconds, the dense sample more than a minute.
+pub fn run_lora_bench_with(
+    progress: &mut dyn FnMut(&str),
+    with_dense: bool,
+) -> Result<Vec<BenchRow>, LoraError> {
     progress("generating 6 synthetic SDXL LoRAs");
-    let angles = ["front", "45deg", "side"];
-    let inputs: Vec<(Lora, Lora)> = (0..angles.len() as u64)
+    let inputs = sdxl_bench_inputs();
+    run_lora_chain(&inputs, progress, with_dense)
+}
+
+/// The six inputs of [`run_lora_bench`]: `(big, small)` for the front, 45deg and side
+/// angles (SDXL layout, rank 4, alpha 1, fixed seeds).
+pub fn sdxl_bench_inputs() -> Vec<(Lora, Lora)> {
+    (0..ANGLES.len() as u64)
         .map(|i| {
             (
                 synth::random_lora(Layout::Sdxl, 4, 1.0, 100 + 2 * i),
                 synth::random_lora(Layout::Sdxl, 4, 1.0, 101 + 2 * i),
             )
         })
-        .collect();
-    let modules = inputs[0].0.modules.len();
+        .collect()
+}
+
+const ANGLES: [&str; 3] = ["front", "45deg", "side"];
+
+/// The chain of [`run_lora_bench`] on given inputs (one `(big, small)` pair per angle, see
+/// [`sdxl_bench_inputs`]), so that repeated runs can share one generation.
+pub fn run_lora_chain(
+    inputs: &[(Lora, Lora)],
+    progress: &mut dyn FnMut(&str),
+    with_dense: bool,
+) -> Result<Vec<BenchRow>, LoraError> {
+    let angles = ANGLES;
+    let Some(modules) = inputs.first().map(|(big, _)| big.modules.len()) else {
+        return Err(LoraError::InvalidArgument("no bench inputs".into()));
+    };
     let pair_opts = SvdMergeOptions {
         new_rank: 8,
         new_conv_rank: 8,
@@ -121,13 +161,13 @@ pub fn run_lora_bench(progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>, L
     };
     let mut rows = Vec::new();
     let mut sliders = Vec::new();
-    for (angle, (big, small)) in angles.iter().zip(&inputs) {
+    for (angle, (big, small)) in angles.iter().zip(inputs) {
         let op = format!("svd-merge {angle}: +1.5 big -1.5 small, rank 8");
         progress(&op);
         let start = Instant::now();
         let slider = crate::svd_merge(&[big, small], &[1.5, -1.5], &pair_opts)?;
         let fast = start.elapsed();
-        let (dense, timed) = dense_merge_time(&[big, small], &[1.5, -1.5], &pair_opts)?;
+        let (dense, timed) = dense_merge_time(with_dense, &[big, small], &[1.5, -1.5], &pair_opts)?;
         rows.push(BenchRow {
             operation: op,
             fast,
@@ -143,7 +183,7 @@ pub fn run_lora_bench(progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>, L
     let start = Instant::now();
     let slider = crate::svd_merge(&refs, &[1.0, 1.0, 1.0], &pair_opts)?;
     let fast = start.elapsed();
-    let (dense, timed) = dense_merge_time(&refs, &[1.0, 1.0, 1.0], &pair_opts)?;
+    let (dense, timed) = dense_merge_time(with_dense, &refs, &[1.0, 1.0, 1.0], &pair_opts)?;
     rows.push(BenchRow {
         operation: op,
         fast,
@@ -166,7 +206,7 @@ pub fn run_lora_bench(progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>, L
     let bytes = resized.to_bytes(Precision::F16);
     let serialise = start.elapsed();
     tracing::debug!(bytes = bytes.len(), "fp16 file");
-    let (dense, timed) = dense_resize_time(&slider, &resize_opts)?;
+    let (dense, timed) = dense_resize_time(with_dense, &slider, &resize_opts)?;
     rows.push(BenchRow {
         operation: op,
         fast: resize_time + serialise,
@@ -190,11 +230,58 @@ pub fn run_lora_bench(progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>, L
 /// merge), then an `sv_fro 0.75` resize (max rank 16) written as fp16. Inputs: every layer
 /// of FLUX.1 (314) at `rank` 16, alpha 16.
 pub fn run_flux_bench(progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>, LoraError> {
-    let rank = 16;
+    run_flux_bench_with(progress, true)
+}
+
+/// [`run_flux_bench`], with the dense path timed (`with_dense`) or skipped (its figures zero).
+pub fn run_flux_bench_with(
+    progress: &mut dyn FnMut(&str),
+    with_dense: bool,
+) -> Result<Vec<BenchRow>, LoraError> {
     progress("generating 2 synthetic FLUX.1 LoRAs (314 layers, rank 16)");
+    let inputs = flux_bench_inputs()?;
+    run_flux_pair(&inputs, progress, with_dense)
+}
+
+/// Rank (and alpha) of the FLUX.1 bench inputs.
+const FLUX_RANK: usize = 16;
+
+/// The inputs of [`run_flux_bench`].
+pub struct FluxBenchInputs {
+    /// Every FLUX.1 layer in kohya names, rank 16, alpha 16.
+    pub big: Lora,
+    /// Another such LoRA in diffusers / ai-toolkit names.
+    pub small: Lora,
+    /// `small` in kohya names (what the dense route is timed on).
+    pub small_kohya: Lora,
+}
+
+/// Generates the inputs of [`run_flux_bench`] (fixed seeds).
+pub fn flux_bench_inputs() -> Result<FluxBenchInputs, LoraError> {
+    let rank = FLUX_RANK;
     let big = synth::random_lora(Layout::Flux, rank, rank as f32, 300);
     let small_kohya = synth::random_lora(Layout::Flux, rank, rank as f32, 301);
     let (small, _) = crate::convert(&small_kohya, Naming::Diffusers)?;
+    Ok(FluxBenchInputs {
+        big,
+        small,
+        small_kohya,
+    })
+}
+
+/// The two steps of [`run_flux_bench`] on given inputs, so that repeated runs can share one
+/// generation.
+pub fn run_flux_pair(
+    inputs: &FluxBenchInputs,
+    progress: &mut dyn FnMut(&str),
+    with_dense: bool,
+) -> Result<Vec<BenchRow>, LoraError> {
+    let rank = FLUX_RANK;
+    let FluxBenchInputs {
+        big,
+        small,
+        small_kohya,
+    } = inputs;
     let modules = big.modules.len();
     let merge_opts = SvdMergeOptions {
         new_rank: rank,
@@ -205,10 +292,11 @@ pub fn run_flux_bench(progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>, L
     let op = "svd-merge +1.5 kohya -1.5 diffusers, rank 16".to_string();
     progress(&op);
     let start = Instant::now();
-    let slider = crate::svd_merge(&[&big, &small], &[1.5, -1.5], &merge_opts)?;
+    let slider = crate::svd_merge(&[big, small], &[1.5, -1.5], &merge_opts)?;
     let fast = start.elapsed();
     // The dense route does the same sums and SVDs on the layers in one naming.
-    let (dense, timed) = dense_merge_time(&[&big, &small_kohya], &[1.5, -1.5], &merge_opts)?;
+    let (dense, timed) =
+        dense_merge_time(with_dense, &[big, small_kohya], &[1.5, -1.5], &merge_opts)?;
     rows.push(BenchRow {
         operation: op,
         fast,
@@ -230,7 +318,7 @@ pub fn run_flux_bench(progress: &mut dyn FnMut(&str)) -> Result<Vec<BenchRow>, L
     let bytes = resized.to_bytes(Precision::F16);
     let serialise = start.elapsed();
     tracing::debug!(bytes = bytes.len(), "fp16 file");
-    let (dense, timed) = dense_resize_time(&slider, &resize_opts)?;
+    let (dense, timed) = dense_resize_time(with_dense, &slider, &resize_opts)?;
     rows.push(BenchRow {
         operation: op,
         fast: resize_time + serialise,
