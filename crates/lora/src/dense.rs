@@ -12,7 +12,7 @@ use crate::module::Module;
 use crate::resize::{
     ModuleResizeStats, RankRule, ResizeOptions, new_rank_for_spectrum, resize_with,
 };
-use crate::svd_merge::{SvdMergeOptions, clamp_to_quantile, svd_merge_with, truncate};
+use crate::svd_merge::{SvdMergeOptions, clamp_to_quantile, svd_merge_with, truncate, truncated};
 use crate::{DynamicMethod, Lora};
 
 /// `scale * up @ down` as a dense `out x (in * kh * kw)` matrix in `T`, times `ratio`.
@@ -47,15 +47,16 @@ pub fn svd_merge_dense(
         models,
         ratios,
         opts,
-        |name, contribs: &[Contribution<'_>], _k| {
-            let mut sum =
-                Mat::<f64>::zeros(contribs[0].module.out_dim, contribs[0].module.in_flat());
+        |name, contribs: &[Contribution<'_>], k, _| {
+            let (out, in_flat) = (contribs[0].module.out_dim, contribs[0].module.in_flat());
+            let mut sum = Mat::<f64>::zeros(out, in_flat);
             for c in contribs {
                 sum += dense_delta_in::<f64>(c.module, c.ratio);
             }
-            linalg::dense_svd(&sum).ok_or_else(|| LoraError::SvdFailed {
+            let sp = linalg::dense_svd(&sum).ok_or_else(|| LoraError::SvdFailed {
                 module: name.to_string(),
-            })
+            })?;
+            Ok(truncated(sp, k, out, in_flat))
         },
     )
 }
@@ -74,12 +75,14 @@ pub fn resize_dense_by_rule(
     opts: &ResizeOptions,
     rule: RankRule,
 ) -> Result<(Lora, Vec<ModuleResizeStats>), LoraError> {
-    resize_with(model, opts, rule, |name, m| {
+    resize_with(model, opts, rule, |name, m, choose_k, _| {
         // kohya's W = up @ down, without alpha.
         let w = product_in::<f64>(m, 1.0);
-        linalg::dense_svd(&w).ok_or_else(|| LoraError::SvdFailed {
+        let sp = linalg::dense_svd(&w).ok_or_else(|| LoraError::SvdFailed {
             module: name.to_string(),
-        })
+        })?;
+        let k = choose_k(&sp.s);
+        Ok(truncated(sp, k, m.out_dim, m.in_flat()))
     })
 }
 

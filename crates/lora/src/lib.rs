@@ -38,6 +38,7 @@ pub mod inspect;
 pub mod layout;
 mod linalg;
 pub mod lint;
+mod lowrank;
 mod merge;
 mod module;
 mod resize;
@@ -128,13 +129,19 @@ impl Lora {
     /// Checks every module with [`Module::check`]; the first failure names its module.
     /// LoRAs read by [`Lora::load`] always pass; operations check their inputs with this.
     pub fn validate(&self) -> Result<(), LoraError> {
-        for (name, m) in &self.modules {
-            m.check().map_err(|detail| LoraError::BadModule {
+        use rayon::prelude::*;
+        // In parallel; the error is still the first failing module in name order.
+        let first_bad = self
+            .modules
+            .par_iter()
+            .find_map_first(|(name, m)| m.check().err().map(|detail| (name, detail)));
+        match first_bad {
+            None => Ok(()),
+            Some((name, detail)) => Err(LoraError::BadModule {
                 module: name.clone(),
                 detail,
-            })?;
+            }),
         }
-        Ok(())
     }
 
     /// The exact bytes `save` writes.

@@ -183,7 +183,7 @@ fn small_cholesky(g: &Mat<f64>) -> Option<Mat<f64>> {
 }
 
 /// The inverse of a small lower-triangular matrix with a non-zero diagonal.
-fn lower_triangular_inverse(l: &Mat<f64>) -> Mat<f64> {
+pub(crate) fn lower_triangular_inverse(l: &Mat<f64>) -> Mat<f64> {
     let n = l.nrows();
     let mut inv = Mat::<f64>::zeros(n, n);
     for j in 0..n {
@@ -288,22 +288,212 @@ pub fn low_rank_norm(a: MatRef<'_, f64>, bt: MatRef<'_, f64>) -> f64 {
 
 /// kohya's clamp threshold: `torch.quantile(values, q)` with linear interpolation between
 /// the two nearest order statistics of the *signed* values.
+#[cfg(test)]
 pub fn quantile(values: &[f32], q: f64) -> f64 {
-    if values.is_empty() {
+    quantile_of(&[values], q, &mut SelectScratch::default())
+}
+
+/// Reusable buffers of [`quantile_of`].
+#[derive(Default)]
+pub(crate) struct SelectScratch {
+    hist: Vec<u32>,
+    candidates: Vec<u32>,
+    sample: Vec<u32>,
+}
+
+/// Bits of an order key below the histogram bucket: 4096 buckets (sign, exponent and the
+/// top 3 mantissa bits).
+const BUCKET_SHIFT: u32 = 20;
+
+/// Values drawn to bracket the wanted order statistics before the one pass over all of them.
+const SAMPLE: usize = 1024;
+
+/// A `u32` that orders as [`f32::total_cmp`] orders the floats.
+fn order_key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b >> 31 == 1 { !b } else { b | 0x8000_0000 }
+}
+
+/// The inverse of [`order_key`].
+fn from_order_key(k: u32) -> f32 {
+    f32::from_bits(if k >> 31 == 1 { k & 0x7fff_ffff } else { !k })
+}
+
+/// [`quantile`] of the concatenation of `parts`, without concatenating them, exactly (the
+/// same two order statistics as a sort gives). Large inputs take one pass: a sample of
+/// [`SAMPLE`] values brackets the wanted ranks, the pass counts the values below the
+/// bracket and collects those inside it, and a selection inside the bracket finishes. When
+/// the bracket misses (an unlucky sample; never wrong, only slower), a radix selection
+/// (histogram of the top 12 bits of the order keys, then a selection inside one bucket)
+/// takes two more passes.
+pub(crate) fn quantile_of(parts: &[&[f32]], q: f64, scratch: &mut SelectScratch) -> f64 {
+    let n: usize = parts.iter().map(|p| p.len()).sum();
+    if n == 0 {
         return 0.0;
     }
-    let mut v = values.to_vec();
-    let pos = q.clamp(0.0, 1.0) * (v.len() - 1) as f64;
-    let lo = pos.floor() as usize;
-    // Two order statistics by selection, O(n): the lo-th, then the smallest above it.
-    let (_, &mut at_lo, above) = v.select_nth_unstable_by(lo, f32::total_cmp);
-    let at_lo = f64::from(at_lo);
+    let pos = q.clamp(0.0, 1.0) * (n - 1) as f64;
+    let lo = (pos.floor() as usize).min(n - 1);
     let frac = pos - lo as f64;
-    if frac == 0.0 || above.is_empty() {
+    // The highest rank needed: lo, and lo + 1 when interpolating.
+    let need_next = frac != 0.0 && lo + 1 < n;
+    let last = if need_next { lo + 1 } else { lo };
+    let (at_lo, next) = match bracketed_select(parts, n, lo, last, scratch) {
+        Some(found) => found,
+        None => radix_select(parts, lo, last, scratch),
+    };
+    let at_lo = f64::from(from_order_key(at_lo));
+    if !need_next {
         return at_lo;
     }
-    let next = above.iter().copied().fold(f32::INFINITY, f32::min);
-    at_lo + (f64::from(next) - at_lo) * frac
+    at_lo + (f64::from(from_order_key(next)) - at_lo) * frac
+}
+
+/// The order keys of ranks `lo` and `last` (`lo` or `lo + 1`) through a sampled bracket;
+/// `None` when the bracket does not hold both.
+fn bracketed_select(
+    parts: &[&[f32]],
+    n: usize,
+    lo: usize,
+    last: usize,
+    scratch: &mut SelectScratch,
+) -> Option<(u32, u32)> {
+    if n < 4 * SAMPLE {
+        return None;
+    }
+    let at = |mut i: usize| {
+        for p in parts {
+            match p.get(i) {
+                Some(&x) => return order_key(x),
+                None => i -= p.len(),
+            }
+        }
+        0
+    };
+    // A fixed pseudo-random sample (xorshift): strided samples could alias with the
+    // columns of a factor.
+    let sample = &mut scratch.sample;
+    sample.clear();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64 ^ n as u64;
+    for _ in 0..SAMPLE {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        sample.push(at((state % n as u64) as usize));
+    }
+    sample.sort_unstable();
+    // Where ranks lo..=last fall in the sample, widened by 4 standard deviations of the
+    // sampled rank (binomial) plus a little.
+    let p = lo as f64 / n as f64;
+    let sd = (SAMPLE as f64 * p * (1.0 - p)).sqrt();
+    let margin = 4.0 * sd + 4.0;
+    let centre = p * SAMPLE as f64;
+    let low_index = (centre - margin).floor();
+    let high_index = (centre + margin).ceil() + 1.0;
+    let below_key = if low_index <= 0.0 {
+        0
+    } else {
+        sample[low_index as usize]
+    };
+    let above_key = if high_index >= SAMPLE as f64 {
+        u32::MAX
+    } else {
+        sample[high_index as usize]
+    };
+    let candidates = &mut scratch.candidates;
+    candidates.clear();
+    let mut below = 0usize;
+    let (low, high) = (from_order_key(below_key), from_order_key(above_key));
+    if below_key > order_key(0.0) && above_key < order_key(f32::INFINITY) {
+        // Both bounds positive and finite: for the finite values of a factor, the order of
+        // the keys is the order of the floats (-0.0 and 0.0 both below), and float
+        // comparisons vectorise (one pass to count, one to collect).
+        for part in parts {
+            below += part.iter().filter(|&&x| x < low).count();
+        }
+        for part in parts {
+            candidates.extend(
+                part.iter()
+                    .filter(|&&x| x >= low && x <= high)
+                    .map(|&x| order_key(x)),
+            );
+        }
+    } else {
+        for part in parts {
+            for &x in *part {
+                let k = order_key(x);
+                if k < below_key {
+                    below += 1;
+                } else if k <= above_key {
+                    candidates.push(k);
+                }
+            }
+        }
+    }
+    let first = lo.checked_sub(below)?;
+    let second = last - below;
+    if second >= candidates.len() {
+        return None;
+    }
+    let (_, &mut at_lo, above) = candidates.select_nth_unstable(first);
+    let next = if second == first {
+        at_lo
+    } else {
+        above.iter().copied().min()?
+    };
+    Some((at_lo, next))
+}
+
+/// The order keys of ranks `lo` and `last` (`lo` or `lo + 1`) by a radix selection.
+fn radix_select(
+    parts: &[&[f32]],
+    lo: usize,
+    last: usize,
+    scratch: &mut SelectScratch,
+) -> (u32, u32) {
+    let hist = &mut scratch.hist;
+    hist.clear();
+    hist.resize(1 << (32 - BUCKET_SHIFT), 0);
+    for p in parts {
+        for &x in *p {
+            hist[(order_key(x) >> BUCKET_SHIFT) as usize] += 1;
+        }
+    }
+    // The bucket holding the lo-th order statistic, and how many values lie below it.
+    let mut below = 0usize;
+    let mut bucket = hist.len() - 1;
+    for (b, &c) in hist.iter().enumerate() {
+        if below + c as usize > lo {
+            bucket = b;
+            break;
+        }
+        below += c as usize;
+    }
+    let candidates = &mut scratch.candidates;
+    candidates.clear();
+    let mut min_above = u32::MAX;
+    for p in parts {
+        for &x in *p {
+            let k = order_key(x);
+            let b = (k >> BUCKET_SHIFT) as usize;
+            if b == bucket {
+                candidates.push(k);
+            } else if b > bucket && k < min_above {
+                min_above = k;
+            }
+        }
+    }
+    let rank = (lo - below).min(candidates.len().saturating_sub(1));
+    if candidates.is_empty() {
+        return (0, 0);
+    }
+    let (_, &mut at_lo, above) = candidates.select_nth_unstable(rank);
+    // The next order statistic: the smallest above it in its bucket, else in a later one.
+    let next = if last == lo {
+        at_lo
+    } else {
+        above.iter().copied().min().unwrap_or(min_above)
+    };
+    (at_lo, next)
 }
 
 #[cfg(test)]
@@ -333,6 +523,65 @@ mod tests {
                 "{values:?} q={q}: {got} != {want}"
             );
         }
+    }
+
+    /// The quantile by sorting the values (the definition), for the radix selection.
+    fn quantile_by_sorting(values: &[f32], q: f64) -> f64 {
+        let mut v = values.to_vec();
+        v.sort_by(f32::total_cmp);
+        let pos = q * (v.len() - 1) as f64;
+        let lo = pos.floor() as usize;
+        let frac = pos - lo as f64;
+        let at_lo = f64::from(v[lo]);
+        match v.get(lo + 1) {
+            Some(&next) if frac != 0.0 => at_lo + (f64::from(next) - at_lo) * frac,
+            _ => at_lo,
+        }
+    }
+
+    #[test]
+    fn radix_quantile_equals_the_sorted_definition() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+        let mut scratch = SelectScratch::default();
+        for case in 0..300 {
+            // Small inputs take the radix selection, large ones the sampled bracket.
+            let n = if case % 3 == 0 {
+                rng.random_range(4096..20000)
+            } else {
+                rng.random_range(1..2000)
+            };
+            let values: Vec<f32> = (0..n)
+                .map(|_| match case % 4 {
+                    // few distinct values: ties across the quantile
+                    0 => f32::from(rng.random_range(-3i8..4)),
+                    // signed zeros and tiny values
+                    1 => [0.0, -0.0, 1e-30, -1e-30, 2.5][rng.random_range(0..5)],
+                    // a narrow range: everything in one bucket
+                    2 => 1.0 + rng.random_range(0.0..1e-3),
+                    _ => rng.random_range(-1.0f32..1.0) * 10f32.powi(rng.random_range(-8..8)),
+                })
+                .collect();
+            let split = rng.random_range(0..=n);
+            for q in [0.0, 0.01, 0.5, 0.99, 0.999, 1.0, rng.random_range(0.0..1.0)] {
+                let want = quantile_by_sorting(&values, q);
+                let parts = [&values[..split], &values[split..]];
+                let got = quantile_of(&parts, q, &mut scratch);
+                assert_eq!(got.to_bits(), want.to_bits(), "case {case} n {n} q {q}");
+                // The fallback alone, on every size.
+                let lo = (q * (n - 1) as f64).floor() as usize;
+                let last = (lo + 1).min(n - 1);
+                let mut sorted = values.clone();
+                sorted.sort_by(f32::total_cmp);
+                let (a, b) = radix_select(&parts, lo, last, &mut scratch);
+                assert_eq!(
+                    (from_order_key(a).to_bits(), from_order_key(b).to_bits()),
+                    (sorted[lo].to_bits(), sorted[last].to_bits()),
+                    "radix, case {case} n {n} q {q}"
+                );
+            }
+        }
+        assert_eq!(quantile_of(&[&[], &[]], 0.99, &mut scratch), 0.0);
     }
 
     #[test]

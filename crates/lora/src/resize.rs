@@ -25,9 +25,10 @@ use rayon::prelude::*;
 
 use crate::Lora;
 use crate::error::LoraError;
-use crate::linalg::{self, Spectral};
+use crate::linalg;
+use crate::lowrank::{self, Factored, Part, Workspaces};
 use crate::module::{AlphaStorage, Module, TensorDtype};
-use crate::svd_merge::truncate;
+use crate::svd_merge::truncated;
 
 /// kohya's `MIN_SV`: a module whose largest singular value is at most this is a zero matrix.
 pub const MIN_SINGULAR_VALUE: f64 = 1e-6;
@@ -204,17 +205,28 @@ pub fn resize_by_rule(
     opts: &ResizeOptions,
     rule: RankRule,
 ) -> Result<(Lora, Vec<ModuleResizeStats>), LoraError> {
-    resize_with(model, opts, rule, |name, m| {
+    resize_with(model, opts, rule, |name, m, choose_k, workspaces| {
+        let part = Part {
+            up: &m.up,
+            down: &m.down,
+            rank: m.rank,
+            coef: 1.0,
+        };
+        let fast = workspaces
+            .with(|ws| lowrank::factored_svd(&[part], m.out_dim, m.in_flat(), choose_k, ws));
+        if let Some(f) = fast {
+            return Ok(f);
+        }
+        // Full rank, or factors too ill-conditioned for the Gram route: QR of the factors.
         let a = linalg::mat_from_rows(&m.up, m.out_dim, m.rank, 1.0);
         let bt = linalg::mat_from_rows_transposed(&m.down, m.rank, m.in_flat());
-        let max_rank = max_rank_of(m, opts);
-        let full_len = m.out_dim.min(m.in_flat());
-        linalg::product_svd(a.as_ref(), bt.as_ref(), |s| {
-            new_rank_for_spectrum_by(&padded(s, full_len), max_rank, opts.dynamic, rule)
-        })
-        .ok_or_else(|| LoraError::SvdFailed {
-            module: name.to_string(),
-        })
+        let sp = linalg::product_svd(a.as_ref(), bt.as_ref(), choose_k).ok_or_else(|| {
+            LoraError::SvdFailed {
+                module: name.to_string(),
+            }
+        })?;
+        let k = choose_k(&sp.s);
+        Ok(truncated(sp, k, m.out_dim, m.in_flat()))
     })
 }
 
@@ -234,13 +246,15 @@ fn padded(s: &[f64], full_len: usize) -> Vec<f64> {
     s
 }
 
-/// The skeleton shared with the dense reference: `svd` gives the spectral factors of one
-/// module's `up @ down` (without alpha).
+/// The skeleton shared with the dense reference: `svd` gives one module's `up @ down`
+/// (without alpha) truncated to the rank its third argument chooses from the computed
+/// singular values (kohya's rank rule on the full, zero-padded spectrum).
 pub(crate) fn resize_with(
     model: &Lora,
     opts: &ResizeOptions,
     rule: RankRule,
-    svd: impl Fn(&str, &Module) -> Result<Spectral, LoraError> + Sync,
+    svd: impl Fn(&str, &Module, &dyn Fn(&[f64]) -> usize, &Workspaces) -> Result<Factored, LoraError>
+    + Sync,
 ) -> Result<(Lora, Vec<ModuleResizeStats>), LoraError> {
     if opts.new_rank == 0 || opts.new_conv_rank == 0 {
         return Err(LoraError::InvalidArgument(
@@ -256,15 +270,19 @@ pub(crate) fn resize_with(
             d.param()
         )));
     }
+    let workspaces = Workspaces::new();
     let results: Result<Vec<(String, Module, ModuleResizeStats)>, LoraError> = model
         .modules
         .par_iter()
         .map(|(name, m)| {
-            let sp = svd(name, m)?;
-            let s = padded(&sp.s, m.out_dim.min(m.in_flat()));
-            let k = new_rank_for_spectrum_by(&s, max_rank_of(m, opts), opts.dynamic, rule);
+            let full_len = m.out_dim.min(m.in_flat());
+            let max_rank = max_rank_of(m, opts);
+            let choose_k = |s: &[f64]| {
+                new_rank_for_spectrum_by(&padded(s, full_len), max_rank, opts.dynamic, rule)
+            };
+            let Factored { s, k, up, down } = svd(name, m, &choose_k, &workspaces)?;
+            let s = padded(&s, full_len);
             let new_alpha = m.scale() * k as f32;
-            let (up, down) = truncate(&sp, k, m.out_dim, m.in_flat());
             let total: f64 = s.iter().map(|x| x.abs()).sum();
             let kept: f64 = s[..k].iter().map(|x| x.abs()).sum();
             let fro_total: f64 = s.iter().map(|x| x * x).sum::<f64>().sqrt();

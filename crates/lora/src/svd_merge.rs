@@ -7,7 +7,8 @@ use rayon::prelude::*;
 use crate::Lora;
 use crate::combine::{self, Contribution};
 use crate::error::LoraError;
-use crate::linalg::{self, Spectral};
+use crate::linalg::{self, SelectScratch, Spectral};
+use crate::lowrank::{self, Factored, Part, Workspaces};
 use crate::module::{AlphaStorage, Module, TensorDtype};
 
 /// kohya's `CLAMP_QUANTILE`.
@@ -47,27 +48,60 @@ pub fn svd_merge(
     ratios: &[f64],
     opts: &SvdMergeOptions,
 ) -> Result<Lora, LoraError> {
-    svd_merge_with(models, ratios, opts, |name, contribs, k| {
+    svd_merge_with(models, ratios, opts, |name, contribs, k, workspaces| {
+        let first = contribs[0].module;
+        let (out, in_flat) = (first.out_dim, first.in_flat());
+        let parts: Vec<Part<'_>> = contribs
+            .iter()
+            .map(|c| Part {
+                up: &c.module.up,
+                down: &c.module.down,
+                rank: c.module.rank,
+                coef: c.ratio * f64::from(c.module.scale()),
+            })
+            .collect();
+        let fast = workspaces.with(|ws| lowrank::factored_svd(&parts, out, in_flat, |_| k, ws));
+        if let Some(f) = fast {
+            return Ok(f);
+        }
+        // Ranks too high for a low-rank route, or factors too ill-conditioned for the Gram
+        // route: QR of the stacked factors.
         let (a, bt) = combine::stacked_factors(contribs);
-        linalg::product_svd(a.as_ref(), bt.as_ref(), |_| k).ok_or_else(|| LoraError::SvdFailed {
-            module: name.to_string(),
-        })
+        let sp = linalg::product_svd(a.as_ref(), bt.as_ref(), |_| k).ok_or_else(|| {
+            LoraError::SvdFailed {
+                module: name.to_string(),
+            }
+        })?;
+        Ok(truncated(sp, k, out, in_flat))
     })
 }
 
-/// The skeleton shared with the dense reference: `svd` computes the spectral factors of one
-/// module's merged delta (singular vectors needed for the first `k` values), the rest (rank choice, clamp, alpha, metadata) is common.
+/// [`truncate`] as a [`Factored`].
+pub(crate) fn truncated(sp: Spectral, k: usize, out: usize, in_flat: usize) -> Factored {
+    let (up, down) = truncate(&sp, k, out, in_flat);
+    Factored {
+        s: sp.s,
+        k,
+        up,
+        down,
+    }
+}
+
+/// The skeleton shared with the dense reference: `svd` computes one module's merged delta
+/// truncated to `k` (see [`truncate`]) with the buffers of its worker thread; the rest (rank
+/// choice, clamp, alpha, metadata) is common.
 pub(crate) fn svd_merge_with(
     models: &[&Lora],
     ratios: &[f64],
     opts: &SvdMergeOptions,
-    svd: impl Fn(&str, &[Contribution<'_>], usize) -> Result<Spectral, LoraError> + Sync,
+    svd: impl Fn(&str, &[Contribution<'_>], usize, &Workspaces) -> Result<Factored, LoraError> + Sync,
 ) -> Result<Lora, LoraError> {
     validate(opts)?;
     let converted = combine::same_naming(models)?;
     let models: Vec<&Lora> = converted.iter().map(|c| c.as_ref()).collect();
     let models = models.as_slice();
     let grouped = combine::group_modules(models, ratios)?;
+    let workspaces = Workspaces::new();
     let modules: Result<Vec<(String, Module)>, LoraError> = grouped
         .par_iter()
         .map(|(name, contribs)| {
@@ -78,10 +112,11 @@ pub(crate) fn svd_merge_with(
                 opts.new_rank
             };
             let k = wanted.min(first.in_dim).min(first.out_dim);
-            let sp = svd(name, contribs, k)?;
-            let (mut up, mut down) = truncate(&sp, k, first.out_dim, first.in_flat());
+            let Factored {
+                mut up, mut down, ..
+            } = svd(name, contribs, k, &workspaces)?;
             if let Some(q) = opts.clamp_quantile {
-                clamp_to_quantile(&mut up, &mut down, q);
+                workspaces.with(|ws| clamp_to_quantile_with(&mut up, &mut down, q, &mut ws.select));
             }
             let module = Module {
                 kind: first.kind,
@@ -159,11 +194,31 @@ pub(crate) fn truncate(
 /// kohya's clamp: `hi = quantile(cat(up, down), q)`, both clamped to `[-hi, hi]` with
 /// torch's semantics (`min(max(x, -hi), hi)`, so a negative `hi` sets everything to `hi`).
 pub(crate) fn clamp_to_quantile(up: &mut [f32], down: &mut [f32], q: f64) {
-    let all: Vec<f32> = up.iter().chain(down.iter()).copied().collect();
-    let hi = linalg::quantile(&all, q) as f32;
+    clamp_to_quantile_with(up, down, q, &mut SelectScratch::default());
+}
+
+/// [`clamp_to_quantile`] with reused selection buffers.
+pub(crate) fn clamp_to_quantile_with(
+    up: &mut [f32],
+    down: &mut [f32],
+    q: f64,
+    scratch: &mut SelectScratch,
+) {
+    let hi = linalg::quantile_of(&[&*up, &*down], q, scratch) as f32;
     let lo = -hi;
-    for x in up.iter_mut().chain(down.iter_mut()) {
-        *x = x.max(lo).min(hi);
+    if hi.is_nan() || hi < lo {
+        // torch's min(max(x, lo), hi) with hi < lo is hi everywhere.
+        up.fill(hi);
+        down.fill(hi);
+        return;
+    }
+    // The same as min(max(x, lo), hi) for the finite values factors hold; written as
+    // selects so that it vectorises.
+    for values in [up, down] {
+        for x in values.iter_mut() {
+            let y = if *x < lo { lo } else { *x };
+            *x = if y > hi { hi } else { y };
+        }
     }
 }
 
