@@ -383,7 +383,7 @@ nodes:
     let err = one_line(&out.stderr);
     assert!(
         err.contains(&format!(
-            "in use by another slider-run (pid {})",
+            "in use by another slider-run (pid {} on host ",
             first.id()
         )),
         "{}",

@@ -208,7 +208,7 @@ fn ctrl_c_cancels_every_job_of_the_run_and_commits_nothing() {
         return;
     }
     let p = slurm_project("cancel", "");
-    let mut child = slider_run()
+    let child = slider_run()
         .args(args(&p, &["--set", "train.max_train_steps=400"]))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -396,6 +396,15 @@ fn after_kill_9_of_the_runner_each_key_is_submitted_once() {
         !live(&p.job_name).is_empty(),
         "the jobs did not outlive the runner"
     );
+    // `status` names the jobs of the nodes that are not done.
+    let status = slider_run()
+        .arg("status")
+        .arg(&p.recipe)
+        .args(SHORT)
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&status.stdout);
+    assert!(shown.lines().any(|l| l.contains("[slurm job ")), "{shown}");
     let out = slider_run().args(args(&p, &[])).output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
     let subs = submissions(&p);
@@ -431,4 +440,88 @@ fn a_node_local_store_is_refused() {
     let all = text(&out);
     assert!(all.contains("is on /tmp (node-local)"), "{all}");
     assert!(!Path::new(&dir.path().join("recipes/.slider/jobs")).exists());
+}
+
+/// `command_nodes: cluster`: command nodes run as jobs (their outputs equal a local run's,
+/// their keys too), and a failing program fails only its node, naming its exit status, its
+/// job and its last lines.
+#[test]
+fn command_nodes_run_as_jobs_with_the_keys_of_a_local_run() {
+    if !cluster_is_up() {
+        return;
+    }
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let recipe = dir.path().join("cmds.yaml");
+    fs::write(
+        &recipe,
+        "matrix:\n  i: [1, 2, 3]\nnodes:\n  n_${i}:\n    kind: command\n    \
+         run: [sh, -c, 'echo ${i} > {out}; pwd > {cwd}']\n    \
+         outputs: {out: out.txt, cwd: cwd.txt}\n  \
+         sum:\n    kind: command\n    inputs: {a: n_1, b: n_2, c: n_3}\n    \
+         run: [sh, -c, 'cat {a} {b} {c} > {out}']\n    outputs: {out: sum.txt}\n  \
+         broken:\n    kind: command\n    run: [sh, -c, 'echo it went wrong >&2; exit 3']\n    \
+         outputs: {out: never.txt}\n",
+    )
+    .unwrap();
+    let job_name = format!("slider-e2e-cmd-{}", std::process::id());
+    let profile = dir.path().join("cluster.yaml");
+    fs::write(
+        &profile,
+        format!(
+            "job_name: {job_name}\npoll_interval_s: 0.3\nallow_node_local_store: true\n\
+             command_nodes: cluster\nkinds:\n  command: {{cpus: 1}}\n"
+        ),
+    )
+    .unwrap();
+    let run = |store: &str, slurm: bool| {
+        let mut c = slider_run();
+        c.arg(&recipe)
+            .args(["--store", store, "--json"])
+            .current_dir(dir.path());
+        if slurm {
+            c.args(["--executor", "slurm", "--profile"]).arg(&profile);
+        }
+        let out = c.output().unwrap();
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        json(&out)
+    };
+    let local = run("local", false);
+    let cluster = run("cluster", true);
+    let keys = |s: &serde_json::Value| -> BTreeMap<String, String> {
+        s["nodes"]["ran"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap().into(),
+                    n["key"].as_str().unwrap().into(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(keys(&local).len(), 4, "{local}");
+    assert_eq!(keys(&cluster), keys(&local));
+    let sum_key = &keys(&cluster)["sum"];
+    assert_eq!(
+        fs::read_to_string(
+            dir.path()
+                .join("cluster/objects")
+                .join(sum_key)
+                .join("sum.txt")
+        )
+        .unwrap(),
+        "1\n2\n3\n"
+    );
+    // Each ran in its job folder's scratch dir, on the cluster.
+    let n1 = &keys(&cluster)["n_1"];
+    let cwd =
+        fs::read_to_string(dir.path().join("cluster/objects").join(n1).join("cwd.txt")).unwrap();
+    assert!(cwd.trim().ends_with(&format!("jobs/{n1}/scratch")), "{cwd}");
+    let failed = &cluster["nodes"]["failed"];
+    let error = failed[0]["error"].as_str().unwrap();
+    assert_eq!(failed[0]["name"], "broken", "{cluster}");
+    assert!(error.contains("exit status 3"), "{error}");
+    assert!(error.contains("slurm job "), "{error}");
+    assert!(error.contains("it went wrong"), "{error}");
 }

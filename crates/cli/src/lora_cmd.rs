@@ -1,4 +1,5 @@
-//! `svd-merge`, `merge`, `resize`, `convert`, `lint`, `inspect`, `bench lora|lora-flux`:
+//! `svd-merge`, `merge`, `resize`, `convert`, `lint`, `inspect`, `bench lora|lora-flux` (and
+//! the dispatch of `bench slurm`, in pipeline_cmd):
 //! the LoRA tools standalone, with kohya-ss/sd-scripts' flag names (snake_case as kohya
 //! spells them; kebab-case accepted).
 
@@ -230,6 +231,20 @@ pub struct BenchArgs {
     /// What to benchmark.
     #[arg(value_enum)]
     target: BenchTarget,
+    /// `slurm`: the number of short command nodes.
+    #[arg(long, default_value_t = 60)]
+    pub nodes: usize,
+    /// `slurm`: where the benchmark's recipe and stores go; the cluster's nodes must see it
+    /// [default: a new folder in the current directory].
+    #[arg(long, value_name = "DIR")]
+    pub dir: Option<PathBuf>,
+    /// `slurm`: a cluster profile [default: the single-node test cluster's: the store may be
+    /// local, 0.5 s polls].
+    #[arg(long, value_name = "FILE")]
+    pub profile: Option<PathBuf>,
+    /// `slurm`: jobs in flight at once [default: the profile's `max_jobs`, else 8].
+    #[arg(long, value_name = "N")]
+    pub max_jobs: Option<usize>,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -238,6 +253,9 @@ enum BenchTarget {
     Lora,
     /// A FLUX.1 pair merge (kohya + diffusers inputs) and an sv_fro resize, fast vs dense.
     LoraFlux,
+    /// Slurm's cost per job (submit, queue, run, notice) and a recipe of short command
+    /// nodes through Slurm against the same recipe run locally (needs a cluster).
+    Slurm,
 }
 
 fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
@@ -255,12 +273,13 @@ pub fn run(cmd: LoraCommand, verbose: bool) -> Result<ExitCode> {
         LoraCommand::Bench(args) => match args.target {
             BenchTarget::Lora => bench_lora(),
             BenchTarget::LoraFlux => bench_lora_flux(),
+            BenchTarget::Slurm => crate::pipeline_cmd::bench_slurm(&args),
         },
     }
 }
 
 /// A spinner on stderr, drawn only when stderr is a terminal.
-fn spinner(message: &str) -> ProgressBar {
+pub(crate) fn spinner(message: &str) -> ProgressBar {
     let bar = ProgressBar::new_spinner();
     if std::io::stderr().is_terminal() {
         bar.set_draw_target(ProgressDrawTarget::stderr());

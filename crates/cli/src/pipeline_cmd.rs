@@ -465,6 +465,10 @@ fn status(recipe: &Path, args: &PlanArgs, json: bool) -> miette::Result<ExitCode
                 .unwrap_or_default(),
             _ => why.join("; "),
         };
+        let detail = match &s.job {
+            Some(j) => format!("[slurm job {}: {}] {detail}", j.id, j.state),
+            None => detail,
+        };
         println!(
             "{:<8} {:<24} {:<10} {}",
             s.state.to_string(),
@@ -619,4 +623,79 @@ mod tests {
             assert_eq!(quality_line(&path), want, "{name}");
         }
     }
+}
+
+/// `slider-run bench slurm`: the cost of a Slurm job, and a recipe of short command nodes
+/// run locally and through Slurm (`slider_engine::cluster_bench`).
+pub fn bench_slurm(args: &crate::lora_cmd::BenchArgs) -> miette::Result<ExitCode> {
+    use slider_engine::cluster_bench::{ClusterBench, run_cluster_bench, test_cluster_profile};
+    if args.nodes == 0 {
+        return Err(miette::miette!("--nodes must be at least 1"));
+    }
+    let job_name = format!("slider-bench-{}", std::process::id());
+    let mut profile = match &args.profile {
+        Some(p) => {
+            let kinds = worker_kinds();
+            let names: Vec<&str> = kinds.iter().map(|k| k.kind.as_str()).collect();
+            slider_recipe::load_profile(p, &names).map_err(miette::Report::new)?
+        }
+        None => test_cluster_profile(&job_name),
+    };
+    profile.job_name.get_or_insert(job_name);
+    let max_jobs = args
+        .max_jobs
+        .or(profile.max_jobs)
+        .unwrap_or(DEFAULT_MAX_JOBS);
+    let exe = std::env::current_exe().into_diagnostic()?;
+    let settings = slider_engine::slurm::SlurmSettings {
+        job_name: profile.job_name.clone().unwrap_or_default(),
+        max_jobs,
+        worker_command: vec![exe.display().to_string(), "worker".into()],
+        profile,
+    };
+    let dir = match &args.dir {
+        Some(d) => d.clone(),
+        None => std::env::current_dir()
+            .into_diagnostic()?
+            .join(format!("slider-bench-slurm-{}", std::process::id())),
+    };
+    if dir.exists() {
+        return Err(miette::miette!(
+            "{} exists; the benchmark needs a new folder (--dir)",
+            dir.display()
+        ));
+    }
+    let bar = crate::lora_cmd::spinner("bench slurm");
+    let result = run_cluster_bench(&dir, args.nodes, settings, &mut |step: &str| {
+        tracing::info!("{step}");
+        bar.set_message(step.to_string());
+    });
+    bar.finish_and_clear();
+    let b = result.into_diagnostic()?;
+    println!(
+        "{} command nodes (`sh -c 'echo N > out'`), max_jobs {}, poll interval {} s",
+        b.nodes, b.max_jobs, b.poll_interval_s
+    );
+    println!();
+    println!("| run | wall (s) | per node (s) |");
+    println!("|---|---|---|");
+    for (label, wall) in [
+        ("local (in-process)", b.local_wall_s),
+        ("slurm (one job per node)", b.slurm_wall_s),
+    ] {
+        println!("| {label} | {wall:.2} | {:.3} |", wall / b.nodes as f64);
+    }
+    println!(
+        "| ratio slurm / local | {:.1}x | |",
+        b.slurm_wall_s / b.local_wall_s.max(1e-9)
+    );
+    println!();
+    println!("| phase of one job | median (s) | p90 (s) | max (s) |");
+    println!("|---|---|---|---|");
+    for (name, values) in &b.phases {
+        let (m, p90, max) = ClusterBench::summary(values);
+        println!("| {name} | {m:.3} | {p90:.3} | {max:.3} |");
+    }
+    println!("\nrecipe and stores: {}", dir.display());
+    Ok(ExitCode::SUCCESS)
 }

@@ -13,6 +13,9 @@ use slider_recipe::{CommandParams, NodeParams, substitute_placeholders};
 use crate::child;
 use crate::executor::{ExecError, Executor, Job, Produced};
 
+/// The code version of the `command` kind, wherever its nodes run.
+pub const COMMAND_CODE_VERSION: u32 = 1;
+
 /// Runs `command` nodes.
 pub struct CommandExecutor;
 
@@ -22,19 +25,71 @@ impl Executor for CommandExecutor {
     }
 
     fn code_version(&self) -> u32 {
-        1
+        COMMAND_CODE_VERSION
     }
 
     fn execute(&self, job: &Job) -> Result<Vec<Produced>, ExecError> {
-        let NodeParams::Command(p) = job.params else {
-            return Err(ExecError::Failed(format!(
-                "`{}` is not a command node",
-                job.node
-            )));
+        let p = command_params(job)?;
+        let line = CommandLine::new(p, job, job.out_dir)?;
+        job.log.line(&line.shown());
+        let stdout = job
+            .log
+            .clone_file()
+            .map_err(|e| failed("opening", job.log.path(), e))?;
+        let stderr = job
+            .log
+            .clone_file()
+            .map_err(|e| failed("opening", job.log.path(), e))?;
+        let mut cmd = Command::new(&line.program);
+        cmd.args(&line.args)
+            .current_dir(job.scratch_dir)
+            .env("SLIDER_NODE", job.node)
+            .env("SLIDER_OUT_DIR", job.out_dir)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        child::detach_and_tie(&mut cmd);
+        let mut proc = cmd.spawn().map_err(|e| {
+            ExecError::Failed(format!("cannot start `{}`: {e}", line.program.display()))
+        })?;
+        let status = child::wait_or_cancel(&mut proc, job.cancel).map_err(|e| {
+            ExecError::Failed(format!("waiting for `{}`: {e}", line.program.display()))
+        })?;
+        let Some(status) = status else {
+            return Err(ExecError::Cancelled);
         };
-        let places = placeholders(p, job)?;
+        if !status.success() {
+            return Err(ExecError::Failed(
+                line.failure(&status.to_string(), job.log.path()),
+            ));
+        }
+        line.outputs(p, job.out_dir)
+    }
+}
+
+/// The parameters of a command node.
+pub(crate) fn command_params<'a>(job: &Job<'a>) -> Result<&'a CommandParams, ExecError> {
+    match job.params {
+        NodeParams::Command(p) => Ok(p),
+        _ => Err(ExecError::Failed(format!(
+            "`{}` is not a command node",
+            job.node
+        ))),
+    }
+}
+
+/// A command node's program and arguments with every placeholder filled in, its outputs
+/// under `out_root` (the node's temp dir here, the job folder's `out/` on a cluster).
+pub(crate) struct CommandLine {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+}
+
+impl CommandLine {
+    pub fn new(p: &CommandParams, job: &Job, out_root: &Path) -> Result<CommandLine, ExecError> {
+        let places = placeholders(p, job, out_root)?;
         for (_, file) in &p.outputs {
-            if let Some(parent) = job.out_dir.join(file).parent() {
+            if let Some(parent) = out_root.join(file).parent() {
                 fs::create_dir_all(parent).map_err(|e| failed("creating", parent, e))?;
             }
         }
@@ -49,53 +104,40 @@ impl Executor for CommandExecutor {
         let Some((program, args)) = argv.split_first() else {
             return Err(ExecError::Failed("`run` is empty".into()));
         };
-        let program = resolve_program(program, job.root);
-        job.log
-            .line(&format!("$ {} {}", program.display(), args.join(" ")));
-        let stdout = job
-            .log
-            .clone_file()
-            .map_err(|e| failed("opening", job.log.path(), e))?;
-        let stderr = job
-            .log
-            .clone_file()
-            .map_err(|e| failed("opening", job.log.path(), e))?;
-        let mut cmd = Command::new(&program);
-        cmd.args(args)
-            .current_dir(job.scratch_dir)
-            .env("SLIDER_NODE", job.node)
-            .env("SLIDER_OUT_DIR", job.out_dir)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr);
-        child::detach_and_tie(&mut cmd);
-        let mut proc = cmd
-            .spawn()
-            .map_err(|e| ExecError::Failed(format!("cannot start `{}`: {e}", program.display())))?;
-        let status = child::wait_or_cancel(&mut proc, job.cancel)
-            .map_err(|e| ExecError::Failed(format!("waiting for `{}`: {e}", program.display())))?;
-        let Some(status) = status else {
-            return Err(ExecError::Cancelled);
-        };
-        if !status.success() {
-            let tail = log_tail(job.log.path(), 3);
-            return Err(ExecError::Failed(format!(
-                "`{}` failed ({status}){}",
-                program.display(),
-                if tail.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {tail}")
-                }
-            )));
-        }
+        Ok(CommandLine {
+            program: resolve_program(program, job.root),
+            args: args.to_vec(),
+        })
+    }
+
+    /// The line as the node's log shows it.
+    pub fn shown(&self) -> String {
+        format!("$ {} {}", self.program.display(), self.args.join(" "))
+    }
+
+    /// Why a program that ended with `status` failed, with the last lines it printed.
+    pub fn failure(&self, status: &str, log: &Path) -> String {
+        let tail = log_tail(log, 3);
+        format!(
+            "`{}` failed ({status}){}",
+            self.program.display(),
+            if tail.is_empty() {
+                String::new()
+            } else {
+                format!(": {tail}")
+            }
+        )
+    }
+
+    /// The declared outputs, each checked to exist under `out_root`.
+    pub fn outputs(&self, p: &CommandParams, out_root: &Path) -> Result<Vec<Produced>, ExecError> {
         let mut produced = Vec::new();
         for (name, file) in &p.outputs {
-            if !job.out_dir.join(file).is_file() {
+            if !out_root.join(file).is_file() {
                 return Err(ExecError::Failed(format!(
                     "`{}` exited successfully but did not create its declared output `{name}` ({{{name}}} = {})",
-                    program.display(),
-                    job.out_dir.join(file).display()
+                    self.program.display(),
+                    out_root.join(file).display()
                 )));
             }
             produced.push(Produced {
@@ -123,13 +165,17 @@ fn resolve_program(program: &str, root: &Path) -> PathBuf {
 }
 
 /// Placeholder name -> path, for declared inputs and outputs.
-fn placeholders(p: &CommandParams, job: &Job) -> Result<BTreeMap<String, String>, ExecError> {
+fn placeholders(
+    p: &CommandParams,
+    job: &Job,
+    out_root: &Path,
+) -> Result<BTreeMap<String, String>, ExecError> {
     let mut map = BTreeMap::new();
     for (name, input) in &p.inputs {
         map.insert(name.clone(), job.input_path(input)?.display().to_string());
     }
     for (name, file) in &p.outputs {
-        map.insert(name.clone(), job.out_dir.join(file).display().to_string());
+        map.insert(name.clone(), out_root.join(file).display().to_string());
     }
     Ok(map)
 }

@@ -14,10 +14,12 @@ pub enum EngineError {
         source: std::io::Error,
     },
     #[error(
-        "the store {} is in use by another slider-run (pid {pid}); wait for it to finish or stop it",
-        store.display()
+        "the store {} is in use by another slider-run ({holder}); wait for it to finish or stop \
+         it (a runner that stops its heartbeat is taken over after {} s)",
+        store.display(),
+        crate::lock::STALE_AFTER.as_secs()
     )]
-    StoreBusy { store: PathBuf, pid: String },
+    StoreBusy { store: PathBuf, holder: String },
     #[error(
         "this build of slider-run cannot run node(s) {} yet: no executor for kind {} \
          (its worker serves: {})",

@@ -16,6 +16,7 @@ use crate::journal::{Journal, JournalState};
 use crate::lockfile::{Lockfile, lockfile_path};
 use crate::protocol::WorkerKind;
 use crate::run::{Produced, dependencies, fingerprint_node, kind_versions};
+use crate::slurm::{ClusterJob, cluster_jobs};
 use crate::store::{Manifest, Store, StoreLock};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -84,6 +85,8 @@ pub struct NodeStatus {
     pub changes: Vec<Change>,
     pub log: Option<PathBuf>,
     pub error: Option<String>,
+    /// The Slurm job of a node that is not fresh, when its key has one in the store.
+    pub job: Option<ClusterJob>,
     /// The manifest of the fresh object (or of the previous run, when stale).
     #[serde(skip)]
     pub manifest: Option<Manifest>,
@@ -129,6 +132,7 @@ pub fn status(
             changes: vec![],
             log: fp.key.as_deref().map(|k| store.log_path(k)),
             error: None,
+            job: None,
             manifest: None,
         };
         if let (Some(m), Some(key)) = (current, &fp.key) {
@@ -179,7 +183,19 @@ pub fn status(
         }
         out[i] = Some(st);
     }
-    Ok(out.into_iter().flatten().collect())
+    let mut all: Vec<NodeStatus> = out.into_iter().flatten().collect();
+    let waiting: Vec<&str> = all
+        .iter()
+        .filter(|s| s.state != Freshness::Fresh)
+        .filter_map(|s| s.key.as_deref())
+        .collect();
+    let mut jobs = cluster_jobs(store_root, &waiting);
+    for s in &mut all {
+        if s.state != Freshness::Fresh {
+            s.job = s.key.as_deref().and_then(|k| jobs.remove(k));
+        }
+    }
+    Ok(all)
 }
 
 /// The state of one node, with its changes.

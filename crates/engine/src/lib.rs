@@ -20,6 +20,7 @@
 mod bake_exec;
 mod cancel;
 mod child;
+pub mod cluster_bench;
 mod command;
 mod error;
 mod executor;
@@ -28,6 +29,7 @@ mod fsutil;
 mod gc;
 pub mod inspect;
 mod journal;
+pub mod lock;
 mod lockfile;
 mod lora_exec;
 pub mod protocol;

@@ -14,13 +14,14 @@ use serde::Serialize;
 use slider_recipe::{Input, Plan};
 
 use crate::cancel::CancelToken;
+use crate::command::COMMAND_CODE_VERSION;
 use crate::error::EngineError;
 use crate::executor::{ExecError, Executor, Executors, Job, NodeLog, Placement, Progress};
 use crate::fingerprint::{FileHashMemo, FileStamp, Fingerprint, fingerprint};
 use crate::journal::{Journal, JournalState};
 use crate::lockfile::{LockedNode, Lockfile, lockfile_path};
 use crate::protocol::{WorkerExecutor, WorkerKind, WorkerPool};
-use crate::slurm::{SlurmCluster, SlurmExecutor, SlurmSettings};
+use crate::slurm::{JobProgram, SlurmCluster, SlurmExecutor, SlurmSettings};
 use crate::store::{MANIFEST_FORMAT, Manifest, OutputFile, Store};
 use crate::{fsutil, in_process_executors};
 
@@ -271,14 +272,20 @@ pub fn run(
         .nodes
         .iter()
         .any(|n| opts.worker_kinds.iter().any(|k| k.kind == n.params.kind()));
-    let cluster = match (&opts.slurm, needs_worker) {
+    let commands_on_cluster = opts
+        .slurm
+        .as_ref()
+        .is_some_and(|s| s.profile.command_nodes_on_cluster);
+    let needs_cluster = needs_worker
+        || (commands_on_cluster && plan.nodes.iter().any(|n| n.params.kind() == "command"));
+    let cluster = match (&opts.slurm, needs_cluster) {
         (Some(settings), true) => Some(Arc::new(SlurmCluster::open(
             settings.clone(),
             store.root(),
         )?)),
         _ => None,
     };
-    let pool = (needs_worker && cluster.is_none()).then(|| {
+    let pool = (needs_worker && opts.slurm.is_none()).then(|| {
         Arc::new(WorkerPool::new(
             opts.worker_command.clone(),
             &opts.devices,
@@ -295,6 +302,15 @@ pub fn run(
             executors.insert(Arc::new(SlurmExecutor {
                 kind: k.kind.clone(),
                 code_version: k.code_version,
+                program: JobProgram::Worker,
+                cluster: Arc::clone(cluster),
+            }));
+        }
+        if commands_on_cluster {
+            executors.insert(Arc::new(SlurmExecutor {
+                kind: "command".into(),
+                code_version: COMMAND_CODE_VERSION,
+                program: JobProgram::Command,
                 cluster: Arc::clone(cluster),
             }));
         }

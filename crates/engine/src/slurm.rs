@@ -1,18 +1,22 @@
 //! The Slurm executor: each GPU node (`train`, `xy_plot`, `evaluate`) becomes one batch job
 //! that runs this build's worker on that one request, against the store on a shared
-//! filesystem. The runner submits, polls, adopts and cancels; only the runner commits into
-//! `objects/`. The job's side is a short bash script ([`job_script`]).
+//! filesystem; with `command_nodes: cluster` in the profile, each `command` node becomes a
+//! job that runs its program. The runner submits, polls, adopts and cancels; only the runner
+//! commits into `objects/`. The job's side is a short bash script ([`job_script`]).
 //!
 //! A job's folder, `jobs/<key>/` in the store, is the record of the node's jobs:
 //!
 //! ```text
-//! request.jsonl   the worker's input: the `run` request, then `shutdown`
+//! request.jsonl   the worker's input: the `run` request, then `shutdown` (worker jobs)
 //! job.sh          the batch script (re-run as it is on a requeue)
 //! job_id          the job in flight (written right after sbatch; adopted by the next run)
-//! submissions     one line per sbatch of this key: "<job id> <unix time>"
+//! submissions     one line per sbatch of this key: "<job id> <unix time, s.ms>"
 //! out.jsonl       the worker's messages (hello, progress, result or error); truncated on
 //!                 each start, so a requeued job's first attempt does not count
-//! worker.log      the worker's stderr; slurm.log: the batch script's
+//! worker.log      the worker's stderr, or a command's stdout and stderr; slurm.log: the
+//!                 batch script's
+//! started         when the job's script began (unix seconds), for the scheduling figures
+//! scratch/        a command's working directory (emptied on each start)
 //! owner           the job id running in this folder (created with O_EXCL by the script)
 //! exit            the worker's exit status, for jobs that have left the queue
 //! out/            the worker's output_dir; moved into the node's temp dir when it is done
@@ -29,6 +33,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use slider_protocol::worker::{EngineMessage, Request, RequestInput, WorkerMessage, to_line};
 use slider_recipe::{ClusterProfile, JobResources};
 
+use crate::command::{CommandLine, command_params};
 use crate::error::EngineError;
 use crate::executor::{ExecError, Executor, Job, Placement, Produced, Progress};
 use crate::fsutil;
@@ -52,6 +57,15 @@ pub struct SlurmSettings {
     /// The worker program on the cluster's nodes and its leading arguments (`slider-run
     /// worker`); `--device D` is appended.
     pub worker_command: Vec<String>,
+}
+
+/// What a node's job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobProgram {
+    /// This build's worker, on the node's request (its answer is in `out.jsonl`).
+    Worker,
+    /// A `command` node's program (its answer is its exit status and declared outputs).
+    Command,
 }
 
 /// A job's state as `squeue` gives it.
@@ -282,6 +296,69 @@ impl SlurmCluster {
     }
 }
 
+/// The Slurm job of a node, as `slider-run status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ClusterJob {
+    pub id: String,
+    /// Slurm's state (`PENDING (Resources)`, `RUNNING`, ...), or how the job folder says
+    /// it ended, or why it could not be asked.
+    pub state: String,
+}
+
+/// The jobs recorded in the store for these keys (`jobs/<key>/job_id`), with their states
+/// from one `squeue` call.
+pub fn cluster_jobs(store_root: &Path, keys: &[&str]) -> BTreeMap<String, ClusterJob> {
+    let mut ids: BTreeMap<String, String> = BTreeMap::new();
+    for key in keys {
+        let dir = JobDir {
+            path: store_root.join("jobs").join(key),
+        };
+        if let Some(id) = dir.job_id() {
+            ids.insert(key.to_string(), id);
+        }
+    }
+    if ids.is_empty() {
+        return BTreeMap::new();
+    }
+    let list: Vec<&str> = ids.values().map(String::as_str).collect();
+    let listed: Result<BTreeMap<String, String>, String> = Command::new("squeue")
+        .args(["--noheader", "--states=all", "--format=%i|%T|%r"])
+        .arg(format!("--jobs={}", list.join(",")))
+        .output()
+        .map_err(|e| format!("cannot run squeue: {e}"))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter_map(|l| {
+                    let mut f = l.trim().splitn(3, '|');
+                    let (id, state) = (f.next()?, f.next()?);
+                    let reason = f.next().unwrap_or("").trim();
+                    let state = if state == "PENDING" && !reason.is_empty() {
+                        format!("{state} ({reason})")
+                    } else {
+                        state.to_string()
+                    };
+                    Some((id.to_string(), state))
+                })
+                .collect()
+        });
+    ids.into_iter()
+        .map(|(key, id)| {
+            let exit = JobDir {
+                path: store_root.join("jobs").join(&key),
+            }
+            .exit_status();
+            let state = match (&listed, exit) {
+                (Ok(l), _) if l.contains_key(&id) => l[&id].clone(),
+                (_, Some(rc)) => format!("ended, exit status {rc}"),
+                (Ok(_), None) => "not listed by squeue".to_string(),
+                (Err(e), None) => e.clone(),
+            };
+            (key, ClusterJob { id, state })
+        })
+        .collect()
+}
+
 /// Why `root` looks node-local, if it does: a memory filesystem, or a temp directory.
 fn node_local(root: &Path) -> Option<String> {
     let probe = root
@@ -315,25 +392,56 @@ fn quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
+/// The line of the batch script that starts the worker on the node's request, in the
+/// background (its pid becomes `$worker`).
+pub fn worker_launch(worker: &[String], device: &str) -> String {
+    let worker: Vec<String> = worker.iter().map(|w| quote(w)).collect();
+    format!(
+        "{} --device {} < request.jsonl > out.jsonl 2>> worker.log &",
+        worker.join(" "),
+        quote(device)
+    )
+}
+
+/// The lines that start a command node's program in the background, in an emptied
+/// `scratch/`, with its outputs' folders made under `out/` (a requeued job starts clean).
+pub fn command_launch(
+    node: &str,
+    out_dir: &Path,
+    program: &Path,
+    args: &[String],
+    out_parents: &[PathBuf],
+) -> String {
+    let mut mk = vec![quote("scratch")];
+    mk.extend(out_parents.iter().map(|p| quote(&p.display().to_string())));
+    let argv: Vec<String> = std::iter::once(program.display().to_string())
+        .chain(args.iter().cloned())
+        .map(|a| quote(&a))
+        .collect();
+    format!(
+        "rm -rf scratch out && mkdir -p out {mk} || exit 70\n\
+         ( cd scratch && exec env SLIDER_NODE={node} SLIDER_OUT_DIR={out} {argv} ) \
+         < /dev/null >> worker.log 2>&1 &",
+        mk = mk.join(" "),
+        node = quote(node),
+        out = quote(&out_dir.display().to_string()),
+        argv = argv.join(" "),
+    )
+}
+
 /// The batch script of one node. It refuses to run beside another job of the same node,
 /// guards against requeueing itself in a loop, forwards a time-limit warning (SIGUSR1) to
-/// the worker as SIGTERM (a training checkpoints and stops) and requeues the job, so it
-/// resumes from that checkpoint.
-pub fn job_script(
-    node: &str,
-    key: &str,
-    dir: &Path,
-    worker: &[String],
-    device: &str,
-    max_requeues: u32,
-) -> String {
-    let worker: Vec<String> = worker.iter().map(|w| quote(w)).collect();
+/// the program as SIGTERM (a training checkpoints and stops) and requeues the job, so it
+/// resumes from that checkpoint. `launch` starts the program in the background
+/// ([`worker_launch`], [`command_launch`]).
+pub fn job_script(node: &str, key: &str, dir: &Path, launch: &str, max_requeues: u32) -> String {
     let node_line: String = node.chars().filter(|c| !c.is_control()).collect();
     format!(
         r#"#!/bin/bash
 # slider-run: node {node_line}, key {key}. Written by the runner; re-run as it is on a requeue.
 set -u
 cd {dir} || exit 70
+date +%s.%N > started
 restarts=${{SLURM_RESTART_COUNT:-0}}
 if [ "$restarts" -gt {max_requeues} ]; then
     echo "slider-run: requeued $restarts times (max_requeues {max_requeues}): giving up" >&2
@@ -362,7 +470,7 @@ on_time_limit() {{
 trap on_time_limit USR1
 # scancel and requeue signal every process of the job: the worker checkpoints by itself.
 trap '[ -n "$worker" ] && wait "$worker"; exit 143' TERM INT
-{worker} --device {device} < request.jsonl > out.jsonl 2>> worker.log &
+{launch}
 worker=$!
 wait "$worker"
 rc=$?
@@ -370,8 +478,6 @@ echo "$rc" > exit.tmp && mv exit.tmp exit
 exit "$rc"
 "#,
         dir = quote(&dir.display().to_string()),
-        worker = worker.join(" "),
-        device = quote(device),
     )
 }
 
@@ -391,6 +497,15 @@ impl JobDir {
         (!id.is_empty() && id.chars().all(|c| c.is_ascii_digit())).then(|| id.to_string())
     }
 
+    /// The program's exit status, once the script has written it.
+    fn exit_status(&self) -> Option<i32> {
+        std::fs::read_to_string(self.file("exit"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     fn record_submission(&self, id: &str) -> Result<(), ExecError> {
         let io = |what: &str, p: &Path, e: std::io::Error| {
             ExecError::Failed(format!("{what} {}: {e}", p.display()))
@@ -402,18 +517,18 @@ impl JobDir {
         let mut all = std::fs::read_to_string(&path).unwrap_or_default();
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        all.push_str(&format!("{id} {now}\n"));
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        all.push_str(&format!("{id} {now:.3}\n"));
         slider_atomic::write(&path, all.as_bytes()).map_err(|e| io("cannot write", &path, e))
     }
 
     /// A fresh attempt: the old answer, exit file, owner and outputs removed.
-    fn prepare(&self, request: &Request, script: &str) -> Result<(), ExecError> {
+    fn prepare(&self, request: Option<&Request>, script: &str) -> Result<(), ExecError> {
         let io = |what: &str, p: &Path, e: std::io::Error| {
             ExecError::Failed(format!("{what} {}: {e}", p.display()))
         };
-        for f in ["out.jsonl", "exit", "owner", "job_id"] {
+        for f in ["out.jsonl", "exit", "owner", "job_id", "started"] {
             let p = self.file(f);
             match std::fs::remove_file(&p) {
                 Ok(()) => {}
@@ -426,6 +541,14 @@ impl JobDir {
             fsutil::remove_any(&out).map_err(|e| io("cannot remove", &out, e))?;
         }
         std::fs::create_dir_all(&out).map_err(|e| io("cannot create", &out, e))?;
+        if let Some(request) = request {
+            self.write_request(request)?;
+        }
+        let p = self.file("job.sh");
+        slider_atomic::write(&p, script.as_bytes()).map_err(|e| io("cannot write", &p, e))
+    }
+
+    fn write_request(&self, request: &Request) -> Result<(), ExecError> {
         let lines = [
             to_line(&EngineMessage::Run(Box::new(request.clone()))),
             to_line(&EngineMessage::Shutdown),
@@ -437,9 +560,8 @@ impl JobDir {
             text.push('\n');
         }
         let p = self.file("request.jsonl");
-        slider_atomic::write(&p, text.as_bytes()).map_err(|e| io("cannot write", &p, e))?;
-        let p = self.file("job.sh");
-        slider_atomic::write(&p, script.as_bytes()).map_err(|e| io("cannot write", &p, e))
+        slider_atomic::write(&p, text.as_bytes())
+            .map_err(|e| ExecError::Failed(format!("cannot write {}: {e}", p.display())))
     }
 }
 
@@ -500,6 +622,7 @@ impl Tail {
 pub struct SlurmExecutor {
     pub kind: String,
     pub code_version: u32,
+    pub program: JobProgram,
     pub cluster: Arc<SlurmCluster>,
 }
 
@@ -595,8 +718,12 @@ impl SlurmExecutor {
                 answer = Answer::default();
             }
             self.absorb(job, id, lines, &mut answer)?;
+            let answered = match self.program {
+                JobProgram::Worker => answer.last.is_some(),
+                JobProgram::Command => dir.exit_status().is_some(),
+            };
             if let Some((since, state)) = &ended {
-                if answer.last.is_some() || since.elapsed() >= LATENCY_WAIT {
+                if answered || since.elapsed() >= LATENCY_WAIT {
                     return Ok((answer, state.clone()));
                 }
             } else {
@@ -636,8 +763,8 @@ impl SlurmExecutor {
                     ended = Some((Instant::now(), s));
                     continue;
                 }
-                if answer.last.is_some() && std::fs::metadata(dir.file("exit")).is_ok() {
-                    // The worker answered and exited; Slurm will say COMPLETED shortly.
+                if answered && std::fs::metadata(dir.file("exit")).is_ok() {
+                    // The program answered and exited; Slurm will say COMPLETED shortly.
                     ended = Some((Instant::now(), "COMPLETED".into()));
                     continue;
                 }
@@ -648,13 +775,12 @@ impl SlurmExecutor {
 
     /// Moves the outputs the worker wrote into the job folder into the node's temp dir.
     fn collect(
-        &self,
         job: &Job,
         dir: &JobDir,
-        outputs: Vec<slider_protocol::worker::WorkerOutput>,
+        outputs: Vec<Produced>,
     ) -> Result<Vec<Produced>, ExecError> {
         if outputs.is_empty() {
-            return Err(ExecError::Failed("the worker reported no outputs".into()));
+            return Err(ExecError::Failed("the job reported no outputs".into()));
         }
         let from_root = dir.file("out");
         outputs
@@ -690,10 +816,7 @@ impl SlurmExecutor {
                         to.display()
                     ))
                 })?;
-                Ok(Produced {
-                    name: o.name,
-                    file: o.file,
-                })
+                Ok(o)
             })
             .collect()
     }
@@ -724,7 +847,7 @@ impl Executor for SlurmExecutor {
     }
 
     fn checkpoints(&self) -> bool {
-        true
+        self.program == JobProgram::Worker
     }
 
     fn execute(&self, job: &Job) -> Result<Vec<Produced>, ExecError> {
@@ -736,16 +859,34 @@ impl Executor for SlurmExecutor {
         };
         std::fs::create_dir_all(&dir.path)
             .map_err(|e| ExecError::Failed(format!("cannot create {}: {e}", dir.path.display())))?;
-        let device = resources.device.clone().unwrap_or_else(|| "cpu".into());
+        let out_root = dir.file("out");
+        let (launch, request, command) = match self.program {
+            JobProgram::Worker => {
+                let device = resources.device.clone().unwrap_or_else(|| "cpu".into());
+                let launch = worker_launch(&settings.worker_command, &device);
+                (launch, Some(self.request(job, &out_root)), None)
+            }
+            JobProgram::Command => {
+                let p = command_params(job)?;
+                let line = CommandLine::new(p, job, &out_root)?;
+                let parents: Vec<PathBuf> = p
+                    .outputs
+                    .iter()
+                    .filter_map(|(_, f)| out_root.join(f).parent().map(Path::to_path_buf))
+                    .collect();
+                let launch =
+                    command_launch(job.node, &out_root, &line.program, &line.args, &parents);
+                job.log.line(&line.shown());
+                (launch, None, Some((p, line)))
+            }
+        };
         let script = job_script(
             job.node,
             job.key,
             &dir.path,
-            &settings.worker_command,
-            &device,
+            &launch,
             resources.max_requeues.unwrap_or(DEFAULT_MAX_REQUEUES),
         );
-        let request = self.request(job, &dir.file("out"));
         // A job of this key left by an earlier runner (killed, or stopped before the job
         // ended): waited for instead of submitted again, when Slurm still has it.
         let mut id = match dir.job_id() {
@@ -765,7 +906,7 @@ impl Executor for SlurmExecutor {
             let current = match id.take() {
                 Some(id) => id,
                 None => {
-                    dir.prepare(&request, &script)?;
+                    dir.prepare(request.as_ref(), &script)?;
                     let id = cluster.submit(&dir, &resources)?;
                     job.log.line(&format!(
                         "submitted slurm job {id} (job name {})",
@@ -778,8 +919,28 @@ impl Executor for SlurmExecutor {
             cluster.track(&current, false);
             let (answer, state) = waited?;
             Self::copy_logs(job, &dir, &current);
+            if let Some((p, line)) = &command {
+                match dir.exit_status() {
+                    Some(0) => return Self::collect(job, &dir, line.outputs(p, &out_root)?),
+                    Some(rc) => {
+                        let why =
+                            line.failure(&format!("exit status {rc}"), &dir.file("worker.log"));
+                        return Err(ExecError::Failed(format!("{why} (slurm job {current})")));
+                    }
+                    None => {}
+                }
+            }
             match answer.last {
-                Some(Ok(outputs)) => return self.collect(job, &dir, outputs),
+                Some(Ok(outputs)) => {
+                    let produced = outputs
+                        .into_iter()
+                        .map(|o| Produced {
+                            name: o.name,
+                            file: o.file,
+                        })
+                        .collect();
+                    return Self::collect(job, &dir, produced);
+                }
                 Some(Err(message)) if state == "COMPLETED" || answer.hello => {
                     return Err(ExecError::Failed(format!(
                         "{message} (slurm job {current})"

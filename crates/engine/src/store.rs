@@ -1,7 +1,8 @@
 //! The content-addressed store (`.slider/` next to the recipe unless `--store`):
 //!
 //! ```text
-//! lock                 advisory lock (flock) + the holder's pid: one runner per store
+//! lock, lock.d/        the runner lock: one runner per store, on local and shared
+//!                      filesystems alike (crate::lock)
 //! objects/<key>/       a finished node: its output files + manifest.json
 //! tmp/<key>-<pid>-<n>/ outputs being written; renamed to objects/<key> when complete
 //! work/<key>/          persistent work dirs of checkpointing nodes (training)
@@ -11,9 +12,7 @@
 //! ```
 //! A present `objects/<key>` is a finished node: nothing else ever renames into `objects/`.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, Write};
-use std::os::fd::AsRawFd;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -23,6 +22,7 @@ use serde_json::Value;
 use crate::error::EngineError;
 use crate::fingerprint::InputSource;
 use crate::fsutil;
+pub use crate::lock::StoreLock;
 
 /// Version of the on-disk manifest format.
 pub const MANIFEST_FORMAT: u32 = 1;
@@ -79,8 +79,13 @@ impl Store {
     }
 
     /// A store at `root`, for reading; nothing is created.
+    /// A relative root is made absolute against the current directory: programs of
+    /// `command` nodes run in other directories and get paths inside the store.
     pub fn at(root: impl Into<PathBuf>) -> Store {
-        Store { root: root.into() }
+        let root = root.into();
+        Store {
+            root: std::path::absolute(&root).unwrap_or(root),
+        }
     }
 
     /// Creates the store's directories, takes the runner lock and removes the temp dirs
@@ -209,105 +214,6 @@ impl Store {
     }
 }
 
-/// The runner lock of a store: an flock held for the life of this value (released by the
-/// kernel if the process dies, so a dead holder's lock is simply taken over), plus the
-/// holder's pid in the file for the error message of a refused second runner.
-#[derive(Debug)]
-pub struct StoreLock {
-    _file: File,
-}
-
-impl StoreLock {
-    pub fn acquire(store_root: &Path) -> Result<StoreLock, EngineError> {
-        let path = store_root.join("lock");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(EngineError::io("opening store lock", &path))?;
-        // A child forked by another thread of this process holds a copy of every fd until
-        // it execs (CLOEXEC acts only then), so a just-released lock may look held for a
-        // moment: retry briefly before calling it busy.
-        let mut locked: std::io::Result<()> = Ok(());
-        for _ in 0..40 {
-            // SAFETY: flock on a valid, owned file descriptor.
-            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-            locked = if rc == 0 {
-                Ok(())
-            } else {
-                Err(std::io::Error::last_os_error())
-            };
-            match &locked {
-                Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => {
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                _ => break,
-            }
-        }
-        let mut previous = String::new();
-        let _ = file.read_to_string(&mut previous);
-        let previous = previous.trim().to_string();
-        if let Err(err) = locked {
-            if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
-                let pid = if previous.is_empty() {
-                    "unknown".to_string()
-                } else {
-                    previous
-                };
-                return Err(EngineError::StoreBusy {
-                    store: store_root.to_path_buf(),
-                    pid,
-                });
-            }
-            return Err(EngineError::Io {
-                what: "locking",
-                path,
-                source: err,
-            });
-        }
-        if !previous.is_empty() {
-            tracing::info!(
-                "taking over the store lock left by pid {previous}, which is no longer running"
-            );
-        }
-        let write = (|| {
-            file.set_len(0)?;
-            file.rewind()?;
-            // Not fsynced: after a crash the flock is gone anyway, and the pid is only for
-            // the message a refused second runner prints.
-            writeln!(file, "{}", std::process::id())
-        })();
-        write.map_err(EngineError::io("writing store lock", &path))?;
-        Ok(StoreLock { _file: file })
-    }
-
-    /// The pid of the live runner holding the lock of `store_root`, if any.
-    pub fn holder(store_root: &Path) -> Option<String> {
-        let path = store_root.join("lock");
-        let file = File::open(&path).ok()?;
-        // SAFETY: flock on a valid, owned file descriptor; released when `file` drops.
-        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) };
-        if rc == 0 {
-            return None;
-        }
-        let pid = fs::read_to_string(&path).ok()?.trim().to_string();
-        Some(if pid.is_empty() {
-            "unknown".into()
-        } else {
-            pid
-        })
-    }
-}
-
-impl Drop for StoreLock {
-    fn drop(&mut self) {
-        // Leave the pid file empty so the next runner does not report a takeover.
-        let _ = self._file.set_len(0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,25 +257,6 @@ mod tests {
             "hi"
         );
         assert_eq!(store.keys().unwrap(), vec!["k1".to_string()]);
-    }
-
-    #[test]
-    fn a_second_runner_is_refused_naming_the_pid_and_a_released_lock_is_taken() {
-        let dir = tempfile::tempdir().unwrap();
-        let root = dir.path().join(".slider");
-        let (_store, lock) = Store::open_for_writing(&root).unwrap();
-        let err = Store::open_for_writing(&root).unwrap_err().to_string();
-        assert!(
-            err.contains(&format!("pid {}", std::process::id())),
-            "{err}"
-        );
-        assert_eq!(
-            StoreLock::holder(&root),
-            Some(std::process::id().to_string())
-        );
-        drop(lock);
-        assert_eq!(StoreLock::holder(&root), None);
-        assert!(Store::open_for_writing(&root).is_ok());
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! max_jobs: 8                     # jobs in flight (default 8; --max-jobs wins)
 //! poll_interval_s: 2              # one batched squeue per interval (>= 0.2)
 //! command: [/shared/bin/slider-run]   # slider-run on the cluster's nodes (default: this one)
+//! command_nodes: local            # `cluster`: `command` nodes run as jobs too (default local)
 //! default:                        # every GPU kind
 //!   partition: gpu
 //!   gres: gpu:1
@@ -21,6 +22,7 @@
 //!   signal_before_s: 120          # SIGUSR1 this long before the time limit: checkpoint, requeue
 //! kinds:
 //!   train: {time: "08:00:00"}     # per kind, over `default`
+//!   command: {gres: "gpu:1"}      # only with `command_nodes: cluster`
 //! ```
 
 use std::collections::BTreeMap;
@@ -78,6 +80,8 @@ pub struct ClusterProfile {
     pub command: Option<Vec<String>>,
     /// Accept a store on a node-local filesystem (a single-node cluster).
     pub allow_node_local_store: bool,
+    /// `command` nodes run as cluster jobs too (`command_nodes: cluster`), not on the runner.
+    pub command_nodes_on_cluster: bool,
     pub default: JobResources,
     pub kinds: BTreeMap<String, JobResources>,
 }
@@ -90,6 +94,7 @@ impl Default for ClusterProfile {
             poll_interval_s: DEFAULT_POLL_INTERVAL_S,
             command: None,
             allow_node_local_store: false,
+            command_nodes_on_cluster: false,
             default: JobResources::default(),
             kinds: BTreeMap::new(),
         }
@@ -116,6 +121,7 @@ const TOP: &[&str] = &[
     "poll_interval_s",
     "command",
     "allow_node_local_store",
+    "command_nodes",
     "default",
     "kinds",
 ];
@@ -242,7 +248,21 @@ impl Reader {
 
     fn profile(&mut self, doc: &Yaml, gpu_kinds: &[&str]) -> ClusterProfile {
         let mut p = ClusterProfile::default();
-        for e in self.map("the profile", doc) {
+        let entries = self.map("the profile", doc);
+        // `command` nodes are jobs only when the profile says so, wherever that line is.
+        for e in entries.iter().filter(|e| e.key == "command_nodes") {
+            match &e.value.value {
+                Value::Str(s) if s == "local" => p.command_nodes_on_cluster = false,
+                Value::Str(s) if s == "cluster" => p.command_nodes_on_cluster = true,
+                _ => self.wrong("command_nodes", &e.value, "`local` or `cluster`"),
+            }
+        }
+        let mut job_kinds: Vec<&str> = gpu_kinds.to_vec();
+        if p.command_nodes_on_cluster {
+            job_kinds.push("command");
+        }
+        let gpu_kinds = job_kinds.as_slice();
+        for e in entries {
             let y = &e.value;
             match e.key.as_str() {
                 "job_name" => {
@@ -280,9 +300,22 @@ impl Reader {
                     Value::Bool(b) => p.allow_node_local_store = b,
                     _ => self.wrong("allow_node_local_store", y, "true or false"),
                 },
+                "command_nodes" => {}
                 "default" => p.default = self.resources("default", y),
                 "kinds" => {
                     for k in self.map("kinds", y) {
+                        if k.key == "command" && !p.command_nodes_on_cluster {
+                            self.diags.push(
+                                Diag::new(
+                                    "profile::unknown_kind",
+                                    "`command` nodes run on the runner's machine",
+                                    k.key_span,
+                                    "not a cluster job without `command_nodes: cluster`",
+                                )
+                                .help("add `command_nodes: cluster` to run them as jobs"),
+                            );
+                            continue;
+                        }
                         if !gpu_kinds.contains(&k.key.as_str()) {
                             let mut d = Diag::new(
                                 "profile::unknown_kind",
@@ -389,6 +422,39 @@ mod tests {
                 "6:11 `job_name` cannot contain spaces or commas (squeue --name lists names)",
             ]
         );
+    }
+
+    #[test]
+    fn command_nodes_are_jobs_only_when_the_profile_says_so() {
+        let p = load("kinds:\n  command: {gres: 'gpu:1'}\ncommand_nodes: cluster\n").unwrap();
+        assert!(p.command_nodes_on_cluster);
+        assert_eq!(p.for_kind("command").gres.as_deref(), Some("gpu:1"));
+        assert!(
+            !load("command_nodes: local\n")
+                .unwrap()
+                .command_nodes_on_cluster
+        );
+        for (text, expected) in [
+            (
+                "kinds:\n  command: {cpus: 1}\n",
+                "2:3 `command` nodes run on the runner's machine",
+            ),
+            (
+                "command_nodes: remote\n",
+                "1:16 `command_nodes` must be `local` or `cluster`",
+            ),
+        ] {
+            let err = load(text).unwrap_err();
+            let got: Vec<String> = err
+                .problems()
+                .iter()
+                .map(|p| {
+                    let l = p.location();
+                    format!("{}:{} {}", l.line, l.column, p.message())
+                })
+                .collect();
+            assert_eq!(got, [expected], "{text}");
+        }
     }
 
     #[test]
