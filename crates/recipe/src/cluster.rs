@@ -381,6 +381,17 @@ mod tests {
         load_profile_str(text, Path::new("cluster.yaml"), GPU)
     }
 
+    /// Each problem as "line:column message".
+    fn problems(err: &RecipeError) -> Vec<String> {
+        err.problems()
+            .iter()
+            .map(|p| {
+                let l = p.location();
+                format!("{}:{} {}", l.line, l.column, p.message())
+            })
+            .collect()
+    }
+
     #[test]
     fn a_kinds_entry_overlays_the_default() {
         let p = load(
@@ -403,16 +414,8 @@ mod tests {
     fn unknown_keys_cpu_kinds_and_bad_values_are_refused_with_their_place() {
         let err = load("defualt: {}\nkinds:\n  merge: {cpus: 2}\n  train: {cpu: 2, retries: -1}\npoll_interval_s: 0.01\njob_name: two words\n")
             .unwrap_err();
-        let problems: Vec<String> = err
-            .problems()
-            .iter()
-            .map(|p| {
-                let l = p.location();
-                format!("{}:{} {}", l.line, l.column, p.message())
-            })
-            .collect();
         assert_eq!(
-            problems,
+            problems(&err),
             [
                 "1:1 unknown key `defualt`",
                 "3:3 `merge` nodes do not run as cluster jobs",
@@ -444,16 +447,7 @@ mod tests {
                 "1:16 `command_nodes` must be `local` or `cluster`",
             ),
         ] {
-            let err = load(text).unwrap_err();
-            let got: Vec<String> = err
-                .problems()
-                .iter()
-                .map(|p| {
-                    let l = p.location();
-                    format!("{}:{} {}", l.line, l.column, p.message())
-                })
-                .collect();
-            assert_eq!(got, [expected], "{text}");
+            assert_eq!(problems(&load(text).unwrap_err()), [expected], "{text}");
         }
     }
 
