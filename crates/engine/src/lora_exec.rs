@@ -67,8 +67,10 @@ impl Executor for SvdMergeExecutor {
         "svd_merge"
     }
 
+    /// 2: the Gram-matrix route of `slider-lora` (the last bits of the factors moved,
+    /// deltas within 1e-6 of the dense reference as before).
     fn code_version(&self) -> u32 {
-        1
+        2
     }
 
     fn execute(&self, job: &Job) -> Result<Vec<Produced>, ExecError> {
@@ -118,8 +120,10 @@ impl Executor for ResizeExecutor {
         "resize"
     }
 
+    /// 2: the Gram-matrix route of `slider-lora` (the last bits of the factors moved,
+    /// deltas within 1e-6 of the dense reference as before).
     fn code_version(&self) -> u32 {
-        1
+        2
     }
 
     fn execute(&self, job: &Job) -> Result<Vec<Produced>, ExecError> {
