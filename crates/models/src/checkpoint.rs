@@ -28,7 +28,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::clip::{Activation, ClipTextModel, OpenClipText, TextConfig};
 use crate::diffusers_config::{
-    BaseConfig, ConfigError, Part, text_disagreements, unet_disagreements, vae_disagreements,
+    BaseConfig, ConfigError, Contradiction, Disagreement, Part, text_disagreements,
+    unet_disagreements, vae_disagreements,
 };
 use crate::layers::GROUP_NORM_GROUPS;
 use crate::unet::{DEFAULT_NORM_EPS, Heads, UNet, UNetConfig};
@@ -1161,7 +1162,7 @@ fn configured<T: Clone>(
     ckpt: &Checkpoint,
     part: &Part<T>,
     shapes: Result<T, String>,
-    disagreements: fn(&T, &T) -> Vec<(&'static str, String, String)>,
+    disagreements: fn(&T, &T) -> Vec<Disagreement>,
     prefix: &str,
     keys: impl FnOnce() -> Vec<(KeyOf, Vec<usize>)>,
 ) -> Result<T, CheckpointError> {
@@ -1188,7 +1189,7 @@ fn configured<T: Clone>(
             None => Some((k, want, "absent".to_string())),
         })
         .unwrap_or_else(|| ("(no tensor)".into(), Vec::new(), "-".into()));
-    Err(ConfigError::Contradicts {
+    Err(ConfigError::Contradicts(Box::new(Contradiction {
         path: part.path.clone(),
         key: key.into(),
         value,
@@ -1196,7 +1197,7 @@ fn configured<T: Clone>(
         tensor,
         expected,
         actual,
-    }
+    }))
     .into())
 }
 

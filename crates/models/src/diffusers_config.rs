@@ -61,28 +61,38 @@ pub enum ConfigError {
         /// Why, and what is accepted.
         message: String,
     },
-    /// A value the checkpoint's shapes contradict.
-    #[error(
-        "{path}: `{key}` = {value} contradicts the checkpoint ({found}): `{tensor}` would have \
-         shape {expected:?} under this config, the checkpoint's has {actual}"
-    )]
-    Contradicts {
-        /// The config file.
-        path: PathBuf,
-        /// The config key.
-        key: String,
-        /// The config's value.
-        value: String,
-        /// What the checkpoint shows instead.
-        found: String,
-        /// The first tensor that disagrees.
-        tensor: String,
-        /// Its shape under the config.
-        expected: Vec<usize>,
-        /// Its shape in the checkpoint (`absent` when missing).
-        actual: String,
-    },
+    /// A value the checkpoint's shapes contradict (boxed: the details are large and rare).
+    #[error(transparent)]
+    Contradicts(Box<Contradiction>),
 }
+
+/// A configured value the checkpoint's shapes contradict: the key, and the first tensor whose
+/// shape differs under the config.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{path}: `{key}` = {value} contradicts the checkpoint ({found}): `{tensor}` would have \
+     shape {expected:?} under this config, the checkpoint's has {actual}"
+)]
+pub struct Contradiction {
+    /// The config file.
+    pub path: PathBuf,
+    /// The config key.
+    pub key: String,
+    /// The config's value.
+    pub value: String,
+    /// What the checkpoint shows instead.
+    pub found: String,
+    /// The first tensor that disagrees.
+    pub tensor: String,
+    /// Its shape under the config.
+    pub expected: Vec<usize>,
+    /// Its shape in the checkpoint (`absent` when missing).
+    pub actual: String,
+}
+
+/// A part's field that the checkpoint's shapes disagree with: the diffusers key that set it,
+/// the config's value and the checkpoint's.
+pub(crate) type Disagreement = (&'static str, String, String);
 
 /// The configs given for a checkpoint's parts; an absent part is read from shapes alone.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -117,31 +127,51 @@ impl BaseConfig {
         let path = path.as_ref();
         if path.is_dir() {
             let mut out = Self::default();
-            let part = |name: &str| {
+            // Each part's file, read and checked to describe that part (`_class_name`, when
+            // given, must be the one diffusers writes there).
+            let part = |name: &str, classes: &[&str]| -> Result<_, ConfigError> {
                 let file = path.join(name).join("config.json");
-                file.is_file().then_some(file)
+                if !file.is_file() {
+                    return Ok(None);
+                }
+                let json = read_json(&file)?;
+                if let Some(class) = class_name(&json, &file)?
+                    && !classes.contains(&class)
+                {
+                    return Err(unsupported(
+                        &file,
+                        "_class_name",
+                        &Value::from(class),
+                        &format!(
+                            "{name}/config.json must describe a {}",
+                            classes.join(" or ")
+                        ),
+                    ));
+                }
+                Ok(Some((json, file)))
             };
-            if let Some(file) = part("unet") {
+            if let Some((json, file)) = part("unet", &["UNet2DConditionModel"])? {
                 out.unet = Some(Part {
-                    config: unet_config(&read_json(&file)?, &file)?,
+                    config: unet_config(&json, &file)?,
                     path: file,
                 });
             }
-            if let Some(file) = part("vae") {
+            if let Some((json, file)) = part("vae", &["AutoencoderKL"])? {
                 out.vae = Some(Part {
-                    config: vae_config(&read_json(&file)?, &file)?,
+                    config: vae_config(&json, &file)?,
                     path: file,
                 });
             }
-            if let Some(file) = part("text_encoder") {
+            if let Some((json, file)) = part("text_encoder", &["CLIPTextModel"])? {
                 out.text_l = Some(Part {
-                    config: text_config(&read_json(&file)?, &file, false)?,
+                    config: text_config(&json, &file, false)?,
                     path: file,
                 });
             }
-            if let Some(file) = part("text_encoder_2") {
+            let text_g = ["CLIPTextModelWithProjection", "CLIPTextModel"];
+            if let Some((json, file)) = part("text_encoder_2", &text_g)? {
                 out.text_g = Some(Part {
-                    config: text_config(&read_json(&file)?, &file, true)?,
+                    config: text_config(&json, &file, true)?,
                     path: file,
                 });
             }
@@ -163,10 +193,7 @@ impl BaseConfig {
     /// names an autoencoder or a CLIP text encoder.
     pub fn from_json(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let json = parse_json(text, path)?;
-        let class = json
-            .get("_class_name")
-            .and_then(Value::as_str)
-            .unwrap_or("UNet2DConditionModel");
+        let class = class_name(&json, path)?.unwrap_or("UNet2DConditionModel");
         let path_buf = path.to_path_buf();
         let mut out = Self::default();
         match class {
@@ -235,11 +262,39 @@ fn parse_json(text: &str, path: &Path) -> Result<Value, ConfigError> {
     Ok(value)
 }
 
+/// `_class_name`, when present: a string, else a `Format` error.
+fn class_name<'j>(json: &'j Value, path: &Path) -> Result<Option<&'j str>, ConfigError> {
+    match json.get("_class_name") {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(other) => Err(ConfigError::Format {
+            path: path.to_path_buf(),
+            message: format!("`_class_name`: expected a string, found {other}"),
+        }),
+    }
+}
+
 /// Typed view of a config: a field of the wrong type is a `Format` error naming it.
 fn typed<T: for<'de> Deserialize<'de>>(json: &Value, path: &Path) -> Result<T, ConfigError> {
-    T::deserialize(json).map_err(|e| ConfigError::Format {
-        path: path.to_path_buf(),
-        message: e.to_string(),
+    T::deserialize(json).map_err(|e| {
+        // Every field has a default, so an object of one entry fails only on that entry's
+        // value: the first that does is the key to name.
+        let key = json.as_object().and_then(|map| {
+            map.iter()
+                .find(|(k, v)| {
+                    let one: serde_json::Map<String, Value> =
+                        std::iter::once(((*k).clone(), (*v).clone())).collect();
+                    T::deserialize(&Value::Object(one)).is_err()
+                })
+                .map(|(k, _)| k.clone())
+        });
+        ConfigError::Format {
+            path: path.to_path_buf(),
+            message: match key {
+                Some(k) => format!("`{k}`: {e}"),
+                None => e.to_string(),
+            },
+        }
     })
 }
 
@@ -254,7 +309,10 @@ fn unsupported(path: &Path, key: &str, value: &Value, message: &str) -> ConfigEr
 
 /// An integer, or one per level.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "an integer or a list of integers, one per level"
+)]
 enum PerLevel {
     One(usize),
     Each(Vec<usize>),
@@ -620,21 +678,17 @@ fn unet_config(json: &Value, path: &Path) -> Result<UNetConfig, ConfigError> {
             );
         }
     };
-    let tlpb: Vec<usize> = match &f.transformer_layers_per_block {
-        Value::Number(_) => {
-            let n: usize = typed(&f.transformer_layers_per_block, path)?;
-            vec![n; levels]
-        }
-        Value::Array(items) if items.iter().all(Value::is_number) => {
-            typed(&f.transformer_layers_per_block, path)?
-        }
-        other => {
-            return bad(
-                "transformer_layers_per_block",
-                other.clone(),
-                "only an integer or one integer per level",
-            );
-        }
+    let depth = |v: &Value| v.as_u64().and_then(|n| usize::try_from(n).ok());
+    let tlpb: Option<Vec<usize>> = match &f.transformer_layers_per_block {
+        Value::Array(items) => items.iter().map(depth).collect(),
+        one => depth(one).map(|n| vec![n; levels]),
+    };
+    let Some(tlpb) = tlpb else {
+        return bad(
+            "transformer_layers_per_block",
+            f.transformer_layers_per_block.clone(),
+            "only an integer or one integer per level",
+        );
     };
     if tlpb.len() != levels || tlpb.contains(&0) {
         return bad(
@@ -706,6 +760,21 @@ fn unet_config(json: &Value, path: &Path) -> Result<UNetConfig, ConfigError> {
             "GroupNorm is required (a group count)",
         );
     };
+    // What `validate` would refuse, named by the key that set it.
+    for (key, n) in [
+        ("in_channels", f.in_channels),
+        ("out_channels", f.out_channels),
+    ] {
+        if n == 0 {
+            return bad(key, Value::from(n), "must be at least 1");
+        }
+    }
+    if let Err(why) = groups_split(norm_num_groups, boc) {
+        return bad("norm_num_groups", Value::from(norm_num_groups), &why);
+    }
+    if !(f.norm_eps.is_finite() && f.norm_eps > 0.0) {
+        return bad("norm_eps", Value::from(f.norm_eps), "must be above 0");
+    }
     let config = UNetConfig {
         in_channels: f.in_channels,
         out_channels: f.out_channels,
@@ -726,6 +795,19 @@ fn unet_config(json: &Value, path: &Path) -> Result<UNetConfig, ConfigError> {
         .validate()
         .map_err(|why| unsupported(path, "block_out_channels", &Value::from(boc.clone()), &why))?;
     Ok(config)
+}
+
+/// Whether GroupNorm's `groups` split every level's width.
+fn groups_split(groups: usize, widths: &[usize]) -> Result<(), String> {
+    if groups == 0 {
+        return Err("must be at least 1".into());
+    }
+    match widths.iter().find(|w| !w.is_multiple_of(groups)) {
+        Some(w) => Err(format!(
+            "{w} channels (block_out_channels) do not split into {groups} groups"
+        )),
+        None => Ok(()),
+    }
 }
 
 fn only_false(v: &Value) -> bool {
@@ -872,6 +954,18 @@ fn vae_config(json: &Value, path: &Path) -> Result<VaeConfig, ConfigError> {
             &format!("{c} is not a non-zero multiple of the first level's {ch} channels"),
         );
     }
+    for (key, n) in [
+        ("in_channels", f.in_channels),
+        ("layers_per_block", f.layers_per_block),
+        ("latent_channels", f.latent_channels),
+    ] {
+        if n == 0 {
+            return bad(key, Value::from(n), "must be at least 1");
+        }
+    }
+    if let Err(why) = groups_split(f.norm_num_groups, boc) {
+        return bad("norm_num_groups", Value::from(f.norm_num_groups), &why);
+    }
     let config = VaeConfig {
         in_channels: f.in_channels,
         ch,
@@ -939,6 +1033,38 @@ fn text_config(json: &Value, path: &Path, projected: bool) -> Result<TextConfig,
             "only 1e-5",
         ));
     }
+    let bad = |key: &str, n: usize, why: &str| Err(unsupported(path, key, &Value::from(n), why));
+    for (key, n) in [
+        ("vocab_size", f.vocab_size),
+        ("hidden_size", f.hidden_size),
+        ("intermediate_size", f.intermediate_size),
+        ("num_hidden_layers", f.num_hidden_layers),
+        ("num_attention_heads", f.num_attention_heads),
+    ] {
+        if n == 0 {
+            return bad(key, n, "must be at least 1");
+        }
+    }
+    if !f.hidden_size.is_multiple_of(f.num_attention_heads) {
+        return bad(
+            "num_attention_heads",
+            f.num_attention_heads,
+            &format!("hidden_size {} does not split into them", f.hidden_size),
+        );
+    }
+    if f.max_position_embeddings < crate::tokenizer::CONTEXT_LENGTH {
+        return bad(
+            "max_position_embeddings",
+            f.max_position_embeddings,
+            &format!(
+                "the tokenizer fills {} positions",
+                crate::tokenizer::CONTEXT_LENGTH
+            ),
+        );
+    }
+    if projected && f.projection_dim == 0 {
+        return bad("projection_dim", 0, "must be at least 1");
+    }
     let config = TextConfig {
         vocab_size: f.vocab_size,
         hidden: f.hidden_size,
@@ -958,17 +1084,14 @@ fn text_config(json: &Value, path: &Path, projected: bool) -> Result<TextConfig,
 /// For each field of `ours` that `shapes` (read from the checkpoint) disagrees with, the
 /// diffusers key that set it, the config's value and the checkpoint's: the fields the shapes
 /// can tell. Empty when they agree.
-pub(crate) fn unet_disagreements(
-    ours: &UNetConfig,
-    shapes: &UNetConfig,
-) -> Vec<(&'static str, String, String)> {
+pub(crate) fn unet_disagreements(ours: &UNetConfig, shapes: &UNetConfig) -> Vec<Disagreement> {
     let widths = |c: &UNetConfig| {
         c.channel_mult
             .iter()
             .map(|m| m * c.model_channels)
             .collect::<Vec<_>>()
     };
-    let rows: [(&str, String, String); 8] = [
+    let rows: [Disagreement; 8] = [
         (
             "in_channels",
             ours.in_channels.to_string(),
@@ -1020,10 +1143,7 @@ pub(crate) fn unet_disagreements(
 }
 
 /// Same as [`unet_disagreements`] for the autoencoder.
-pub(crate) fn vae_disagreements(
-    ours: &VaeConfig,
-    shapes: &VaeConfig,
-) -> Vec<(&'static str, String, String)> {
+pub(crate) fn vae_disagreements(ours: &VaeConfig, shapes: &VaeConfig) -> Vec<Disagreement> {
     let widths = |c: &VaeConfig| c.ch_mult.iter().map(|m| m * c.ch).collect::<Vec<_>>();
     [
         (
@@ -1053,10 +1173,7 @@ pub(crate) fn vae_disagreements(
 }
 
 /// Same as [`unet_disagreements`] for a text encoder.
-pub(crate) fn text_disagreements(
-    ours: &TextConfig,
-    shapes: &TextConfig,
-) -> Vec<(&'static str, String, String)> {
+pub(crate) fn text_disagreements(ours: &TextConfig, shapes: &TextConfig) -> Vec<Disagreement> {
     [
         ("vocab_size", ours.vocab_size, shapes.vocab_size),
         ("hidden_size", ours.hidden, shapes.hidden),
@@ -1101,4 +1218,773 @@ pub fn describe(config: &BaseConfig) -> BTreeMap<&'static str, PathBuf> {
         out.insert("text_g", p.path.clone());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    //! The parsing of each config and the messages users read: one row per value, with the
+    //! complete message of a refusal.
+
+    use serde_json::json;
+
+    use super::*;
+
+    /// A small UNet config diffusers accepts (that of `tests/fixtures/config/groups8`).
+    fn unet_json() -> Value {
+        json!({
+            "_class_name": "UNet2DConditionModel",
+            "block_out_channels": [24, 48],
+            "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 16,
+            "attention_head_dim": 3,
+            "norm_num_groups": 8,
+            "norm_eps": 1e-6,
+            "sample_size": 8,
+            "dropout": 0.0,
+            "a_key_of_a_later_diffusers": [1, 2]
+        })
+    }
+
+    fn vae_json() -> Value {
+        json!({
+            "_class_name": "AutoencoderKL",
+            "block_out_channels": [32, 64],
+            "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+            "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+            "layers_per_block": 1,
+            "latent_channels": 4,
+            "norm_num_groups": 8,
+            "scaling_factor": 0.18215,
+            "force_upcast": true
+        })
+    }
+
+    fn text_json(class: &str) -> Value {
+        json!({
+            "_class_name": class,
+            "vocab_size": 1000,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu",
+            "projection_dim": 16,
+            "bos_token_id": 0
+        })
+    }
+
+    /// `base` with `patch`'s entries set (a `null` sets the key to null).
+    fn patched(base: Value, patch: Value) -> String {
+        let (Value::Object(mut map), Value::Object(patch)) = (base, patch) else {
+            panic!("objects only");
+        };
+        map.extend(patch);
+        Value::Object(map).to_string()
+    }
+
+    fn parse(text: &str) -> Result<BaseConfig, ConfigError> {
+        BaseConfig::from_json(text, Path::new("config.json"))
+    }
+
+    fn unet(patch: Value) -> Result<UNetConfig, String> {
+        match parse(&patched(unet_json(), patch)) {
+            Ok(c) => Ok(c.unet.expect("a UNet part").config),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn a_unet_config_gives_what_shapes_cannot_tell() {
+        let c = unet(json!({})).unwrap();
+        assert_eq!(
+            (
+                c.model_channels,
+                c.channel_mult.as_slice(),
+                c.num_res_blocks
+            ),
+            (24, &[1, 2][..], 1)
+        );
+        assert_eq!(
+            (c.transformer_depth.as_slice(), c.transformer_depth_middle),
+            (&[1, 0][..], 1)
+        );
+        assert_eq!((c.heads, c.context_dim), (Heads::Count(3), 16));
+        assert_eq!((c.norm_num_groups, c.norm_eps), (8, 1e-6));
+        assert_eq!((c.adm_in_channels, c.size_embed_dim), (None, 256));
+        assert!(!c.use_linear_projection);
+        // Everything unset takes diffusers' defaults: SD1.5's UNet but for the text width
+        // (diffusers' default `cross_attention_dim` is 1280).
+        let defaults = parse("{}").unwrap().unet.unwrap().config;
+        assert_eq!(
+            defaults,
+            UNetConfig {
+                context_dim: 1280,
+                ..UNetConfig::sd15()
+            }
+        );
+        // SDXL's added conditioning.
+        let xl = unet(json!({
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 8,
+            "projection_class_embeddings_input_dim": 80,
+            "transformer_layers_per_block": [1, 2],
+            "use_linear_projection": true
+        }))
+        .unwrap();
+        assert_eq!((xl.adm_in_channels, xl.size_embed_dim), (Some(80), 8));
+        assert_eq!(
+            (xl.transformer_depth.as_slice(), xl.transformer_depth_middle),
+            (&[1, 0][..], 2)
+        );
+        assert!(xl.use_linear_projection);
+    }
+
+    /// diffusers' historic naming: `attention_head_dim` holds the head count unless
+    /// `num_attention_heads` is given; per-level counts become one count or one width.
+    #[test]
+    fn heads_follow_diffusers_naming_and_levels() {
+        let both = ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"];
+        let both_up = ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"];
+        let rows: [(Value, Heads); 6] = [
+            (json!({"attention_head_dim": 3}), Heads::Count(3)),
+            (json!({"attention_head_dim": [3, 3]}), Heads::Count(3)),
+            // num_attention_heads wins over attention_head_dim.
+            (
+                json!({"attention_head_dim": 5, "num_attention_heads": 6}),
+                Heads::Count(6),
+            ),
+            // Per-level counts of one width: 24 / 3 = 48 / 6 = 8 channels a head.
+            (json!({"attention_head_dim": [3, 6]}), Heads::Dim(8)),
+            (
+                json!({"attention_head_dim": 1, "num_attention_heads": [3, 6]}),
+                Heads::Dim(8),
+            ),
+            // Both levels attend (the second through the middle block only when it does not).
+            (
+                json!({"attention_head_dim": [4, 8], "down_block_types": both,
+                       "up_block_types": both_up}),
+                Heads::Dim(6),
+            ),
+        ];
+        for (patch, heads) in rows {
+            let text = patch.to_string();
+            assert_eq!(unet(patch).map(|c| c.heads), Ok(heads), "{text}");
+        }
+    }
+
+    /// Values of known fields this UNet cannot honour, each refused with its key, its value
+    /// and what is accepted.
+    #[test]
+    fn unet_values_it_cannot_honour_are_refused_by_key() {
+        let rows: &[(Value, &str)] = &[
+            (
+                json!({"down_block_types": ["CrossAttnDownBlock2D", "AttnDownBlock2D"]}),
+                r#"config.json: `down_block_types` = ["CrossAttnDownBlock2D","AttnDownBlock2D"]: "AttnDownBlock2D": only CrossAttnDownBlock2D and DownBlock2D"#,
+            ),
+            (
+                json!({"down_block_types": ["DownBlock2D"]}),
+                r#"config.json: `down_block_types` = ["DownBlock2D"]: 1 block types for 2 levels of block_out_channels"#,
+            ),
+            (
+                json!({"up_block_types": ["UpBlock2D", "UpBlock2D"]}),
+                r#"config.json: `up_block_types` = ["UpBlock2D","UpBlock2D"]: must mirror down_block_types: ["UpBlock2D", "CrossAttnUpBlock2D"]"#,
+            ),
+            (
+                json!({"mid_block_type": "UNetMidBlock2D"}),
+                r#"config.json: `mid_block_type` = "UNetMidBlock2D": only "UNetMidBlock2DCrossAttn""#,
+            ),
+            (
+                json!({"freq_shift": 1}),
+                "config.json: `freq_shift` = 1.0: only 0",
+            ),
+            (
+                json!({"flip_sin_to_cos": false}),
+                "config.json: `flip_sin_to_cos` = false: only true (the LDM embedding is [cos, sin])",
+            ),
+            (
+                json!({"class_embed_type": "timestep"}),
+                r#"config.json: `class_embed_type` = "timestep": only null"#,
+            ),
+            (
+                json!({"num_class_embeds": 10}),
+                "config.json: `num_class_embeds` = 10: only null",
+            ),
+            (
+                json!({"act_fn": "mish"}),
+                r#"config.json: `act_fn` = "mish": only "silu""#,
+            ),
+            (
+                json!({"resnet_time_scale_shift": "scale_shift"}),
+                r#"config.json: `resnet_time_scale_shift` = "scale_shift": only "default""#,
+            ),
+            (
+                json!({"only_cross_attention": [true, false]}),
+                "config.json: `only_cross_attention` = [true,false]: only false (self-attention in every block)",
+            ),
+            (
+                json!({"time_embedding_dim": 100}),
+                "config.json: `time_embedding_dim` = 100: only null or 4 x block_out_channels[0] = 96",
+            ),
+            (
+                json!({"addition_embed_type": "text"}),
+                r#"config.json: `addition_embed_type` = "text": only null or "text_time""#,
+            ),
+            (
+                json!({"addition_embed_type": "text_time"}),
+                r#"config.json: `addition_embed_type` = "text_time": needs projection_class_embeddings_input_dim and addition_time_embed_dim"#,
+            ),
+            (
+                json!({"layers_per_block": [1, 2]}),
+                "config.json: `layers_per_block` = [1,2]: only one non-zero count for every level",
+            ),
+            (
+                json!({"cross_attention_dim": [16, 32]}),
+                "config.json: `cross_attention_dim` = [16,32]: only one non-zero width for every level",
+            ),
+            (
+                json!({"transformer_layers_per_block": [1, 0]}),
+                "config.json: `transformer_layers_per_block` = [1,0]: expected 2 non-zero depths",
+            ),
+            (
+                json!({"transformer_layers_per_block": 1.5}),
+                "config.json: `transformer_layers_per_block` = 1.5: only an integer or one integer per level",
+            ),
+            (
+                json!({"reverse_transformer_layers_per_block": [2, 1]}),
+                "config.json: `reverse_transformer_layers_per_block` = [2,1]: only null or the reverse of transformer_layers_per_block, [1, 1]",
+            ),
+            (
+                json!({"block_out_channels": [24, 36]}),
+                "config.json: `block_out_channels` = [24,36]: 36 is not a non-zero multiple of the first level's 24 channels",
+            ),
+            (
+                json!({"block_out_channels": []}),
+                "config.json: `block_out_channels` = []: must be non-empty and start above 0",
+            ),
+            (
+                json!({"in_channels": 0}),
+                "config.json: `in_channels` = 0: must be at least 1",
+            ),
+            // GroupNorm: required, non-zero, splitting every width; its eps above 0.
+            (
+                json!({"norm_num_groups": null}),
+                "config.json: `norm_num_groups` = null: GroupNorm is required (a group count)",
+            ),
+            (
+                json!({"norm_num_groups": 0}),
+                "config.json: `norm_num_groups` = 0: must be at least 1",
+            ),
+            (
+                json!({"norm_num_groups": 16}),
+                "config.json: `norm_num_groups` = 16: 24 channels (block_out_channels) do not split into 16 groups",
+            ),
+            (
+                json!({"norm_eps": 0.0}),
+                "config.json: `norm_eps` = 0.0: must be above 0",
+            ),
+            // Heads: the key that gave them is the key named.
+            (
+                json!({"attention_head_dim": 5}),
+                "config.json: `attention_head_dim` = 5: 24 channels do not split into 5 heads",
+            ),
+            (
+                json!({"attention_head_dim": 5, "num_attention_heads": 7}),
+                "config.json: `num_attention_heads` = 7: 24 channels do not split into 7 heads",
+            ),
+            (
+                json!({"num_attention_heads": [3]}),
+                "config.json: `num_attention_heads` = [3]: expected 2 non-zero head counts",
+            ),
+            (
+                json!({"attention_head_dim": [3, 0]}),
+                "config.json: `attention_head_dim` = [3,0]: expected 2 non-zero head counts",
+            ),
+            (
+                json!({"attention_head_dim": [3, 4]}),
+                "config.json: `attention_head_dim` = [3,4]: the levels' heads [(24, 3), (48, 4)] (channels, heads) are neither one head count nor one head width; only those two are implemented",
+            ),
+        ];
+        for (patch, want) in rows {
+            let got = unet(patch.clone()).map(|_| ()).unwrap_err();
+            assert_eq!(got, *want, "{patch}");
+        }
+    }
+
+    /// Wrong JSON types name the key; malformed JSON has serde_json's line and column.
+    #[test]
+    fn wrong_types_and_malformed_json_are_format_errors() {
+        let rows: &[(String, &str)] = &[
+            (
+                patched(unet_json(), json!({"in_channels": "4"})),
+                r#"config.json: not a diffusers config.json: `in_channels`: invalid type: string "4", expected usize"#,
+            ),
+            (
+                patched(unet_json(), json!({"block_out_channels": "24, 48"})),
+                r#"config.json: not a diffusers config.json: `block_out_channels`: invalid type: string "24, 48", expected a sequence"#,
+            ),
+            (
+                patched(unet_json(), json!({"attention_head_dim": "three"})),
+                "config.json: not a diffusers config.json: `attention_head_dim`: an integer or a list of integers, one per level",
+            ),
+            (
+                patched(unet_json(), json!({"norm_eps": "1e-6"})),
+                r#"config.json: not a diffusers config.json: `norm_eps`: invalid type: string "1e-6", expected f64"#,
+            ),
+            (
+                patched(unet_json(), json!({"layers_per_block": -1})),
+                "config.json: not a diffusers config.json: `layers_per_block`: an integer or a list of integers, one per level",
+            ),
+            (
+                patched(vae_json(), json!({"norm_num_groups": 8.5})),
+                "config.json: not a diffusers config.json: `norm_num_groups`: invalid type: floating point `8.5`, expected usize",
+            ),
+            (
+                patched(text_json("CLIPTextModel"), json!({"hidden_size": [32]})),
+                "config.json: not a diffusers config.json: `hidden_size`: invalid type: sequence, expected usize",
+            ),
+            (
+                patched(unet_json(), json!({"_class_name": 7})),
+                "config.json: not a diffusers config.json: `_class_name`: expected a string, found 7",
+            ),
+            (
+                "{\n  \"in_channels\": 4,\n}\n".into(),
+                "config.json: not a diffusers config.json: trailing comma at line 3 column 1",
+            ),
+            (
+                "{\n  \"in_channels\": 4\n  \"out_channels\": 4\n}".into(),
+                "config.json: not a diffusers config.json: expected `,` or `}` at line 3 column 3",
+            ),
+            (
+                String::new(),
+                "config.json: not a diffusers config.json: EOF while parsing a value at line 1 column 0",
+            ),
+            (
+                "[4, 4]".into(),
+                "config.json: not a diffusers config.json: expected a JSON object",
+            ),
+        ];
+        for (text, want) in rows {
+            let err = parse(text).unwrap_err();
+            assert!(matches!(err, ConfigError::Format { .. }), "{text}: {err}");
+            assert_eq!(err.to_string(), *want, "{text}");
+        }
+    }
+
+    #[test]
+    fn vae_and_clip_text_configs_are_read_by_their_class() {
+        let vae = parse(&vae_json().to_string()).unwrap();
+        assert!(vae.unet.is_none() && vae.text_l.is_none() && vae.text_g.is_none());
+        assert_eq!(
+            vae.vae.unwrap().config,
+            VaeConfig {
+                in_channels: 3,
+                ch: 32,
+                ch_mult: vec![1, 2],
+                num_res_blocks: 1,
+                z_channels: 4,
+                norm_num_groups: 8,
+            }
+        );
+        let want = TextConfig {
+            vocab_size: 1000,
+            hidden: 32,
+            layers: 3,
+            heads: 2,
+            intermediate: 64,
+            max_positions: 77,
+            activation: Activation::QuickGelu,
+            projection_dim: None,
+        };
+        let l = parse(&text_json("CLIPTextModel").to_string()).unwrap();
+        assert!(l.text_g.is_none());
+        assert_eq!(l.text_l.unwrap().config, want);
+        let g = patched(
+            text_json("CLIPTextModelWithProjection"),
+            json!({"hidden_act": "gelu"}),
+        );
+        let g = parse(&g).unwrap();
+        assert!(g.text_l.is_none());
+        assert_eq!(
+            g.text_g.unwrap().config,
+            TextConfig {
+                activation: Activation::Gelu,
+                projection_dim: Some(16),
+                ..want
+            }
+        );
+    }
+
+    #[test]
+    fn vae_and_text_values_it_cannot_honour_are_refused_by_key() {
+        let rows: &[(String, &str)] = &[
+            (
+                patched(vae_json(), json!({"scaling_factor": 0.5})),
+                "config.json: `scaling_factor` = 0.5: only SD1's 0.18215 or SDXL's 0.13025 (the factor follows the model family)",
+            ),
+            (
+                patched(vae_json(), json!({"shift_factor": 0.1159})),
+                "config.json: `shift_factor` = 0.1159: only null",
+            ),
+            (
+                patched(vae_json(), json!({"use_quant_conv": false})),
+                "config.json: `use_quant_conv` = false: only true",
+            ),
+            (
+                patched(
+                    vae_json(),
+                    json!({"down_block_types": ["DownEncoderBlock2D", "AttnDownEncoderBlock2D"]}),
+                ),
+                r#"config.json: `down_block_types` = ["DownEncoderBlock2D","AttnDownEncoderBlock2D"]: only DownEncoderBlock2D, one per level (2)"#,
+            ),
+            (
+                patched(vae_json(), json!({"act_fn": "relu"})),
+                r#"config.json: `act_fn` = "relu": only "silu""#,
+            ),
+            (
+                patched(vae_json(), json!({"norm_num_groups": 24})),
+                "config.json: `norm_num_groups` = 24: 32 channels (block_out_channels) do not split into 24 groups",
+            ),
+            (
+                patched(vae_json(), json!({"latent_channels": 0})),
+                "config.json: `latent_channels` = 0: must be at least 1",
+            ),
+            (
+                patched(text_json("CLIPTextModel"), json!({"hidden_act": "relu"})),
+                r#"config.json: `hidden_act` = "relu": only "quick_gelu" or "gelu""#,
+            ),
+            (
+                patched(text_json("CLIPTextModel"), json!({"layer_norm_eps": 1e-6})),
+                "config.json: `layer_norm_eps` = 1e-6: only 1e-5",
+            ),
+            (
+                patched(
+                    text_json("CLIPTextModel"),
+                    json!({"num_attention_heads": 5}),
+                ),
+                "config.json: `num_attention_heads` = 5: hidden_size 32 does not split into them",
+            ),
+            (
+                patched(
+                    text_json("CLIPTextModel"),
+                    json!({"max_position_embeddings": 64}),
+                ),
+                "config.json: `max_position_embeddings` = 64: the tokenizer fills 77 positions",
+            ),
+            (
+                patched(
+                    text_json("CLIPTextModelWithProjection"),
+                    json!({"projection_dim": 0}),
+                ),
+                "config.json: `projection_dim` = 0: must be at least 1",
+            ),
+            (
+                patched(unet_json(), json!({"_class_name": "SD3Transformer2DModel"})),
+                r#"config.json: `_class_name` = "SD3Transformer2DModel": expected UNet2DConditionModel, AutoencoderKL, CLIPTextModel or CLIPTextModelWithProjection"#,
+            ),
+        ];
+        for (text, want) in rows {
+            let err = parse(text).unwrap_err();
+            assert!(
+                matches!(err, ConfigError::Unsupported { .. }),
+                "{text}: {err}"
+            );
+            assert_eq!(err.to_string(), *want, "{text}");
+        }
+    }
+
+    fn write(dir: &Path, rel: &str, json: &Value) -> PathBuf {
+        let file = dir.join(rel);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(&file, serde_json::to_string_pretty(json).unwrap()).unwrap();
+        file
+    }
+
+    /// A folder laid out like a diffusers repository: each part from its own folder, any of
+    /// them optional, and errors naming the file they are in.
+    #[test]
+    fn a_diffusers_folder_gives_each_part_its_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let unet = write(root, "unet/config.json", &unet_json());
+        let vae = write(root, "vae/config.json", &vae_json());
+        let l = write(
+            root,
+            "text_encoder/config.json",
+            &text_json("CLIPTextModel"),
+        );
+        let g = write(
+            root,
+            "text_encoder_2/config.json",
+            &text_json("CLIPTextModelWithProjection"),
+        );
+        write(root, "scheduler/scheduler_config.json", &json!({"x": 1}));
+        let all = BaseConfig::load(root).unwrap();
+        assert_eq!(all.unet.as_ref().unwrap().config.norm_num_groups, 8);
+        assert_eq!(all.vae.as_ref().unwrap().config.norm_num_groups, 8);
+        assert_eq!(all.text_l.as_ref().unwrap().config.projection_dim, None);
+        assert_eq!(all.text_g.as_ref().unwrap().config.projection_dim, Some(16));
+        assert_eq!(
+            describe(&all).into_iter().collect::<Vec<_>>(),
+            [
+                ("text_g", g),
+                ("text_l", l),
+                ("unet", unet),
+                ("vae", vae.clone())
+            ]
+        );
+        // One file of the folder alone reads the same.
+        assert_eq!(BaseConfig::load(&vae).unwrap().vae, all.vae);
+
+        // Parts are optional.
+        std::fs::remove_dir_all(root.join("unet")).unwrap();
+        std::fs::remove_dir_all(root.join("text_encoder_2")).unwrap();
+        let some = BaseConfig::load(root).unwrap();
+        assert!(some.unet.is_none() && some.text_g.is_none());
+        assert!(some.vae.is_some() && some.text_l.is_some());
+
+        // An error names the file it is in.
+        write(
+            root,
+            "text_encoder/config.json",
+            &patched(text_json("CLIPTextModel"), json!({"hidden_act": "relu"}))
+                .parse::<Value>()
+                .unwrap(),
+        );
+        let err = BaseConfig::load(root).unwrap_err().to_string();
+        let file = root.join("text_encoder/config.json");
+        assert_eq!(
+            err,
+            format!(
+                "{}: `hidden_act` = \"relu\": only \"quick_gelu\" or \"gelu\"",
+                file.display()
+            )
+        );
+        std::fs::write(&file, "{\"hidden_size\": 32,").unwrap();
+        let err = BaseConfig::load(root).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}: not a diffusers config.json: EOF while parsing a value at line 1 column 19",
+                file.display()
+            )
+        );
+        // A part's folder holding another part's config.
+        write(root, "text_encoder/config.json", &vae_json());
+        let err = BaseConfig::load(root).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            format!(
+                "{}: `_class_name` = \"AutoencoderKL\": text_encoder/config.json must describe a \
+                 CLIPTextModel",
+                file.display()
+            )
+        );
+
+        // A folder with none of them, and a path with nothing.
+        let empty = tempfile::tempdir().unwrap();
+        write(empty.path(), "model_index.json", &json!({}));
+        let err = BaseConfig::load(empty.path()).unwrap_err();
+        assert!(matches!(err, ConfigError::EmptyFolder { .. }));
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: no unet/config.json, vae/config.json, text_encoder/config.json or \
+                 text_encoder_2/config.json in this folder",
+                empty.path().display()
+            )
+        );
+        let missing = root.join("no/config.json");
+        let err = BaseConfig::load(&missing).unwrap_err();
+        assert!(matches!(err, ConfigError::Io { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with(&format!("{}: ", missing.display()))
+        );
+    }
+
+    fn sd1_tiny() -> crate::Checkpoint {
+        crate::Checkpoint::open(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sd1_tiny.safetensors"),
+        )
+        .unwrap()
+    }
+
+    /// The configs of `tests/fixtures/sd1_tiny.safetensors` (tests/fixtures/make_fixtures.py),
+    /// as a diffusers folder would hold them.
+    fn sd1_tiny_configs() -> (Value, Value, Value) {
+        let unet = json!({
+            "block_out_channels": [32, 64],
+            "layers_per_block": 1,
+            "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 32,
+            "attention_head_dim": 2,
+            "norm_num_groups": 32
+        });
+        let vae = patched(vae_json(), json!({"norm_num_groups": 32}));
+        (unet, vae.parse().unwrap(), text_json("CLIPTextModel"))
+    }
+
+    fn config_of(unet: Option<Value>, vae: Option<Value>, text: Option<Value>) -> BaseConfig {
+        let part = |json: Value| BaseConfig::from_json(&json.to_string(), Path::new("c.json"));
+        BaseConfig {
+            unet: unet.map(|j| part(j).unwrap().unet.unwrap()),
+            vae: vae.map(|j| part(j).unwrap().vae.unwrap()),
+            text_l: text.map(|j| part(j).unwrap().text_l.unwrap()),
+            text_g: None,
+        }
+    }
+
+    #[test]
+    fn configs_the_shapes_agree_with_replace_the_assumptions() {
+        let ckpt = sd1_tiny();
+        let guessed = crate::ModelSpec::detect(&ckpt).unwrap();
+        let none = BaseConfig::none();
+        assert_eq!(
+            guessed.assumptions(&ckpt, &none),
+            [
+                "UNet GroupNorm groups 32 (norm_num_groups) and eps 1e-5 (norm_eps)",
+                "VAE GroupNorm groups 32"
+            ]
+        );
+        let (unet, vae, text) = sd1_tiny_configs();
+        let config = config_of(Some(unet), Some(vae), Some(text));
+        let spec = crate::ModelSpec::detect_with(&ckpt, &config).unwrap();
+        assert_eq!(spec, guessed);
+        assert!(spec.assumptions(&ckpt, &config).is_empty());
+    }
+
+    /// Each part's config that its weights contradict: the key, both values and the first
+    /// tensor whose shape differs.
+    #[test]
+    fn configs_the_shapes_contradict_name_the_key_and_the_tensor() {
+        let ckpt = sd1_tiny();
+        let (unet, vae, text) = sd1_tiny_configs();
+        let rows: [(BaseConfig, &str, &str, &[usize], &str); 4] = [
+            (
+                config_of(
+                    Some(
+                        patched(unet.clone(), json!({"cross_attention_dim": 64}))
+                            .parse()
+                            .unwrap(),
+                    ),
+                    None,
+                    None,
+                ),
+                "cross_attention_dim",
+                "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
+                &[32, 64],
+                "[32, 32]",
+            ),
+            (
+                config_of(
+                    Some(
+                        patched(unet, json!({"layers_per_block": 2}))
+                            .parse()
+                            .unwrap(),
+                    ),
+                    None,
+                    None,
+                ),
+                "layers_per_block",
+                "model.diffusion_model.input_blocks.2.0.in_layers.0.weight",
+                &[32],
+                "absent",
+            ),
+            (
+                config_of(
+                    None,
+                    Some(patched(vae, json!({"latent_channels": 8})).parse().unwrap()),
+                    None,
+                ),
+                "latent_channels",
+                "first_stage_model.encoder.conv_out.weight",
+                &[16, 64, 3, 3],
+                "[8, 64, 3, 3]",
+            ),
+            (
+                config_of(
+                    None,
+                    None,
+                    Some(patched(text, json!({"hidden_size": 64})).parse().unwrap()),
+                ),
+                "hidden_size",
+                "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",
+                &[1000, 64],
+                "[1000, 32]",
+            ),
+        ];
+        for (config, want_key, want_tensor, want_shape, want_actual) in rows {
+            let err = crate::ModelSpec::detect_with(&ckpt, &config).unwrap_err();
+            let message = err.to_string();
+            let crate::CheckpointError::Config(ConfigError::Contradicts(c)) = err else {
+                panic!("not a contradiction: {message}");
+            };
+            let Contradiction {
+                path,
+                key,
+                tensor,
+                expected,
+                actual,
+                ..
+            } = *c;
+            assert_eq!(path, Path::new("c.json"), "{message}");
+            assert_eq!(
+                (
+                    key.as_str(),
+                    tensor.as_str(),
+                    expected.as_slice(),
+                    actual.as_str()
+                ),
+                (want_key, want_tensor, want_shape, want_actual),
+                "{message}"
+            );
+        }
+        // The message users read.
+        let config = config_of(
+            None,
+            None,
+            Some(
+                patched(text_json("CLIPTextModel"), json!({"hidden_size": 64}))
+                    .parse()
+                    .unwrap(),
+            ),
+        );
+        assert_eq!(
+            crate::ModelSpec::detect_with(&ckpt, &config)
+                .unwrap_err()
+                .to_string(),
+            "c.json: `hidden_size` = 64 contradicts the checkpoint (which shows 32): \
+             `cond_stage_model.transformer.text_model.embeddings.token_embedding.weight` would \
+             have shape [1000, 64] under this config, the checkpoint's has [1000, 32]"
+        );
+    }
+
+    #[test]
+    fn disagreements_list_only_what_differs() {
+        let a = UNetConfig::sd15();
+        assert!(unet_disagreements(&a, &a).is_empty());
+        let b = UNetConfig {
+            norm_num_groups: 16,
+            heads: Heads::Dim(64),
+            ..a.clone()
+        };
+        // What shapes cannot tell is never a disagreement.
+        assert!(unet_disagreements(&b, &a).is_empty());
+        let c = UNetConfig {
+            context_dim: 1024,
+            in_channels: 9,
+            ..a.clone()
+        };
+        assert_eq!(
+            unet_disagreements(&c, &a),
+            [
+                ("in_channels", "9".into(), "4".into()),
+                ("cross_attention_dim", "1024".into(), "768".into())
+            ]
+        );
+    }
 }

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use slider_models::checkpoint::decode_f32;
-use slider_models::diffusers_config::BaseConfig;
+use slider_models::diffusers_config::{BaseConfig, Contradiction};
 use slider_models::{Checkpoint, CheckpointError, ConfigError, Heads, HostTensor, StableDiffusion};
 
 /// REFERENCE.md: f32 forward pass vs a reference of the same precision.
@@ -107,16 +107,16 @@ fn a_config_the_weights_contradict_names_the_key_and_the_tensor() {
         StableDiffusion::load_with(&ckpt, &config, &slider_models::open_device("cpu").unwrap())
             .unwrap_err();
     let message = err.to_string();
-    let CheckpointError::Config(ConfigError::Contradicts {
+    let CheckpointError::Config(ConfigError::Contradicts(c)) = err else {
+        panic!("not a contradiction: {message}");
+    };
+    let Contradiction {
         key,
         tensor,
         expected,
         actual,
         ..
-    }) = err
-    else {
-        panic!("not a contradiction: {message}");
-    };
+    } = *c;
     assert_eq!(key, "block_out_channels", "{message}");
     assert_eq!(
         tensor, "model.diffusion_model.time_embed.0.weight",
