@@ -526,3 +526,118 @@ nodes:
     let quality = plan.nodes.iter().position(|n| n.name == "quality").unwrap();
     assert!(slider < quality, "the LoRA is evaluated after it is made");
 }
+
+/// `base_config` (the base model's diffusers config.json) goes where `base` goes: the
+/// top-level one to every train, xy_plot and evaluate node that does not set its own, and
+/// `--set base_config=...` moves it; nodes of other kinds take none.
+#[test]
+fn base_config_is_inherited_by_base_nodes_and_overridable() {
+    let dir = Dir::new(
+        &[
+            FILES,
+            &["meter.safetensors", "unet.json", "other.json", "set.json"],
+        ]
+        .concat(),
+    );
+    let recipe = r#"
+base: base.safetensors
+base_config: unet.json
+nodes:
+  slider:
+    kind: train
+    network_train_unet_only: true
+    images: [img/small_front.png]
+  own:
+    kind: train
+    network_train_unet_only: true
+    images: [img/small_side.png]
+    base_config: other.json
+  grid: {kind: xy_plot, prompt: 1girl, loras: [slider], x: {weight: [0, 1]}}
+  quality: {kind: evaluate, lora: slider, meter: meter.safetensors, prompts: [a]}
+  merged: {kind: merge, models: [a.safetensors, b.safetensors], ratios: [1, 1]}
+"#;
+    let configs = |plan: &Plan| {
+        (
+            get!(plan, "slider", Train).base_config.clone(),
+            get!(plan, "own", Train).base_config.clone(),
+            get!(plan, "grid", XyPlot).base_config.clone(),
+            get!(plan, "quality", Evaluate).base_config.clone(),
+        )
+    };
+    let file = |name: &str| Some(Input::File(dir.path(name)));
+    // (overrides, slider's, own's, grid's, quality's)
+    let cases: [(&[&str], _, _, _, _); 5] = [
+        (
+            &[],
+            file("unet.json"),
+            file("other.json"),
+            file("unet.json"),
+            file("unet.json"),
+        ),
+        (
+            &["base_config=set.json"],
+            file("set.json"),
+            file("other.json"),
+            file("set.json"),
+            file("set.json"),
+        ),
+        // Per node, and per kind.
+        (
+            &["nodes.grid.base_config=set.json"],
+            file("unet.json"),
+            file("other.json"),
+            file("set.json"),
+            file("unet.json"),
+        ),
+        (
+            &["train.base_config=set.json"],
+            file("set.json"),
+            file("other.json"),
+            file("unet.json"),
+            file("unet.json"),
+        ),
+        // `null` takes it away: the nodes are keyed as if it had never been written.
+        (&["base_config=null"], None, file("other.json"), None, None),
+    ];
+    for (set, slider, own, grid, quality) in cases {
+        let plan = dir.load(recipe, set);
+        assert_eq!(configs(&plan), (slider, own, grid, quality), "{set:?}");
+    }
+    // It is an input of the nodes that have it, after `base`.
+    let plan = dir.load(recipe, &[]);
+    assert_eq!(
+        params(&plan, "quality").inputs(),
+        [
+            &Input::File(dir.path("base.safetensors")),
+            &Input::File(dir.path("unet.json")),
+            &Input::Node("slider".into()),
+            &Input::File(dir.path("meter.safetensors")),
+        ]
+    );
+    assert_eq!(params(&plan, "merged").inputs().len(), 2);
+    // A config written by a command node is a node reference, like any input.
+    let plan = dir.load(
+        r#"
+base: base.safetensors
+base_config: make_config
+nodes:
+  make_config:
+    kind: command
+    run: [python, convert.py, '{out}']
+    outputs: {out: config.json}
+  slider: {kind: train, network_train_unet_only: true, images: [img/big_front.png]}
+"#,
+        &[],
+    );
+    assert_eq!(
+        get!(plan, "slider", Train).base_config,
+        Some(Input::Node("make_config".into()))
+    );
+    assert_eq!(names(&plan), ["make_config", "slider"]);
+    // Without one, none.
+    let plan = dir.load(LAYERED, &[]);
+    assert!(plan.nodes.iter().all(|n| match &n.params {
+        NodeParams::Train(t) => t.base_config.is_none(),
+        _ => true,
+    }));
+}

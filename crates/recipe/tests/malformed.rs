@@ -527,6 +527,94 @@ nodes:
         codes: &["recipe::unknown_key"],
     },
     Case {
+        name: "base_config_file_missing",
+        recipe: "\
+base: base.safetensors
+base_config: configs/unet.json
+nodes:
+  small:
+    kind: train
+    images: [small.png]
+    network_train_unet_only: true
+",
+        set: &[],
+        codes: &["recipe::missing_file"],
+    },
+    Case {
+        name: "base_config_set_to_a_missing_file",
+        recipe: "\
+base: base.safetensors
+nodes:
+  grid:
+    kind: xy_plot
+    prompt: 1girl
+    loras: [big.safetensors]
+    x: {weight: [0, 1]}
+",
+        set: &["base_config=unet/config.json"],
+        codes: &["recipe::missing_file"],
+    },
+    Case {
+        name: "base_config_fed_a_lora",
+        recipe: "\
+base: base.safetensors
+nodes:
+  slider: {kind: merge, models: [big.safetensors], ratios: [1]}
+  small:
+    kind: train
+    images: [small.png]
+    network_train_unet_only: true
+    base_config: slider
+",
+        set: &[],
+        codes: &["recipe::type_mismatch"],
+    },
+    Case {
+        name: "base_config_fed_an_image",
+        recipe: "\
+base: base.safetensors
+nodes:
+  grid:
+    kind: xy_plot
+    prompt: 1girl
+    loras: [big.safetensors]
+    x: {weight: [0, 1]}
+  small:
+    kind: train
+    images: [small.png]
+    network_train_unet_only: true
+    base_config: grid
+",
+        set: &[],
+        codes: &["recipe::type_mismatch"],
+    },
+    Case {
+        name: "base_config_given_a_list",
+        recipe: "\
+base: base.safetensors
+nodes:
+  small:
+    kind: train
+    images: [small.png]
+    network_train_unet_only: true
+    base_config: [unet.json, vae.json]
+",
+        set: &[],
+        codes: &["recipe::wrong_type"],
+    },
+    Case {
+        name: "base_config_on_a_kind_without_base",
+        recipe: "\
+nodes:
+  small:
+    kind: resize
+    model: big.safetensors
+    base_config: small.safetensors
+",
+        set: &[],
+        codes: &["recipe::unknown_key"],
+    },
+    Case {
         name: "several_independent_problems",
         recipe: "\
 base: base.safetensors
