@@ -1,6 +1,7 @@
 //! End-to-end tests: each runs the real `slider-run` binary.
 
 mod bake;
+mod config;
 mod crash;
 mod damage;
 mod eyesize;

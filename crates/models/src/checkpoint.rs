@@ -489,7 +489,7 @@ impl ModelSpec {
             }
             (None, true) => Some(
                 infer_hf_clip(ckpt, text_l_prefix)
-                    .and_then(|c| c.validate().map(|()| c))
+                    .and_then(|c| c.validate().map(|()| c).map_err(text_hint("text_encoder")))
                     .map_err(arch("CLIP-L"))?,
             ),
         };
@@ -509,7 +509,11 @@ impl ModelSpec {
             }
             (None, true) => Some(
                 infer_open_clip(ckpt)
-                    .and_then(|c| c.validate().map(|()| c))
+                    .and_then(|c| {
+                        c.validate()
+                            .map(|()| c)
+                            .map_err(text_hint("text_encoder_2"))
+                    })
                     .map_err(arch("OpenCLIP bigG"))?,
             ),
         };
@@ -1224,6 +1228,21 @@ fn vae_hint(message: String) -> String {
          the VAE's diffusers config.json (`--config` with a folder holding vae/config.json, or \
          `base_config:` in a recipe)"
     )
+}
+
+/// Same as [`unet_hint`] for a text encoder's heads (guessed as one per 64 channels), the
+/// encoder being the one diffusers keeps in `folder`.
+fn text_hint(folder: &'static str) -> impl Fn(String) -> String {
+    move |message| {
+        if !message.contains("heads") {
+            return message;
+        }
+        format!(
+            "{message}. A checkpoint's shapes cannot tell a text encoder's attention heads; \
+             assumed one per 64 channels. Give its diffusers config.json (`--config` with that \
+             file or a folder holding {folder}/config.json, or `base_config:` in a recipe)"
+        )
+    }
 }
 
 fn parse_heads(v: &str) -> Result<Heads, String> {
