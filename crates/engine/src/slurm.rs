@@ -306,7 +306,7 @@ pub struct ClusterJob {
 }
 
 /// The jobs recorded in the store for these keys (`jobs/<key>/job_id`), with their states
-/// from one `squeue` call.
+/// from one `squeue` call of this user's jobs.
 pub fn cluster_jobs(store_root: &Path, keys: &[&str]) -> BTreeMap<String, ClusterJob> {
     let mut ids: BTreeMap<String, String> = BTreeMap::new();
     for key in keys {
@@ -320,10 +320,10 @@ pub fn cluster_jobs(store_root: &Path, keys: &[&str]) -> BTreeMap<String, Cluste
     if ids.is_empty() {
         return BTreeMap::new();
     }
-    let list: Vec<&str> = ids.values().map(String::as_str).collect();
+    // All of this user's jobs, filtered here: `--jobs` with one id Slurm has forgotten
+    // fails the whole call.
     let listed: Result<BTreeMap<String, String>, String> = Command::new("squeue")
-        .args(["--noheader", "--states=all", "--format=%i|%T|%r"])
-        .arg(format!("--jobs={}", list.join(",")))
+        .args(["--noheader", "--me", "--states=all", "--format=%i|%T|%r"])
         .output()
         .map_err(|e| format!("cannot run squeue: {e}"))
         .map(|o| {

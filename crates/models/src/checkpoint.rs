@@ -544,6 +544,17 @@ impl ModelSpec {
         Ok(())
     }
 
+    /// Whether the text encoders take every id of the CLIP tokenizer (a cut-down token
+    /// embedding would fail inside the first lookup otherwise).
+    pub fn check_tokenizer_fits(&self) -> Result<(), crate::tokenizer::TokenizerError> {
+        for (part, text) in [("CLIP-L", &self.text_l), ("OpenCLIP bigG", &self.text_g)] {
+            if let Some(t) = text {
+                crate::tokenizer::check_vocab(part, t.vocab_size)?;
+            }
+        }
+        Ok(())
+    }
+
     /// What image widths and heights must be multiples of: the VAE's downsampling times the
     /// UNet's (a UNet level halves the latent).
     pub fn pixel_multiple(&self) -> usize {

@@ -61,6 +61,16 @@ pub enum ForwardError {
         /// What was expected.
         expected: &'static str,
     },
+    /// A token id the text encoder has no embedding for.
+    #[error("`{name}` holds {value}, not a token id of a text encoder with {vocab} tokens")]
+    TokenId {
+        /// The input.
+        name: &'static str,
+        /// The value found, as written (`NaN`, `2.5`, `49408`).
+        value: String,
+        /// The encoder's token embeddings.
+        vocab: usize,
+    },
 }
 
 fn tensor<const D: usize>(
@@ -85,9 +95,12 @@ fn tensor<const D: usize>(
     )))
 }
 
+/// Token ids `[batch, <=77]`, each a whole number below `vocab` (the encoder's token
+/// embeddings, when the checkpoint has that encoder).
 fn ids(
     inputs: &BTreeMap<String, HostTensor>,
     name: &'static str,
+    vocab: Option<usize>,
     device: &Device,
 ) -> Result<Option<Tensor<2, Int>>, ForwardError> {
     let Some(t) = inputs.get(name) else {
@@ -104,6 +117,18 @@ fn ids(
             });
         }
     };
+    if let Some(vocab) = vocab
+        && let Some(&value) = t
+            .values
+            .iter()
+            .find(|&&v| !(v >= 0.0 && v.fract() == 0.0 && (v as usize) < vocab))
+    {
+        return Err(ForwardError::TokenId {
+            name,
+            value: value.to_string(),
+            vocab,
+        });
+    }
     let values: Vec<i64> = t.values.iter().map(|&v| v as i64).collect();
     Ok(Some(Tensor::from_data(
         TensorData::new(values, shape),
@@ -132,8 +157,9 @@ impl StableDiffusion {
         let mut out = BTreeMap::new();
         let mut ran = false;
 
-        let ids_l = ids(inputs, "input_ids", device)?;
-        let ids_g = ids(inputs, "input_ids_2", device)?;
+        let vocab = |t: &Option<crate::clip::TextConfig>| t.as_ref().map(|t| t.vocab_size);
+        let ids_l = ids(inputs, "input_ids", vocab(&self.spec.text_l), device)?;
+        let ids_g = ids(inputs, "input_ids_2", vocab(&self.spec.text_g), device)?;
         let mut cond_l = None;
         let mut cond_g = None;
         if let Some(ids_l) = ids_l {
@@ -288,4 +314,39 @@ pub fn write_tensors(
         &BTreeMap::new(),
         |key| tensors.remove(key).map(|t| t.values).unwrap_or_default(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(values: Vec<f32>) -> BTreeMap<String, HostTensor> {
+        let n = values.len();
+        BTreeMap::from([(
+            "input_ids".to_string(),
+            HostTensor {
+                shape: vec![1, n],
+                values,
+            },
+        )])
+    }
+
+    #[test]
+    fn token_ids_are_whole_numbers_below_the_vocabulary() {
+        let device = Device::flex();
+        let ok = ids(
+            &input(vec![49406.0, 320.0, 49407.0]),
+            "input_ids",
+            Some(49408),
+            &device,
+        );
+        assert!(matches!(ok, Ok(Some(_))));
+        for bad in [49408.0, -1.0, 2.5, f32::NAN] {
+            let got = ids(&input(vec![0.0, bad]), "input_ids", Some(49408), &device);
+            assert!(
+                matches!(got, Err(ForwardError::TokenId { vocab: 49408, .. })),
+                "{bad}: {got:?}"
+            );
+        }
+    }
 }

@@ -41,12 +41,32 @@ impl Padding {
     }
 }
 
-/// Why the tokenizer could not be built.
+/// The number of ids the tokenizer gives (the end token is the last): a text encoder needs a
+/// token embedding at least this long.
+pub const VOCAB_SIZE: usize = END_TOKEN as usize + 1;
+
+/// Why the tokenizer could not be built, or cannot feed a text encoder.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
     /// The embedded vocabulary did not decompress.
     #[error("the embedded CLIP vocabulary is corrupt: {0}")]
     Vocabulary(String),
+    /// A text encoder whose token embedding is shorter than the tokenizer's ids.
+    #[error(
+        "the {part} text encoder has {vocab} token embeddings, but the CLIP tokenizer's ids go \
+         up to {}: the checkpoint's text encoder is cut down or damaged",
+        VOCAB_SIZE - 1
+    )]
+    TooFewTokens { part: &'static str, vocab: usize },
+}
+
+/// Checks, before any id reaches it, that a text encoder of `vocab` token embeddings takes
+/// every id the tokenizer gives.
+pub fn check_vocab(part: &'static str, vocab: usize) -> Result<(), TokenizerError> {
+    if vocab < VOCAB_SIZE {
+        return Err(TokenizerError::TooFewTokens { part, vocab });
+    }
+    Ok(())
 }
 
 /// CLIP's BPE tokenizer.
@@ -322,6 +342,14 @@ fn decode_entity(name: &str) -> Option<char> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_text_encoder_must_take_every_id_the_tokenizer_gives() {
+        assert!(check_vocab("CLIP-L", VOCAB_SIZE).is_ok());
+        let err = check_vocab("CLIP-L", 1000).unwrap_err().to_string();
+        assert!(err.contains("has 1000 token embeddings"), "{err}");
+        assert!(err.contains("go up to 49407"), "{err}");
+    }
+
     use super::*;
 
     /// (prompt, ids between start and end) computed with open_clip 3.3's tokenizer.

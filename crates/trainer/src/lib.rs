@@ -669,6 +669,7 @@ fn encode_caption(
     model: &StableDiffusion,
     device: &Device,
 ) -> Result<(Tensor<3>, Option<Tensor<2>>), TrainError> {
+    model.spec.check_tokenizer_fits()?;
     let tokenizer = Tokenizer::clip()?;
     let ids = |padding| {
         let ids: Vec<i64> = tokenizer

@@ -250,6 +250,7 @@ impl Generator {
         if let Some(hit) = self.cache().get(prompt) {
             return Ok(hit.clone());
         }
+        self.model.spec.check_tokenizer_fits()?;
         let ids = |padding| {
             let ids: Vec<i64> = self
                 .tokenizer
