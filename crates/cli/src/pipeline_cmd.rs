@@ -601,30 +601,6 @@ fn worker(device: &str) -> miette::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quality_reports_get_their_summary_line_and_other_files_none() {
-        let dir = tempfile::tempdir().unwrap();
-        let quality =
-            r#"{"lora": "eyesize", "pooled": {"spearman": 0.96, "outside_inside_ratio": 0.1}}"#;
-        let want = QualityFile::parse(quality.as_bytes()).map(|q| q.summary_line());
-        assert!(want.is_some());
-        let cases = [
-            ("q.json", quality, want),
-            ("other.json", r#"{"lora": "x"}"#, None),
-            ("grid.png", quality, None),
-        ];
-        for (name, content, want) in cases {
-            let path = dir.path().join(name);
-            std::fs::write(&path, content).unwrap();
-            assert_eq!(quality_line(&path), want, "{name}");
-        }
-    }
-}
-
 /// `slider-run bench slurm`: the cost of a Slurm job, and a recipe of short command nodes
 /// run locally and through Slurm (`slider_engine::cluster_bench`).
 pub fn bench_slurm(args: &crate::lora_cmd::BenchArgs) -> miette::Result<ExitCode> {
@@ -698,4 +674,28 @@ pub fn bench_slurm(args: &crate::lora_cmd::BenchArgs) -> miette::Result<ExitCode
     }
     println!("\nrecipe and stores: {}", dir.display());
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quality_reports_get_their_summary_line_and_other_files_none() {
+        let dir = tempfile::tempdir().unwrap();
+        let quality =
+            r#"{"lora": "eyesize", "pooled": {"spearman": 0.96, "outside_inside_ratio": 0.1}}"#;
+        let want = QualityFile::parse(quality.as_bytes()).map(|q| q.summary_line());
+        assert!(want.is_some());
+        let cases = [
+            ("q.json", quality, want),
+            ("other.json", r#"{"lora": "x"}"#, None),
+            ("grid.png", quality, None),
+        ];
+        for (name, content, want) in cases {
+            let path = dir.path().join(name);
+            std::fs::write(&path, content).unwrap();
+            assert_eq!(quality_line(&path), want, "{name}");
+        }
+    }
 }
