@@ -156,32 +156,7 @@ impl SlurmCluster {
 
     /// Every job of this job name that Slurm still lists, by id.
     fn squeue(&self) -> Result<BTreeMap<String, JobState>, String> {
-        let out = Command::new("squeue")
-            .args(["--noheader", "--me", "--states=all", "--format=%i|%T|%r"])
-            .arg(format!("--name={}", self.settings.job_name))
-            .output()
-            .map_err(|e| format!("cannot run squeue: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "squeue failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| {
-                let mut f = l.trim().splitn(3, '|');
-                let (id, state) = (f.next()?, f.next()?);
-                Some((
-                    id.to_string(),
-                    JobState {
-                        state: state.to_string(),
-                        reason: f.next().unwrap_or("").to_string(),
-                    },
-                ))
-            })
-            .collect())
+        squeue(Some(&self.settings.job_name))
     }
 
     /// The state of job `id`, from a poll at most `poll_interval_s` old. `None`: Slurm does
@@ -296,6 +271,39 @@ impl SlurmCluster {
     }
 }
 
+/// This user's jobs that Slurm lists (of one job name, when given), by id: one call.
+fn squeue(job_name: Option<&str>) -> Result<BTreeMap<String, JobState>, String> {
+    let mut cmd = Command::new("squeue");
+    cmd.args(["--noheader", "--me", "--states=all", "--format=%i|%T|%r"]);
+    if let Some(name) = job_name {
+        cmd.arg(format!("--name={name}"));
+    }
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot run squeue: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "squeue failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.trim().splitn(3, '|');
+            let (id, state) = (f.next()?, f.next()?);
+            Some((
+                id.to_string(),
+                JobState {
+                    state: state.to_string(),
+                    reason: f.next().unwrap_or("").trim().to_string(),
+                },
+            ))
+        })
+        .collect())
+}
+
 /// The Slurm job of a node, as `slider-run status` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct ClusterJob {
@@ -308,50 +316,32 @@ pub struct ClusterJob {
 /// The jobs recorded in the store for these keys (`jobs/<key>/job_id`), with their states
 /// from one `squeue` call of this user's jobs.
 pub fn cluster_jobs(store_root: &Path, keys: &[&str]) -> BTreeMap<String, ClusterJob> {
-    let mut ids: BTreeMap<String, String> = BTreeMap::new();
-    for key in keys {
-        let dir = JobDir {
-            path: store_root.join("jobs").join(key),
-        };
-        if let Some(id) = dir.job_id() {
-            ids.insert(key.to_string(), id);
-        }
-    }
-    if ids.is_empty() {
+    let recorded: Vec<(String, JobDir, String)> = keys
+        .iter()
+        .filter_map(|key| {
+            let dir = JobDir {
+                path: store_root.join("jobs").join(key),
+            };
+            let id = dir.job_id()?;
+            Some((key.to_string(), dir, id))
+        })
+        .collect();
+    if recorded.is_empty() {
         return BTreeMap::new();
     }
     // All of this user's jobs, filtered here: `--jobs` with one id Slurm has forgotten
     // fails the whole call.
-    let listed: Result<BTreeMap<String, String>, String> = Command::new("squeue")
-        .args(["--noheader", "--me", "--states=all", "--format=%i|%T|%r"])
-        .output()
-        .map_err(|e| format!("cannot run squeue: {e}"))
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .filter_map(|l| {
-                    let mut f = l.trim().splitn(3, '|');
-                    let (id, state) = (f.next()?, f.next()?);
-                    let reason = f.next().unwrap_or("").trim();
-                    let state = if state == "PENDING" && !reason.is_empty() {
-                        format!("{state} ({reason})")
-                    } else {
-                        state.to_string()
-                    };
-                    Some((id.to_string(), state))
-                })
-                .collect()
-        });
-    ids.into_iter()
-        .map(|(key, id)| {
-            let exit = JobDir {
-                path: store_root.join("jobs").join(&key),
-            }
-            .exit_status();
-            let state = match (&listed, exit) {
-                (Ok(l), _) if l.contains_key(&id) => l[&id].clone(),
+    let listed = squeue(None);
+    recorded
+        .into_iter()
+        .map(|(key, dir, id)| {
+            let state = match (listed.as_ref().map(|l| l.get(&id)), dir.exit_status()) {
+                (Ok(Some(s)), _) if s.state == "PENDING" && !s.reason.is_empty() => {
+                    format!("{} ({})", s.state, s.reason)
+                }
+                (Ok(Some(s)), _) => s.state.clone(),
                 (_, Some(rc)) => format!("ended, exit status {rc}"),
-                (Ok(_), None) => "not listed by squeue".to_string(),
+                (Ok(None), None) => "not listed by squeue".to_string(),
                 (Err(e), None) => e.clone(),
             };
             (key, ClusterJob { id, state })
