@@ -10,6 +10,7 @@ mod model;
 mod pipeline;
 mod pretrain;
 mod sample;
+mod sd_scripts;
 mod slurm;
 mod toyworld;
 mod train;

@@ -10,6 +10,9 @@
 //! | content hash of each input file            | yes | the bytes are what the node reads |
 //! | content hash of each input node's primary output | yes | early cut-off: a re-run upstream node with byte-identical output keeps this node fresh |
 //! | the executor's code version (per kind)     | yes | bumped when the same inputs would give other bytes |
+//! | the trainer (`trainer: sd-scripts`; absent at the default `burn`) | yes | another program, other bytes; absent at the default so existing keys stay |
+//! | for sd-scripts, its checkout's commit and the sd-scripts executor's code version (instead of the kind's) | yes | another sd-scripts, other bytes; our burn trainer's version does not concern it |
+//! | the sd-scripts checkout's path and Python  | no  | where a program is installed is not what it computes |
 //! | node name                                  | no  | renaming a node re-runs nothing |
 //! | input file paths                           | no  | moving a file with identical content re-runs nothing |
 //! | input file mtimes                          | no  | touching a file re-runs nothing; mtimes only index the hash memo |
@@ -93,6 +96,13 @@ pub fn fingerprint(
     doc.insert("kind".into(), Value::String(params.kind().into()));
     doc.insert("code_version".into(), Value::from(code_version));
     doc.insert("params".into(), params_json);
+    if let Some(commit) = crate::sd_scripts::trainer_revision(params)? {
+        doc.insert(
+            "code_version".into(),
+            Value::from(crate::sd_scripts::SD_SCRIPTS_CODE_VERSION),
+        );
+        doc.insert("trainer_revision".into(), Value::String(commit));
+    }
     let doc = Value::Object(doc);
     let key = sources
         .iter()

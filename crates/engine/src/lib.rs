@@ -35,6 +35,7 @@ mod lora_exec;
 pub mod protocol;
 pub mod report;
 mod run;
+pub mod sd_scripts;
 pub mod slurm;
 pub mod store;
 pub mod verify;

@@ -21,6 +21,7 @@ use crate::fingerprint::{FileHashMemo, FileStamp, Fingerprint, fingerprint};
 use crate::journal::{Journal, JournalState};
 use crate::lockfile::{LockedNode, Lockfile, lockfile_path};
 use crate::protocol::{WorkerExecutor, WorkerKind, WorkerPool};
+use crate::sd_scripts::{self, SdScriptsExecutor, TrainDispatch};
 use crate::slurm::{JobProgram, SlurmCluster, SlurmExecutor, SlurmSettings};
 use crate::store::{MANIFEST_FORMAT, Manifest, OutputFile, Store};
 use crate::{fsutil, in_process_executors};
@@ -268,10 +269,10 @@ pub fn run(
     let started = Instant::now();
     check_supported(plan, &opts.worker_kinds)?;
     let (store, _lock) = Store::open_for_writing(store_root)?;
-    let needs_worker = plan
-        .nodes
-        .iter()
-        .any(|n| opts.worker_kinds.iter().any(|k| k.kind == n.params.kind()));
+    let needs_worker = plan.nodes.iter().any(|n| {
+        !sd_scripts::is_sd_scripts(&n.params)
+            && opts.worker_kinds.iter().any(|k| k.kind == n.params.kind())
+    });
     let commands_on_cluster = opts
         .slurm
         .as_ref()
@@ -323,6 +324,17 @@ pub fn run(
                 pool: Arc::clone(pool),
             }));
         }
+    }
+    if plan
+        .nodes
+        .iter()
+        .any(|n| sd_scripts::is_sd_scripts(&n.params))
+    {
+        let burn = executors.get("train").cloned();
+        executors.insert(Arc::new(TrainDispatch {
+            burn,
+            sd_scripts: SdScriptsExecutor::new(&opts.devices),
+        }));
     }
     let mut s = Scheduler::new(plan, &store, opts, observer)?;
     observer.event(Event::Planned {

@@ -415,6 +415,8 @@ pub(crate) fn train(base: Input) -> NodeParams {
         save_precision: Precision::Float,
         checkpoint_every: 0,
         training_comment: String::new(),
+        trainer: slider_recipe::Trainer::Burn,
+        sd_scripts: None,
     })
 }
 

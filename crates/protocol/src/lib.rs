@@ -27,7 +27,7 @@ pub mod params;
 pub mod quality;
 pub mod worker;
 
-pub use names::{LrScheduler, MixedPrecision, Optimizer, Sampler};
+pub use names::{LrScheduler, MixedPrecision, Optimizer, Sampler, Trainer};
 pub use params::*;
 pub use worker::{
     EngineMessage, Progress, Request, RequestInput, WorkerMessage, WorkerOutput, serve,

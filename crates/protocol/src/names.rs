@@ -74,6 +74,26 @@ choice! {
 }
 
 choice! {
+    /// `trainer`: which program trains a `train` node.
+    #[derive(Default)]
+    Trainer {
+        /// Ours: the worker's trainer on burn (the default, and the embedded path).
+        #[default]
+        Burn = "burn",
+        /// The user's kohya-ss/sd-scripts checkout, run by the engine as a child program.
+        SdScripts = "sd-scripts",
+    }
+}
+
+impl Trainer {
+    /// Whether this is the default trainer (which stays out of serialized parameters, so
+    /// the keys of nodes written before the choice existed do not change).
+    pub fn is_default(&self) -> bool {
+        *self == Trainer::default()
+    }
+}
+
+choice! {
     /// `sampler`: the samplers of `xy_plot` and `evaluate` (diffusers' schedulers).
     Sampler {
         Ddim = "ddim",
@@ -113,6 +133,7 @@ mod tests {
         round_trips(LrScheduler::ALL, |v| v.name(), LrScheduler::from_name);
         round_trips(MixedPrecision::ALL, |v| v.name(), MixedPrecision::from_name);
         round_trips(Sampler::ALL, |v| v.name(), Sampler::from_name);
+        round_trips(Trainer::ALL, |v| v.name(), Trainer::from_name);
         assert_eq!(Optimizer::names(), ["AdamW", "CAME"]);
     }
 }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub use crate::names::{LrScheduler, MixedPrecision, Optimizer, Sampler};
+pub use crate::names::{LrScheduler, MixedPrecision, Optimizer, Sampler, Trainer};
 
 /// A reference to something a node reads: another node's output or a file on disk.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,6 +169,24 @@ pub struct TrainParams {
     /// serialisation when empty, so recipes without it keep their keys.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub training_comment: String,
+    /// Which program trains the node. Left out of the serialisation at the default (`burn`),
+    /// so the keys of recipes without it do not change.
+    #[serde(default, skip_serializing_if = "Trainer::is_default")]
+    pub trainer: Trainer,
+    /// Where sd-scripts is installed (`trainer: sd-scripts` only). Never serialised: where a
+    /// program lives is not part of a key (the checkout's commit is: the engine adds it to
+    /// the fingerprint), and only the engine, never a worker, runs sd-scripts.
+    #[serde(skip)]
+    pub sd_scripts: Option<SdScriptsInstall>,
+}
+
+/// A kohya-ss/sd-scripts installation: the checkout and the Python that runs its scripts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SdScriptsInstall {
+    /// The checkout (holds `train_network.py`, `sdxl_train_network.py`).
+    pub checkout: PathBuf,
+    /// The Python with torch and sd-scripts' requirements (a path, or a name on PATH).
+    pub python: PathBuf,
 }
 
 /// An X/Y grid of samples.

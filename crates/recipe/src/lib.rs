@@ -51,7 +51,7 @@ use std::path::Path;
 pub use cluster::{ClusterProfile, JobResources, load_profile};
 pub use compile::TOP_KEYS;
 pub use diag::{Location, Problem, RecipeError};
-pub use params::{KINDS, param_names};
+pub use params::{KINDS, SD_SCRIPTS_ENV, SD_SCRIPTS_PYTHON_ENV, param_names};
 pub use plan::*;
 
 /// Parse, expand, validate and compile a recipe file. `overrides` are `--set` strings such

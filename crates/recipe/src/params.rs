@@ -72,6 +72,9 @@ pub fn param_names(kind: &str) -> &'static [&'static str] {
             "save_precision",
             "checkpoint_every",
             "training_comment",
+            "trainer",
+            "sd_scripts",
+            "sd_scripts_python",
         ],
         "xy_plot" => &[
             "base",
@@ -861,11 +864,32 @@ fn command(f: &mut Fields<'_>) -> CommandParams {
 }
 
 fn train(f: &mut Fields<'_>) -> TrainParams {
+    let (trainer, trainer_span) = f
+        .named("trainer", &Trainer::names(), Trainer::from_name)
+        .map_or((Trainer::Burn, None), |(t, span)| (t, Some(span)));
+    // sd-scripts implements what the burn trainer refuses (text encoders, mixed precision,
+    // gradient checkpointing), and lacks what only ours has (`base_config`).
+    let by_sd_scripts = trainer == Trainer::SdScripts;
     let base = f.input("base", Slot::Model);
     if base.is_none() && f.get("base").is_none() {
         f.missing("base", "path/to/model.safetensors");
     }
     let base_config = f.input("base_config", Slot::Config);
+    if by_sd_scripts && let Some(span) = f.get("base_config").map(|y| y.span) {
+        f.diags.push(
+            Diag::new(
+                "recipe::not_in_trainer",
+                "`base_config` is not a parameter of sd-scripts",
+                span,
+                "sd-scripts has no such option",
+            )
+            .help(
+                "remove `base_config` (here or at the recipe's top level) for this node, \
+                 or train it with `trainer: burn`",
+            ),
+        );
+    }
+    let sd_scripts = sd_scripts_install(f, by_sd_scripts, trainer_span);
     let images = f.non_empty_inputs("images", Slot::Image, "[pairs/small.png]");
     let caption = f.text_or("caption", "");
     let learning_rate = f.positive_f64_or("learning_rate", 2e-6);
@@ -920,6 +944,7 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
         MixedPrecision::from_name,
     ) {
         Some((MixedPrecision::No, _)) | None => MixedPrecision::No,
+        Some((other, _)) if by_sd_scripts => other,
         Some((other, span)) => {
             f.not_implemented(
                 span,
@@ -931,7 +956,10 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
         }
     };
     let gradient_checkpointing = f.bool_or("gradient_checkpointing", false);
-    if gradient_checkpointing && let Some(span) = f.get("gradient_checkpointing").map(|y| y.span) {
+    if gradient_checkpointing
+        && !by_sd_scripts
+        && let Some(span) = f.get("gradient_checkpointing").map(|y| y.span)
+    {
         f.not_implemented(
             span,
             "`gradient_checkpointing: true` is not implemented yet".into(),
@@ -941,6 +969,7 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
     }
     // Refused when absent or `false`; a value of the wrong type already has its error.
     let unet_only_span = match f.get("network_train_unet_only") {
+        _ if by_sd_scripts => None,
         None => Some(f.node_span),
         Some(y) if matches!(y.value, Value::Bool(false)) => Some(y.span),
         Some(_) => None,
@@ -986,8 +1015,98 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
         save_precision,
         checkpoint_every,
         training_comment,
+        trainer,
+        sd_scripts,
     }
 }
+
+/// Where the sd-scripts checkout named by `sd_scripts` (or `SLIDER_SD_SCRIPTS`) is, and the
+/// Python that runs it: `sd_scripts_python`, `SLIDER_SD_SCRIPTS_PYTHON`, the checkout's
+/// `venv/bin/python`, or `python3` on PATH, the first that is given. Both keys are refused
+/// on a node that sd-scripts does not train (they would do nothing).
+fn sd_scripts_install(
+    f: &mut Fields<'_>,
+    by_sd_scripts: bool,
+    trainer_span: Option<Span>,
+) -> Option<SdScriptsInstall> {
+    let checkout = f.text("sd_scripts");
+    let python = f.text("sd_scripts_python");
+    if !by_sd_scripts {
+        for (key, given) in [("sd_scripts", &checkout), ("sd_scripts_python", &python)] {
+            if let Some((_, span)) = given {
+                f.bad_value(
+                    *span,
+                    format!("`{key}` is used only by `trainer: sd-scripts`"),
+                    "this node is trained by burn",
+                    format!("remove `{key}`, or add `trainer: sd-scripts`"),
+                );
+            }
+        }
+        return None;
+    }
+    let at = trainer_span.unwrap_or(f.node_span);
+    let (checkout, span) = match checkout {
+        Some((text, span)) => (normalize(&f.resolver.root.join(text)), span),
+        None => {
+            match std::env::var_os(SD_SCRIPTS_ENV) {
+                Some(dir) if !dir.is_empty() => (PathBuf::from(dir), at),
+                _ => {
+                    f.diags.push(
+                    Diag::new(
+                        "recipe::missing_key",
+                        format!("`train` node `{}` is trained by sd-scripts, but no checkout is named", f.node),
+                        at,
+                        "sd-scripts asked for here",
+                    )
+                    .help(format!(
+                        "add `sd_scripts: path/to/sd-scripts` or set {SD_SCRIPTS_ENV} \
+                         (docs/sd-scripts.md)"
+                    )),
+                );
+                    return None;
+                }
+            }
+        }
+    };
+    if !checkout.join("train_network.py").is_file() {
+        f.bad_value(
+            span,
+            format!("`{}` is not an sd-scripts checkout", checkout.display()),
+            "no train_network.py there",
+            format!(
+                "name the folder of a kohya-ss/sd-scripts clone (`sd_scripts:` or {SD_SCRIPTS_ENV})"
+            ),
+        );
+        return None;
+    }
+    let python = match python {
+        Some((text, span)) if text.contains('/') => {
+            let path = normalize(&f.resolver.root.join(&text));
+            if !path.is_file() {
+                f.bad_value(
+                    span,
+                    format!("no Python at `{text}`"),
+                    "no such file",
+                    "name the `python` of the environment that has sd-scripts' requirements".into(),
+                );
+                return None;
+            }
+            path
+        }
+        Some((text, _)) => PathBuf::from(text),
+        None => match std::env::var_os(SD_SCRIPTS_PYTHON_ENV) {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ if checkout.join("venv/bin/python").is_file() => checkout.join("venv/bin/python"),
+            _ => PathBuf::from("python3"),
+        },
+    };
+    Some(SdScriptsInstall { checkout, python })
+}
+
+/// The environment variable naming the sd-scripts checkout when a recipe does not.
+pub const SD_SCRIPTS_ENV: &str = "SLIDER_SD_SCRIPTS";
+/// The environment variable naming the Python that runs sd-scripts.
+pub const SD_SCRIPTS_PYTHON_ENV: &str = "SLIDER_SD_SCRIPTS_PYTHON";
 
 /// kohya takes `--optimizer_args key=value ...`; a recipe may write that list or a mapping.
 fn optimizer_args(f: &mut Fields<'_>) -> BTreeMap<String, String> {

@@ -1,7 +1,7 @@
 //! `docs/recipes.md` documents every key the schema accepts: each kind has a section whose
 //! table lists each of its parameters, and every top-level key and accepted value is named.
 
-use slider_recipe::{KINDS, LrScheduler, MixedPrecision, Optimizer, Sampler, TOP_KEYS};
+use slider_recipe::{KINDS, LrScheduler, MixedPrecision, Optimizer, Sampler, TOP_KEYS, Trainer};
 
 fn doc() -> String {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/recipes.md");
@@ -45,7 +45,8 @@ fn every_top_level_key_and_accepted_value_is_named() {
         .chain(LrScheduler::names())
         .chain(Optimizer::names())
         .chain(MixedPrecision::names())
-        .chain(Sampler::names());
+        .chain(Sampler::names())
+        .chain(Trainer::names());
     for name in names {
         assert!(
             doc.contains(&format!("`{name}`")),

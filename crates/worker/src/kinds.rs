@@ -53,6 +53,10 @@ pub fn execute(
     let text = |e: &dyn std::fmt::Display| e.to_string();
     let dev = slider_models::open_device(device).map_err(|e| text(&e))?;
     match &req.params {
+        NodeParams::Train(params) if !params.trainer.is_default() => Err(format!(
+            "node `{}` is trained by `{}`, which the engine runs, not the worker",
+            req.node, params.trainer
+        )),
         NodeParams::Train(params) => {
             let config = TrainConfig::from_params(params, resolve).map_err(|e| text(&e))?;
             train(
@@ -230,6 +234,8 @@ mod tests {
             save_precision: Precision::Float,
             checkpoint_every: 0,
             training_comment: String::new(),
+            trainer: Default::default(),
+            sd_scripts: None,
         }
     }
 
