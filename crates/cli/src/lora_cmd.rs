@@ -245,6 +245,8 @@ pub struct BenchArgs {
     /// `slurm`: jobs in flight at once [default: the profile's `max_jobs`, else 8].
     #[arg(long, value_name = "N")]
     pub max_jobs: Option<usize>,
+    #[command(flatten)]
+    pub torch: crate::bench_torch::TorchArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -256,6 +258,9 @@ enum BenchTarget {
     /// Slurm's cost per job (submit, queue, run, notice) and a recipe of short command
     /// nodes through Slurm against the same recipe run locally (needs a cluster).
     Slurm,
+    /// Our training step, UNet forward and sampler step against the repo's PyTorch scripts
+    /// (tests/fixtures/*_torch.py), at 1 and 2 threads, as one ratio table.
+    Torch,
 }
 
 fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
@@ -274,6 +279,7 @@ pub fn run(cmd: LoraCommand, verbose: bool) -> Result<ExitCode> {
             BenchTarget::Lora => bench_lora(),
             BenchTarget::LoraFlux => bench_lora_flux(),
             BenchTarget::Slurm => crate::pipeline_cmd::bench_slurm(&args),
+            BenchTarget::Torch => crate::bench_torch::run(&args.torch),
         },
     }
 }

@@ -2,6 +2,7 @@
 //! test would want to call; each subcommand family is one module.
 
 mod bake_cmd;
+mod bench_torch;
 mod lora_cmd;
 mod model_cmd;
 mod pipeline_cmd;

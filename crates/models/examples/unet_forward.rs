@@ -1,6 +1,6 @@
 //! Benchmark: forward time and peak memory of a UNet configuration at 64x64 latents
 //! (512 px for SD1.5), and burn's raw conv/matmul speed. The PyTorch baseline is
-//! `unet_forward_torch.py` beside this file; compare figures from one run on one machine.
+//! `tests/fixtures/unet_forward_torch.py`; `slider-run bench torch` runs both in one go.
 //!
 //! ```text
 //! cargo run -p slider-models --release --example unet_forward -- sd15 [runs] [device]
@@ -10,24 +10,12 @@
 
 use std::time::Instant;
 
+use slider_models::bench::{Runs, peak_rss_mib, unet_forward_seconds};
 use slider_models::burn::tensor::{Device, Distribution, Tensor};
 use slider_models::{UNetConfig, open_device};
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map(|kib| kib / 1024.0)
-        .unwrap_or(f64::NAN)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+fn median(v: Vec<f64>) -> f64 {
+    slider_models::bench::median(&v).unwrap_or(f64::NAN)
 }
 
 fn kernels(device: &Device) {
@@ -100,30 +88,18 @@ fn main() {
         }
     };
     let size = if which == "sdxl" { 128 } else { 64 };
-    let unet = config.init(&device);
-    let dist = Distribution::Normal(0.0, 1.0);
-    let sample = Tensor::<4>::random([1, 4, size, size], dist, &device);
-    let context = Tensor::<3>::random([1, 77, config.context_dim], dist, &device);
-    let y = config
-        .adm_in_channels
-        .map(|adm| Tensor::<2>::random([1, adm], dist, &device));
-    let timestep = Tensor::<1>::from_floats([500.0], &device);
-    let mut times = Vec::new();
-    for i in 0..=runs {
-        let t = Instant::now();
-        let out = unet.forward(sample.clone(), timestep.clone(), context.clone(), y.clone());
-        let checksum = out.sum().into_scalar::<f32>();
-        let secs = t.elapsed().as_secs_f64();
-        assert!(checksum.is_finite());
-        // The first pass also materialises the lazily initialised weights.
-        if i > 0 {
-            times.push(secs);
-        }
-        eprintln!("run {i}: {secs:.3} s");
-    }
+    // The warm-up pass also materialises the lazily initialised weights.
+    let runs = Runs {
+        warmup: 1,
+        repeat: runs,
+    };
+    let times = unet_forward_seconds(&config, size, runs, &device, |i, secs| {
+        eprintln!("run {i}: {secs:.3} s")
+    });
     println!(
-        "{which} UNet forward, 1x4x{size}x{size} latents, {device_name}: median {:.3} s over {runs} runs, peak RSS {:.0} MiB",
+        "{which} UNet forward, 1x4x{size}x{size} latents, {device_name}: median {:.3} s over {} runs, peak RSS {:.0} MiB",
         median(times),
-        peak_rss_mib()
+        runs.repeat,
+        peak_rss_mib().unwrap_or(f64::NAN)
     );
 }

@@ -14,17 +14,14 @@
 //! with the deltas added to the weights (`LoraNetwork::apply`, the inference form), alternating,
 //! median of REPS (default 3) each.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::AtomicBool;
 use std::time::Instant;
 
+use slider_models::bench::{Runs, peak_rss_mib, random_base, with_one_layer_text};
 use slider_models::burn::tensor::{Device, Distribution, Tensor};
-use slider_models::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
-use slider_models::clip::TextConfig;
+use slider_models::checkpoint::ModelSpec;
 use slider_models::lora::{Factor, LoraNetwork};
-use slider_models::open_device;
 use slider_models::unet::UNetConfig;
-use slider_trainer::{TrainConfig, train};
+use slider_trainer::bench::training_step_seconds;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1).peekable();
@@ -34,88 +31,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let resolution: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(128);
     let steps: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(20);
-    let warmup = 2;
     let dir = tempfile::tempdir()?;
-    let spec = ModelSpec {
-        text_l: Some(TextConfig {
-            layers: 1,
-            ..TextConfig::clip_l()
-        }),
-        ..ModelSpec::tiny()
-    };
-    let base = dir.path().join("base.safetensors");
-    write_random_checkpoint(&base, &spec, StoreDtype::F16, 1)?;
-    let image = dir.path().join("image.png");
-    write_png(&image, resolution)?;
-    let config = TrainConfig {
-        base,
-        base_config: None,
-        images: vec![image],
-        caption: "a photo of sks".into(),
-        learning_rate: 5e-5,
-        unet_lr: None,
-        train_batch_size: 1,
-        max_train_steps: warmup + steps,
-        network_dim: 4,
-        network_alpha: 1.0,
-        conv_dim: None,
-        conv_alpha: None,
-        lr_scheduler: slider_protocol::names::LrScheduler::ConstantWithWarmup,
-        lr_warmup_steps: 1,
-        optimizer_type: slider_protocol::names::Optimizer::Came,
-        optimizer_args: BTreeMap::new(),
-        seed: 0,
-        resolution,
-        noise_offset: 0.0,
-        min_snr_gamma: None,
-        mixed_precision: slider_protocol::names::MixedPrecision::No,
-        gradient_checkpointing: false,
-        save_precision: slider_protocol::params::Precision::Float,
-        checkpoint_every: 0,
-        comment: String::new(),
-    };
-    let device = open_device("cpu")?;
-    let mut timed_from = None;
-    let mut timed_to = Instant::now();
     let started = Instant::now();
-    train(
-        &config,
-        &dir.path().join("work"),
-        &dir.path().join("out"),
-        &device,
-        |p| {
-            if p.step == warmup {
-                timed_from = Some(Instant::now());
-            }
-            timed_to = Instant::now();
-        },
-        &AtomicBool::new(false),
-    )?;
-    let timed = timed_to.duration_since(timed_from.unwrap_or(started));
-    let peak = std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .map(|l| l.trim_start_matches("VmHWM:").trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".into());
+    let base = random_base(dir.path(), "tiny", &with_one_layer_text(ModelSpec::tiny()))?;
+    let runs = Runs {
+        warmup: 2,
+        repeat: steps,
+    };
+    let times = training_step_seconds(&base, resolution, runs, dir.path(), |_, _| {})?;
+    let timed: f64 = times.seconds.iter().sum();
+    let peak = peak_rss_mib().map_or("unknown".into(), |m| format!("{m:.0} MiB"));
     println!(
         "tiny UNet, {resolution} px ({} px latents), rank 4, CAME, batch 1: {:.2} steps/s over {steps} steps; peak RSS {peak}; whole run {:.1} s",
         resolution / 2,
-        steps as f64 / timed.as_secs_f64(),
+        steps as f64 / timed,
         started.elapsed().as_secs_f64()
     );
-    Ok(())
-}
-
-/// A gradient test image through the `image` crate.
-fn write_png(path: &std::path::Path, size: usize) -> Result<(), Box<dyn std::error::Error>> {
-    let s = size as u32;
-    let img = image::RgbImage::from_fn(s, s, |x, y| {
-        image::Rgb([(x * 255 / s) as u8, (y * 255 / s) as u8, 128])
-    });
-    img.save(path)?;
     Ok(())
 }
 

@@ -33,6 +33,7 @@ use slider_optim::{
 use slider_protocol::names::{LrScheduler, MixedPrecision, Optimizer as OptimizerName};
 use slider_protocol::params::{Input, Precision, TrainParams};
 
+pub mod bench;
 #[cfg(test)]
 mod parity;
 
