@@ -49,5 +49,5 @@ pub use diffusers_config::{BaseConfig, ConfigError};
 pub use forward::{ForwardError, HostTensor};
 pub use lora::{AdapterError, LoraNetwork, lora_targets};
 pub use tokenizer::{Padding, Tokenizer};
-pub use unet::{Heads, UNet, UNetConfig};
+pub use unet::{Heads, UNet, UNetConfig, UNetInput};
 pub use vae::{Vae, VaeConfig};

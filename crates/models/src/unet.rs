@@ -9,7 +9,7 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, Linear};
 use burn::tensor::activation::{gelu, silu};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Gradients, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{
@@ -342,6 +342,18 @@ impl UNetConfig {
     }
 }
 
+/// The inputs of one UNet evaluation (see [`UNet::forward`]).
+pub struct UNetInput {
+    /// Noisy latents `[b, 4, h, w]`.
+    pub sample: Tensor<4>,
+    /// Timesteps `[b]`.
+    pub timestep: Tensor<1>,
+    /// Text context `[b, n, context_dim]`.
+    pub context: Tensor<3>,
+    /// SDXL's added conditioning `[b, adm_in_channels]`.
+    pub y: Option<Tensor<2>>,
+}
+
 /// The denoising UNet: predicts the noise in `sample` at `timestep` given the text context.
 #[derive(Module, Debug)]
 pub struct UNet {
@@ -397,6 +409,35 @@ impl UNet {
         y: Option<Tensor<2>>,
         scope: Scope<'_>,
     ) -> Tensor<4> {
+        let emb = self.embedding(timestep, y);
+        let plan = self.units();
+        let last_use = plan.last_uses();
+        // Values are dropped after their last reader, so the forward keeps only the skips.
+        let mut values: Vec<Option<Value>> = vec![Some(Value::Map(sample))];
+        for (k, unit) in plan.units.iter().enumerate() {
+            let inputs = unit
+                .inputs
+                .iter()
+                .map(|&i| {
+                    let value = if last_use[i] == k {
+                        values[i].take()
+                    } else {
+                        values[i].clone()
+                    };
+                    value.expect("a unit reads only values made before it and not yet dropped")
+                })
+                .collect();
+            values.push(Some(self.run_unit(unit, inputs, &emb, &context, &scope)));
+        }
+        values
+            .pop()
+            .flatten()
+            .expect("the last unit makes the prediction")
+            .into_map()
+    }
+
+    /// The time embedding `[b, time_embed_dim]` (plus SDXL's added conditioning).
+    fn embedding(&self, timestep: Tensor<1>, y: Option<Tensor<2>>) -> Tensor<2> {
         let t_emb = timestep_embedding(timestep, self.model_channels);
         let (l0, _, l2) = &self.time_embed;
         let mut emb = l2.forward(silu(l0.forward(t_emb)));
@@ -405,30 +446,163 @@ impl UNet {
                 emb = emb + l2.forward(silu(l0.forward(y.clone())));
             }
         }
+        emb
+    }
 
-        let mut h = sample;
+    /// The forward pass as a list of units (value 0 is the sample, unit `k` makes value
+    /// `k + 1`): every ResBlock, sampler and bare convolution is one unit, a spatial
+    /// transformer is three kinds (into tokens, one per transformer block, out of tokens), the
+    /// skip concatenations and the output head one each. [`UNet::forward`] runs them in
+    /// order; the recomputed backward ([`UNet::recomputed_gradients`]) re-runs them one at a
+    /// time in reverse.
+    fn units(&self) -> Plan<'_> {
+        let mut plan = Plan { units: Vec::new() };
+        let mut h = 0;
         let mut skips = Vec::with_capacity(self.input_blocks.len());
-        let inputs = scope.child("input_blocks");
         for (i, block) in self.input_blocks.iter().enumerate() {
-            h = run_block(block, h, &emb, &context, inputs.child(i));
-            skips.push(h.clone());
+            for (j, layer) in block.iter().enumerate() {
+                h = plan.layer(layer, format!("input_blocks.{i}.{j}"), h);
+            }
+            skips.push(h);
         }
-        h = run_block(
-            &self.middle_block,
-            h,
-            &emb,
-            &context,
-            scope.child("middle_block"),
-        );
-        let outputs = scope.child("output_blocks");
+        for (j, layer) in self.middle_block.iter().enumerate() {
+            h = plan.layer(layer, format!("middle_block.{j}"), h);
+        }
         for (i, block) in self.output_blocks.iter().enumerate() {
             if let Some(skip) = skips.pop() {
-                h = Tensor::cat(vec![h, skip], 1);
+                h = plan.push(Op::Cat, String::new(), vec![h, skip]);
             }
-            h = run_block(block, h, &emb, &context, outputs.child(i));
+            for (j, layer) in block.iter().enumerate() {
+                h = plan.layer(layer, format!("output_blocks.{i}.{j}"), h);
+            }
         }
-        let (norm, _, conv) = &self.out;
-        conv.forward(silu(norm.forward(h)))
+        plan.push(Op::Out, String::new(), vec![h]);
+        plan
+    }
+
+    /// The gradients of `loss(prediction)` with respect to every tracked factor of the
+    /// adapters, with per-unit recomputation (kohya's `gradient_checkpointing`). The forward
+    /// pass runs untracked through `adapters.0` (the same adapters, untracked) and keeps
+    /// only the units' inputs; the backward pass re-runs one unit at a time in reverse through
+    /// `adapters.1` (tracked), takes the gradient of `sum(output * gradient of the output)`,
+    /// and hands the gradient of each input on to the unit that made it. So at most one
+    /// unit's autodiff graph (one transformer block's attention maps, one ResBlock's
+    /// activations) is alive at a time. The gradients equal those of a backward pass through
+    /// [`UNet::forward_adapted`] up to the order of the sums.
+    ///
+    /// Returns the loss (without autodiff) and one gradient container per unit that reached a
+    /// tracked factor; each factor is used by one unit, so it is in exactly one container.
+    pub fn recomputed_gradients(
+        &self,
+        input: UNetInput,
+        adapters: (&dyn Adapters, &dyn Adapters),
+        loss: &dyn Fn(Tensor<4>) -> Tensor<1>,
+    ) -> (Option<Tensor<1>>, Vec<Gradients>) {
+        let UNetInput {
+            sample,
+            timestep,
+            context,
+            y,
+        } = input;
+        let emb = self.embedding(timestep, y);
+        let plan = self.units();
+        let count = plan.units.len();
+        let (plain, tracked) = (Scope::adapted(adapters.0), Scope::adapted(adapters.1));
+        let value = |values: &[Option<Value>], i: usize| {
+            values[i]
+                .clone()
+                .expect("a unit reads only values made before it")
+        };
+
+        // The forward runs on the autodiff device but tracks nothing (no input requires a
+        // gradient and the adapters are untracked), so every unit computes what its tracked
+        // re-run computes (burn's decomposed attention, not flex's fused kernel): the values
+        // handed on equal the re-run's outputs.
+        let mut values: Vec<Option<Value>> = Vec::with_capacity(count + 1);
+        values.push(Some(Value::Map(sample.autodiff())));
+        // The output head is left for the backward pass, which starts by re-running it.
+        for unit in plan.units.iter().take(count.saturating_sub(1)) {
+            let inputs = unit.inputs.iter().map(|&i| value(&values, i)).collect();
+            values.push(Some(self.run_unit(unit, inputs, &emb, &context, &plain)));
+        }
+        values.push(None);
+
+        let mut gradient_of: Vec<Option<Value>> = vec![None; count + 1];
+        let mut containers = Vec::new();
+        let mut loss_value = None;
+        for (k, unit) in plan.units.iter().enumerate().rev() {
+            // The sample (value 0) is a constant; every other input is a fresh leaf.
+            let leaves: Vec<Value> = unit
+                .inputs
+                .iter()
+                .map(|&i| match i {
+                    0 => value(&values, i),
+                    _ => value(&values, i).leaf(),
+                })
+                .collect();
+            let out = self.run_unit(unit, leaves.clone(), &emb, &context, &tracked);
+            values[k + 1] = None;
+            let objective = if k + 1 == count {
+                let l = loss(out.into_map());
+                loss_value = Some(l.clone().without_autodiff());
+                l
+            } else {
+                match gradient_of[k + 1].take() {
+                    Some(gradient) => out.dot(gradient),
+                    None => continue,
+                }
+            };
+            if !objective.is_tracked() {
+                continue;
+            }
+            let mut grads = objective.backward();
+            for (leaf, &i) in leaves.iter().zip(&unit.inputs) {
+                if let Some(g) = leaf.grad_remove(&mut grads) {
+                    gradient_of[i] = Some(match gradient_of[i].take() {
+                        Some(sum) => sum.add(g),
+                        None => g,
+                    });
+                }
+            }
+            containers.push(grads);
+        }
+        (loss_value, containers)
+    }
+
+    /// Runs one unit on its inputs (in the order of `unit.inputs`).
+    fn run_unit(
+        &self,
+        unit: &Unit<'_>,
+        inputs: Vec<Value>,
+        emb: &Tensor<2>,
+        context: &Tensor<3>,
+        scope: &Scope<'_>,
+    ) -> Value {
+        let at = scope.at(&unit.path);
+        let mut inputs = inputs.into_iter();
+        let mut next = || inputs.next().expect("a unit gets as many inputs as it names");
+        match unit.op {
+            Op::Conv(conv) => Value::Map(conv.forward(next().into_map())),
+            Op::Res(res) => Value::Map(res.forward(next().into_map(), emb.clone(), at)),
+            Op::Down(down) => Value::Map(at.conv("op", &down.op, next().into_map())),
+            Op::Up(up) => Value::Map(at.conv("conv", &up.conv, upsample_nearest_2x(next().into_map()))),
+            Op::AttnIn(attn) => Value::Tokens(attn.enter(next().into_map(), &at)),
+            Op::AttnBlock(block) => {
+                Value::Tokens(block.forward(next().into_tokens(), context.clone(), at))
+            }
+            Op::AttnOut(attn) => {
+                let tokens = next().into_tokens();
+                Value::Map(attn.leave(tokens, next().into_map(), &at))
+            }
+            Op::Cat => {
+                let h = next().into_map();
+                Value::Map(Tensor::cat(vec![h, next().into_map()], 1))
+            }
+            Op::Out => {
+                let (norm, _, conv) = &self.out;
+                Value::Map(conv.forward(silu(norm.forward(next().into_map()))))
+            }
+        }
     }
 
     /// SDXL's added conditioning: the pooled text embedding `[b, 1280]` followed by the
@@ -447,24 +621,124 @@ impl UNet {
     }
 }
 
-fn run_block(
-    block: &[Layer],
-    mut h: Tensor<4>,
-    emb: &Tensor<2>,
-    context: &Tensor<3>,
-    scope: Scope<'_>,
-) -> Tensor<4> {
-    for (i, layer) in block.iter().enumerate() {
-        let at = scope.child(i);
-        h = match layer {
-            Layer::Conv(conv) => conv.forward(h),
-            Layer::Res(res) => res.forward(h, emb.clone(), at),
-            Layer::Attn(attn) => attn.forward(h, context.clone(), at),
-            Layer::Down(down) => at.conv("op", &down.op, h),
-            Layer::Up(up) => at.conv("conv", &up.conv, upsample_nearest_2x(h)),
-        };
+/// A value between two units: a feature map `[b, c, h, w]` or tokens `[b, h * w, c]`.
+#[derive(Clone)]
+enum Value {
+    Map(Tensor<4>),
+    Tokens(Tensor<3>),
+}
+
+impl Value {
+    /// The value as a tracked autodiff leaf.
+    fn leaf(self) -> Self {
+        match self {
+            Value::Map(t) => Value::Map(t.autodiff().detach().require_grad()),
+            Value::Tokens(t) => Value::Tokens(t.autodiff().detach().require_grad()),
+        }
     }
-    h
+
+    /// Its gradient, taken out of `grads`.
+    fn grad_remove(&self, grads: &mut Gradients) -> Option<Value> {
+        match self {
+            Value::Map(t) => t.grad_remove(grads).map(Value::Map),
+            Value::Tokens(t) => t.grad_remove(grads).map(Value::Tokens),
+        }
+    }
+
+    /// The elementwise sum of two values of one shape.
+    fn add(self, other: Value) -> Value {
+        match (self, other) {
+            (Value::Map(a), b) => Value::Map(a + b.into_map()),
+            (Value::Tokens(a), b) => Value::Tokens(a + b.into_tokens()),
+        }
+    }
+
+    /// `sum(self * weights)`: the scalar whose gradient is `weights`' pull-back.
+    fn dot(self, weights: Value) -> Tensor<1> {
+        match (self, weights) {
+            (Value::Map(a), b) => (a * b.into_map()).sum(),
+            (Value::Tokens(a), b) => (a * b.into_tokens()).sum(),
+        }
+    }
+
+    fn into_map(self) -> Tensor<4> {
+        match self {
+            Value::Map(t) => t,
+            Value::Tokens(_) => panic!("a unit that reads a feature map was given tokens"),
+        }
+    }
+
+    fn into_tokens(self) -> Tensor<3> {
+        match self {
+            Value::Tokens(t) => t,
+            Value::Map(_) => panic!("a unit that reads tokens was given a feature map"),
+        }
+    }
+}
+
+/// What a unit computes.
+#[derive(Clone, Copy)]
+enum Op<'m> {
+    Conv(&'m Conv2d),
+    Res(&'m ResBlock),
+    Down(&'m Downsample),
+    Up(&'m Upsample),
+    AttnIn(&'m SpatialTransformer),
+    AttnBlock(&'m TransformerBlock),
+    AttnOut(&'m SpatialTransformer),
+    Cat,
+    Out,
+}
+
+/// One unit of the forward pass: its op, its module path (where its adapters are looked up)
+/// and the values it reads.
+struct Unit<'m> {
+    op: Op<'m>,
+    path: String,
+    inputs: Vec<usize>,
+}
+
+/// The units of a forward pass, in order.
+struct Plan<'m> {
+    units: Vec<Unit<'m>>,
+}
+
+impl<'m> Plan<'m> {
+    /// Appends a unit; returns the index of the value it makes.
+    fn push(&mut self, op: Op<'m>, path: String, inputs: Vec<usize>) -> usize {
+        self.units.push(Unit { op, path, inputs });
+        self.units.len()
+    }
+
+    /// The units of one layer of a block at `path`, reading value `h`.
+    fn layer(&mut self, layer: &'m Layer, path: String, h: usize) -> usize {
+        match layer {
+            Layer::Conv(conv) => self.push(Op::Conv(conv), path, vec![h]),
+            Layer::Res(res) => self.push(Op::Res(res), path, vec![h]),
+            Layer::Down(down) => self.push(Op::Down(down), path, vec![h]),
+            Layer::Up(up) => self.push(Op::Up(up), path, vec![h]),
+            Layer::Attn(attn) => {
+                let mut t = self.push(Op::AttnIn(attn), path.clone(), vec![h]);
+                for (k, block) in attn.transformer_blocks.iter().enumerate() {
+                    let at = format!("{path}.transformer_blocks.{k}");
+                    t = self.push(Op::AttnBlock(block), at, vec![t]);
+                }
+                self.push(Op::AttnOut(attn), path, vec![t, h])
+            }
+        }
+    }
+
+    /// For each value, the index of the last unit that reads it (the final value: past the
+    /// end).
+    fn last_uses(&self) -> Vec<usize> {
+        let mut last = vec![self.units.len(); self.units.len() + 1];
+        for (k, unit) in self.units.iter().enumerate() {
+            for &i in &unit.inputs {
+                last[i] = k;
+            }
+        }
+        last
+    }
 }
 
 /// Low-rank branches added to the outputs of adapted modules during a forward pass. A module
@@ -499,6 +773,17 @@ impl<'a> Scope<'a> {
         Self {
             adapters: Some(adapters),
             path: String::new(),
+        }
+    }
+
+    /// The scope of the module at `path` (from the root), with this scope's adapters.
+    fn at(&self, path: &str) -> Scope<'a> {
+        Scope {
+            adapters: self.adapters,
+            path: match self.adapters {
+                Some(_) => path.to_owned(),
+                None => String::new(),
+            },
         }
     }
 
@@ -682,17 +967,18 @@ impl SpatialTransformer {
         }
     }
 
-    fn forward(&self, x: Tensor<4>, context: Tensor<3>, at: Scope<'_>) -> Tensor<4> {
-        let [_, _, h, w] = x.dims();
-        let normed = self.norm.forward(x.clone());
-        let mut t = match &self.proj_in {
+    /// GroupNorm and `proj_in`: the tokens the transformer blocks read.
+    fn enter(&self, x: Tensor<4>, at: &Scope<'_>) -> Tensor<3> {
+        let normed = self.norm.forward(x);
+        match &self.proj_in {
             Projection::Conv(conv) => to_tokens(at.conv("proj_in", conv, normed)),
             Projection::Linear(lin) => at.linear("proj_in", lin, to_tokens(normed)),
-        };
-        let blocks = at.child("transformer_blocks");
-        for (i, block) in self.transformer_blocks.iter().enumerate() {
-            t = block.forward(t, context.clone(), blocks.child(i));
         }
+    }
+
+    /// `proj_out` of the blocks' tokens `t`, back to the shape of the input `x`, plus `x`.
+    fn leave(&self, t: Tensor<3>, x: Tensor<4>, at: &Scope<'_>) -> Tensor<4> {
+        let [_, _, h, w] = x.dims();
         let out = match &self.proj_out {
             Projection::Conv(conv) => at.conv("proj_out", conv, from_tokens(t, h, w)),
             Projection::Linear(lin) => from_tokens(at.linear("proj_out", lin, t), h, w),

@@ -956,17 +956,6 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
         }
     };
     let gradient_checkpointing = f.bool_or("gradient_checkpointing", false);
-    if gradient_checkpointing
-        && !by_sd_scripts
-        && let Some(span) = f.get("gradient_checkpointing").map(|y| y.span)
-    {
-        f.not_implemented(
-            span,
-            "`gradient_checkpointing: true` is not implemented yet".into(),
-            "the trainer keeps every activation",
-            "remove the key (or write `gradient_checkpointing: false`)",
-        );
-    }
     // Refused when absent or `false`; a value of the wrong type already has its error.
     let unet_only_span = match f.get("network_train_unet_only") {
         _ if by_sd_scripts => None,

@@ -79,7 +79,7 @@ nodes:
         codes: &["recipe::not_implemented", "recipe::not_implemented"],
     },
     Case {
-        name: "mixed_precision_and_recompute_are_refused_until_implemented",
+        name: "mixed_precision_is_refused_until_implemented",
         recipe: "\
 base: base.safetensors
 nodes:
@@ -91,7 +91,7 @@ nodes:
     gradient_checkpointing: true
 ",
         set: &[],
-        codes: &["recipe::not_implemented", "recipe::not_implemented"],
+        codes: &["recipe::not_implemented"],
     },
     Case {
         name: "yes_is_not_a_boolean",

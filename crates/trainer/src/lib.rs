@@ -25,7 +25,7 @@ use slider_models::ddpm::{DdpmError, NoiseSchedule, apply_noise_offset, standard
 use slider_models::diffusers_config::BaseConfig;
 use slider_models::lora::{AdapterError, Factor, LoraNetwork, NetworkDims};
 use slider_models::tokenizer::{Padding, Tokenizer, TokenizerError};
-use slider_models::unet::UNet;
+use slider_models::unet::{UNet, UNetInput};
 use slider_optim::{
     LrSchedule, Optimizer, OptimizerError, OptimizerState, ResumeError, ResumeState, ScheduleError,
     ScheduleKind,
@@ -93,7 +93,8 @@ pub struct TrainConfig {
     pub min_snr_gamma: Option<f64>,
     /// `mixed_precision` (recorded; the CPU backend computes in f32).
     pub mixed_precision: MixedPrecision,
-    /// `gradient_checkpointing` (recorded).
+    /// `gradient_checkpointing`: recompute the UNet one unit (ResBlock, transformer block,
+    /// ...) at a time in the backward pass, keeping only the units' inputs.
     pub gradient_checkpointing: bool,
     /// `save_precision`.
     pub save_precision: Precision,
@@ -273,7 +274,16 @@ pub fn train(
     let family = model.spec.family;
     let latents = cached_latents(config, &model, work_dir, device)?;
     let (context, added) = encode_caption(config, &model, device)?;
-    let unet = model.unet;
+    // From here on only the UNet is needed: the VAE, the text encoders and the mapped file
+    // are freed before the first step instead of staying resident for the whole run.
+    let StableDiffusion {
+        unet,
+        vae,
+        text_l,
+        text_g,
+        ..
+    } = model;
+    drop((vae, text_l, text_g, ckpt));
 
     let schedule = LrSchedule::new(
         ScheduleKind::from_name(config.lr_scheduler.name())?,
@@ -428,21 +438,38 @@ impl Batch<'_> {
             TensorData::new(timesteps.iter().map(|&t| t as f32).collect(), [batch]),
             device,
         );
-        let pred = network.forward(
-            self.unet,
-            1.0,
-            noisy,
-            t,
-            self.context.clone().repeat_dim(0, batch),
-            self.added.clone().map(|y| y.repeat_dim(0, batch)),
-        );
-        let per_sample = (pred - noise)
-            .square()
-            .reshape([batch, c * h * w])
-            .mean_dim(1);
+        let input = UNetInput {
+            sample: noisy,
+            timestep: t,
+            context: self.context.clone().repeat_dim(0, batch),
+            y: self.added.clone().map(|y| y.repeat_dim(0, batch)),
+        };
         let weights = Tensor::<2>::from_data(TensorData::new(weights, [batch, 1]), device);
-        let loss = (per_sample * weights).mean();
-        let grads = loss.backward();
+        let objective = |pred: Tensor<4>| {
+            let per_sample = (pred - noise.clone())
+                .square()
+                .reshape([batch, c * h * w])
+                .mean_dim(1);
+            (per_sample * weights.clone()).mean()
+        };
+        let (loss, grads) = if config.gradient_checkpointing {
+            let (loss, containers) =
+                network.recomputed_gradients(self.unet, 1.0, input, &objective);
+            let loss = loss.ok_or_else(|| TrainError::Config("the UNet has no layers".into()))?;
+            (loss, StepGradients::PerUnit(containers))
+        } else {
+            let pred = network.forward(
+                self.unet,
+                1.0,
+                input.sample,
+                input.timestep,
+                input.context,
+                input.y,
+            );
+            let loss = objective(pred);
+            let grads = loss.backward();
+            (loss, StepGradients::One(grads))
+        };
         let loss_value = loss.into_scalar::<f32>();
         if !loss_value.is_finite() {
             return Err(TrainError::Diverged {
@@ -530,21 +557,37 @@ fn check(config: &TrainConfig) -> Result<(), TrainError> {
     Ok(())
 }
 
+/// A step's gradients: one container from a plain backward pass, or one per unit of a
+/// recomputed one (each factor is in exactly one of them).
+enum StepGradients {
+    One(burn::tensor::Gradients),
+    PerUnit(Vec<burn::tensor::Gradients>),
+}
+
+impl StepGradients {
+    fn of<const D: usize>(&self, factor: &Tensor<D>) -> Option<Tensor<D>> {
+        match self {
+            StepGradients::One(grads) => factor.grad(grads),
+            StepGradients::PerUnit(containers) => containers.iter().find_map(|g| factor.grad(g)),
+        }
+    }
+}
+
 fn step_factor(
     optimizer: &mut Optimizer,
     name: &str,
     lr: f64,
     factor: &Factor,
-    grads: &burn::tensor::Gradients,
+    grads: &StepGradients,
 ) -> Result<Factor, TrainError> {
     let missing = || TrainError::Config(format!("no gradient reached `{name}`"));
     Ok(match factor {
         Factor::Linear(p) => {
-            let g = p.grad(grads).ok_or_else(missing)?;
+            let g = grads.of(p).ok_or_else(missing)?;
             Factor::Linear(optimizer.step(name, lr, p.clone().without_autodiff(), g)?)
         }
         Factor::Conv(p) => {
-            let g = p.grad(grads).ok_or_else(missing)?;
+            let g = grads.of(p).ok_or_else(missing)?;
             Factor::Conv(optimizer.step(name, lr, p.clone().without_autodiff(), g)?)
         }
     })
@@ -1301,6 +1344,38 @@ mod tests {
         assert!(matches!(err, TrainError::Resume { .. }), "{err}");
     }
 
+    /// `gradient_checkpointing` changes the memory, not the training: the same loss at every
+    /// step as without it, up to the order of the gradient sums (LoCon modules included, batch
+    /// 2). The factors themselves are not compared: a factor whose gradient is zero in exact
+    /// arithmetic (a per-channel shift before a one-channel-per-group GroupNorm) is moved by
+    /// CAME's normalised step on rounding noise, differently in any two summation orders.
+    #[test]
+    fn recomputation_trains_what_the_plain_backward_trains() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = TrainConfig {
+            conv_dim: Some(2),
+            conv_alpha: Some(1.0),
+            ..setup(dir.path(), 4, 4)
+        };
+        let recomputed = TrainConfig {
+            gradient_checkpointing: true,
+            ..plain.clone()
+        };
+        let a = run(&plain, &dir.path().join("w0"), &dir.path().join("o0")).unwrap();
+        let b = run(&recomputed, &dir.path().join("w1"), &dir.path().join("o1")).unwrap();
+        let losses = |p: &Path| -> Vec<f64> {
+            String::from_utf8(read(p))
+                .unwrap()
+                .lines()
+                .skip(1)
+                .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+                .collect()
+        };
+        for (x, y) in losses(&a.loss_csv).iter().zip(losses(&b.loss_csv)) {
+            assert!((x - y).abs() <= 1e-5 * x.abs(), "loss {x} vs {y}");
+        }
+    }
+
     /// The body of the child process [`killed_runs_resume_exactly`] kills (it runs this
     /// ignored test by name, with the directory in the environment).
     #[test]
@@ -1322,17 +1397,26 @@ mod tests {
     #[cfg(unix)]
     #[test]
     fn killed_runs_resume_exactly() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = setup(dir.path(), 6, 1);
-        let whole = run(&config, &dir.path().join("w0"), &dir.path().join("o0")).unwrap();
+        for gradient_checkpointing in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = TrainConfig {
+                gradient_checkpointing,
+                ..setup(dir.path(), 6, 1)
+            };
+            kill_and_resume_exactly(dir.path(), &config);
+        }
+    }
+
+    fn kill_and_resume_exactly(dir: &Path, config: &TrainConfig) {
+        let whole = run(config, &dir.join("w0"), &dir.join("o0")).unwrap();
         std::fs::write(
-            dir.path().join("config.json"),
-            serde_json::to_vec(&config).unwrap(),
+            dir.join("config.json"),
+            serde_json::to_vec(config).unwrap(),
         )
         .unwrap();
         let exe = std::env::current_exe().unwrap();
         for kill_after in [1, 3, 4] {
-            let work = dir.path().join("work");
+            let work = dir.join("work");
             let _ = std::fs::remove_dir_all(&work);
             let mut child = std::process::Command::new(&exe)
                 .args([
@@ -1341,7 +1425,7 @@ mod tests {
                     "--ignored",
                     "--test-threads=1",
                 ])
-                .env(CHILD_DIR, dir.path())
+                .env(CHILD_DIR, dir)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
@@ -1362,7 +1446,7 @@ mod tests {
             child.wait().unwrap();
             let at = checkpoint_step(&work);
             assert!(at >= kill_after && at < 6, "killed at checkpoint {at}");
-            let resumed = run(&config, &work, &dir.path().join("out")).unwrap();
+            let resumed = run(config, &work, &dir.join("out")).unwrap();
             assert_eq!(resumed.resumed_from, at);
             assert_eq!(
                 read(&resumed.lora),
