@@ -554,6 +554,70 @@ mod tests {
         );
     }
 
+    /// The trainer rows: sd-scripts' commit and the trainer enter the key, the checkout's path
+    /// and Python do not, and the burn trainer's code version does not concern sd-scripts.
+    #[test]
+    fn the_trainer_and_the_sd_scripts_commit_enter_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.bin");
+        fs::write(&base, b"x").unwrap();
+        let git = |repo: &Path, args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .arg("-C")
+                .arg(repo)
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "git {args:?}");
+        };
+        let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+        fs::create_dir_all(&one).unwrap();
+        git(&one, &["init", "-q"]);
+        git(&one, &["commit", "-q", "--allow-empty", "-m", "a"]);
+        git(dir.path(), &["clone", "-q", "one", "two"]);
+        let train = |trainer, checkout: &Path, python: &str| {
+            let NodeParams::Train(mut p) = crate::test_plans::train(Input::File(base.clone()))
+            else {
+                unreachable!()
+            };
+            p.trainer = trainer;
+            p.sd_scripts = (trainer == slider_recipe::Trainer::SdScripts).then(|| {
+                slider_recipe::SdScriptsInstall {
+                    checkout: checkout.to_path_buf(),
+                    python: python.into(),
+                }
+            });
+            NodeParams::Train(p)
+        };
+        let mut memo = FileHashMemo::default();
+        let none = BTreeMap::new();
+        let mut k = |p: &NodeParams, v: u32| key(p, v, &mut memo, &none);
+        let sd = slider_recipe::Trainer::SdScripts;
+        let burn = slider_recipe::Trainer::Burn;
+        let at_one = k(&train(sd, &one, "python3"), 1);
+        assert_ne!(k(&train(burn, &one, ""), 1), at_one, "the trainer");
+        assert_eq!(
+            k(&train(sd, &two, "/venv/bin/python"), 1),
+            at_one,
+            "path and Python"
+        );
+        assert_eq!(
+            k(&train(sd, &one, "python3"), 7),
+            at_one,
+            "the burn trainer's version"
+        );
+        // A new commit in another clone (the commit is read once per checkout and process).
+        git(&two, &["commit", "-q", "--allow-empty", "-m", "b"]);
+        let other = dir.path().join("three");
+        git(dir.path(), &["clone", "-q", "two", "three"]);
+        assert_ne!(k(&train(sd, &other, "python3"), 1), at_one, "the commit");
+        let doc = fingerprint(&train(burn, &one, ""), 1, |_| Ok(None))
+            .unwrap()
+            .doc;
+        assert!(!doc.to_string().contains("trainer"), "{doc}");
+    }
+
     #[test]
     fn numbers_and_key_order_are_canonical() {
         let cases = [

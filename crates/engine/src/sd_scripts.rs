@@ -140,11 +140,18 @@ pub struct SdScriptsExecutor {
 }
 
 impl SdScriptsExecutor {
-    /// `devices` as given to `--devices` (`cpu`, `cuda:0`, ...).
+    /// `devices` as given to `--devices` (`cpu`, `cuda:0`, ...). A device named twice is
+    /// one here: PyTorch uses every core by itself, so two CPU workers mean one sd-scripts.
     pub fn new(devices: &[String]) -> SdScriptsExecutor {
+        let mut distinct: Vec<String> = Vec::new();
+        for d in devices {
+            if !distinct.contains(d) {
+                distinct.push(d.clone());
+            }
+        }
         SdScriptsExecutor {
             devices: Devices {
-                free: Mutex::new(devices.to_vec()),
+                free: Mutex::new(distinct),
                 freed: Condvar::new(),
             },
         }
@@ -565,6 +572,17 @@ fn io(what: &str, path: &Path, e: std::io::Error) -> ExecError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_named_twice_trains_one_node_at_a_time() {
+        let exec = SdScriptsExecutor::new(&["cpu".into(), "cpu".into()]);
+        let cancel = CancelToken::new();
+        let held = exec.devices.take(&cancel).unwrap();
+        assert_eq!(held.name, "cpu");
+        assert!(exec.devices.free.lock().unwrap().is_empty());
+        drop(held);
+        assert_eq!(*exec.devices.free.lock().unwrap(), ["cpu"]);
+    }
 
     #[test]
     fn devices_map_to_cuda_visible_devices() {
