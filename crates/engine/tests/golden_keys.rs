@@ -63,15 +63,15 @@ const PINNED: [(&str, Pinned); 2] = [("eyesize.yaml", EYESIZE), ("merge-only.yam
 const EYESIZE: Pinned = &[
     (
         "big_45deg",
-        "173fe5c12f2e2b5c9f2ca385c43a1aea056757c6a30d758c81fbce8675e4a6fc",
+        "6ec7ce1c9cc49f17f624f535dd3653f910082789cb496d53ae62638ad2b03718",
     ),
     (
         "big_front",
-        "acf03631f7fb8b27426c1eda69fb0a155b0a4d42c4f789c85579d7bd8e7ff3d8",
+        "393cc70bd8f35f402e290233323829bd44c4f5be7acfa4d83e06b1896e1550a5",
     ),
     (
         "big_side",
-        "f0239ed179b4c5a9a4d6bc6865116a16e9ff2c942626f62ea2b0bf38ab283b42",
+        "eec954ada861af4ca83d09741fccbb6f60704b19386ed4c4c31b345abdcc23c0",
     ),
     (
         "check_big_45deg",
@@ -131,15 +131,15 @@ const EYESIZE: Pinned = &[
     ),
     (
         "small_45deg",
-        "92830fe465838e615330348993b67f90345e99245e0dd2fc43a91548154177f4",
+        "e78133238e1ba91765e99cdb0a43c3f992e0ce4286e8b707adedf5950cb44993",
     ),
     (
         "small_front",
-        "ac1057a359de6a70b4965ed1a905314e411e8262d0ec0ccc8e55e89573a76ec2",
+        "25404e7e7802e19048acaf5026e37afbfe568055827ffb2c0a14a9e6196938fc",
     ),
     (
         "small_side",
-        "3fc3a6b9e3af49ddfc0b50cd10a91be281f335d98b9245c997ae7b32a297c848",
+        "66625d1c2714505383d7b0624519d3a01c5853de1cf591f0085ab87b1a2e74e9",
     ),
 ];
 const MERGE_ONLY: Pinned = &[
