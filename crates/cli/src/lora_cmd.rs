@@ -235,7 +235,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 60)]
     pub nodes: usize,
     /// `slurm`: where the benchmark's recipe and stores go; the cluster's nodes must see it
-    /// [default: a new folder in the current directory].
+    /// [default: a new folder in the current directory]. `train`: where the random
+    /// checkpoint and the work dirs go, kept afterwards [default: a temporary folder].
     #[arg(long, value_name = "DIR")]
     pub dir: Option<PathBuf>,
     /// `slurm`: a cluster profile [default: the single-node test cluster's: the store may be
@@ -247,6 +248,8 @@ pub struct BenchArgs {
     pub max_jobs: Option<usize>,
     #[command(flatten)]
     pub torch: crate::bench_torch::TorchArgs,
+    #[command(flatten)]
+    pub train: crate::bench_train::TrainArgs,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -261,6 +264,10 @@ enum BenchTarget {
     /// Our training step, UNet forward and sampler step against the repo's PyTorch scripts
     /// (tests/fixtures/*_torch.py), at 1 and 2 threads, as one ratio table.
     Torch,
+    /// Seconds per training step and peak memory of one configuration (`--model`,
+    /// `--resolution`, `--gradient-checkpointing`) next to the plain one, on a random
+    /// full-size checkpoint.
+    Train,
 }
 
 fn parse_precision(s: &str) -> std::result::Result<Precision, String> {
@@ -280,6 +287,8 @@ pub fn run(cmd: LoraCommand, verbose: bool) -> Result<ExitCode> {
             BenchTarget::LoraFlux => bench_lora_flux(),
             BenchTarget::Slurm => crate::pipeline_cmd::bench_slurm(&args),
             BenchTarget::Torch => crate::bench_torch::run(&args.torch),
+            BenchTarget::Train => crate::bench_train::run(&args.train, args.dir.as_deref())
+                .map_err(|e| miette!("{e:#}")),
         },
     }
 }

@@ -3,6 +3,7 @@
 
 mod bake_cmd;
 mod bench_torch;
+mod bench_train;
 mod lora_cmd;
 mod model_cmd;
 mod pipeline_cmd;

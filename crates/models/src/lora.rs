@@ -977,11 +977,15 @@ mod tests {
                     let (want, got) = match factor {
                         Factor::Linear(p) => (
                             p.grad(&plain).map(|g| g.reshape([-1])),
-                            containers.iter().find_map(|c| p.grad(c).map(|g| g.reshape([-1]))),
+                            containers
+                                .iter()
+                                .find_map(|c| p.grad(c).map(|g| g.reshape([-1]))),
                         ),
                         Factor::Conv(p) => (
                             p.grad(&plain).map(|g| g.reshape([-1])),
-                            containers.iter().find_map(|c| p.grad(c).map(|g| g.reshape([-1]))),
+                            containers
+                                .iter()
+                                .find_map(|c| p.grad(c).map(|g| g.reshape([-1]))),
                         ),
                     };
                     let (want, got): (Tensor<1>, Tensor<1>) = (
@@ -1006,7 +1010,10 @@ mod tests {
                 pairs.len()
             );
             let worst_zero = zero.iter().map(|p| p.2 / largest).fold(0f32, f32::max);
-            assert!(worst_zero <= 1e-6, "zero gradients differ by {worst_zero:e}");
+            assert!(
+                worst_zero <= 1e-6,
+                "zero gradients differ by {worst_zero:e}"
+            );
             // The gradients as one vector: relative error <= 1e-6 (the bound of
             // `gradient_checkpointing`); each factor on its own within 1e-5 (the sums run in
             // another order, so a factor's last bits differ).

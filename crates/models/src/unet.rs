@@ -580,12 +580,18 @@ impl UNet {
     ) -> Value {
         let at = scope.at(&unit.path);
         let mut inputs = inputs.into_iter();
-        let mut next = || inputs.next().expect("a unit gets as many inputs as it names");
+        let mut next = || {
+            inputs
+                .next()
+                .expect("a unit gets as many inputs as it names")
+        };
         match unit.op {
             Op::Conv(conv) => Value::Map(conv.forward(next().into_map())),
             Op::Res(res) => Value::Map(res.forward(next().into_map(), emb.clone(), at)),
             Op::Down(down) => Value::Map(at.conv("op", &down.op, next().into_map())),
-            Op::Up(up) => Value::Map(at.conv("conv", &up.conv, upsample_nearest_2x(next().into_map()))),
+            Op::Up(up) => {
+                Value::Map(at.conv("conv", &up.conv, upsample_nearest_2x(next().into_map())))
+            }
             Op::AttnIn(attn) => Value::Tokens(attn.enter(next().into_map(), &at)),
             Op::AttnBlock(block) => {
                 Value::Tokens(block.forward(next().into_tokens(), context.clone(), at))

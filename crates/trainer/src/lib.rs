@@ -1409,11 +1409,7 @@ mod tests {
 
     fn kill_and_resume_exactly(dir: &Path, config: &TrainConfig) {
         let whole = run(config, &dir.join("w0"), &dir.join("o0")).unwrap();
-        std::fs::write(
-            dir.join("config.json"),
-            serde_json::to_vec(config).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(dir.join("config.json"), serde_json::to_vec(config).unwrap()).unwrap();
         let exe = std::env::current_exe().unwrap();
         for kill_after in [1, 3, 4] {
             let work = dir.join("work");

@@ -1,0 +1,308 @@
+//! `slider-run bench train`: seconds per training step and peak memory of one LoRA training
+//! configuration next to the plain one (f32, no recomputation), on a random full-size
+//! checkpoint from our writer. Each configuration runs in a child process of its own, so its
+//! peak resident set (`VmHWM`, which stands in for device memory: the same tensors live there)
+//! is its alone.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::AtomicBool;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, ValueEnum};
+use serde::{Deserialize, Serialize};
+use slider_models::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
+use slider_models::device::open_device;
+use slider_protocol::names::{LrScheduler, MixedPrecision, Optimizer};
+use slider_protocol::params::Precision;
+use slider_trainer::{TrainConfig, train};
+
+/// The base models `bench train` can write.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BenchModel {
+    /// The embedded default's architecture (tiny UNet, full CLIP-L).
+    Tiny,
+    /// Stable Diffusion 1.5 (860 M UNet parameters).
+    Sd15,
+    /// SDXL (2.6 B UNet parameters, two text encoders).
+    Sdxl,
+}
+
+impl BenchModel {
+    fn spec(self) -> ModelSpec {
+        match self {
+            BenchModel::Tiny => ModelSpec::tiny(),
+            BenchModel::Sd15 => ModelSpec::sd15(),
+            BenchModel::Sdxl => ModelSpec::sdxl(),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            BenchModel::Tiny => "tiny",
+            BenchModel::Sd15 => "sd15",
+            BenchModel::Sdxl => "sdxl",
+        }
+    }
+}
+
+/// Options of `bench train` (flattened into `bench`'s arguments).
+#[derive(Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// `train`: the architecture of the random checkpoint.
+    #[arg(long, value_enum, default_value = "sd15")]
+    pub model: BenchModel,
+    /// `train`: image side in pixels [default: 512, 1024 for sdxl, 64 for tiny].
+    #[arg(long, value_name = "PX")]
+    pub resolution: Option<usize>,
+    /// `train`: `mixed_precision` of the measured row (only `no` is implemented).
+    #[arg(long, value_name = "no|fp16|bf16", default_value = "no", value_parser = parse_precision)]
+    pub mixed_precision: MixedPrecision,
+    /// `train`: `gradient_checkpointing` in the measured row.
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
+    /// `train`: timed steps after one warm-up step.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub steps: usize,
+    /// `train`: leave out the plain row (f32, no recomputation).
+    #[arg(long)]
+    pub no_baseline: bool,
+    /// `train`: a checkpoint to train on instead of a random one of `--model`'s layout.
+    #[arg(long, value_name = "FILE")]
+    pub checkpoint: Option<PathBuf>,
+    /// Internal: run the job in this file and print its report line.
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub train_job: Option<PathBuf>,
+}
+
+fn parse_precision(s: &str) -> std::result::Result<MixedPrecision, String> {
+    MixedPrecision::from_name(s).ok_or_else(|| {
+        format!(
+            "unknown precision {s:?}: one of {}",
+            MixedPrecision::names().join(", ")
+        )
+    })
+}
+
+/// One configuration, as handed to the child process.
+#[derive(Debug, Serialize, Deserialize)]
+struct ChildJob {
+    config: TrainConfig,
+    work: PathBuf,
+    out: PathBuf,
+}
+
+/// What a child reports on its last stdout line.
+#[derive(Debug, Serialize, Deserialize)]
+struct ChildReport {
+    /// Seconds from the start to the end of the first step (loading, caching, one step).
+    first_step_s: f64,
+    /// Seconds of each timed step.
+    step_s: Vec<f64>,
+    /// Peak resident set, bytes.
+    peak_rss: u64,
+}
+
+/// Runs the benchmark (or, with `--train-job`, one row of it) and prints its table.
+pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
+    let dir_given = dir;
+    if let Some(job) = &bench.train_job {
+        return bench_train_child(job);
+    }
+    if bench.mixed_precision != MixedPrecision::No {
+        bail!(
+            "--mixed-precision {} is not implemented: the trainer holds every weight in f32",
+            bench.mixed_precision.name()
+        );
+    }
+    let resolution = bench.resolution.unwrap_or(match bench.model {
+        BenchModel::Tiny => 64,
+        BenchModel::Sd15 => 512,
+        BenchModel::Sdxl => 1024,
+    });
+    if bench.steps == 0 {
+        bail!("--steps must be at least 1");
+    }
+    let multiple = bench.model.spec().pixel_multiple();
+    if resolution == 0 || !resolution.is_multiple_of(multiple) {
+        bail!(
+            "--resolution {} must be a positive multiple of {multiple} for {}",
+            resolution,
+            bench.model.name()
+        );
+    }
+    let dir = match dir {
+        Some(dir) => dir.to_path_buf(),
+        None => std::env::temp_dir().join(format!("slider-bench-train-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let base = match &bench.checkpoint {
+        Some(path) => path.clone(),
+        None => {
+            let path = dir.join(format!("{}-random.safetensors", bench.model.name()));
+            if !path.exists() {
+                let bar = crate::lora_cmd::spinner(&format!(
+                    "writing a random {} checkpoint (f16)",
+                    bench.model.name()
+                ));
+                write_random_checkpoint(&path, &bench.model.spec(), StoreDtype::F16, 7)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                bar.finish_and_clear();
+            }
+            path
+        }
+    };
+    let image = dir.join("image.png");
+    let side = u32::try_from(resolution).context("--resolution is too large")?;
+    let picture = image::RgbImage::from_fn(side, side, |x, y| {
+        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
+    });
+    picture
+        .save(&image)
+        .with_context(|| format!("cannot write {}", image.display()))?;
+
+    let mut rows = vec![(bench.mixed_precision, bench.gradient_checkpointing)];
+    if !bench.no_baseline && rows[0] != (MixedPrecision::No, false) {
+        rows.push((MixedPrecision::No, false));
+    }
+    let spec = bench.model.spec();
+    let vae_factor = 1usize
+        << spec
+            .vae
+            .as_ref()
+            .map_or(0, |v| v.ch_mult.len().saturating_sub(1));
+    let latent = resolution / vae_factor;
+    println!(
+        "{} at {resolution} px ({latent}x{latent} latents), batch 1, rank 4 on kohya's targets, \
+         CAME, {} timed step(s) after one warm-up step; each row in its own process",
+        bench.model.name(),
+        bench.steps
+    );
+    println!(
+        "| mixed_precision | gradient_checkpointing | load + first step | s/step | peak RSS |"
+    );
+    println!("|---|---|---|---|---|");
+    for (i, &(precision, recompute)) in rows.iter().enumerate() {
+        let config = TrainConfig {
+            base: base.clone(),
+            base_config: None,
+            images: vec![image.clone()],
+            caption: "1girl, solo, upper body, red hair, green eyes".into(),
+            learning_rate: 5e-5,
+            unet_lr: None,
+            train_batch_size: 1,
+            max_train_steps: 1 + bench.steps,
+            network_dim: 4,
+            network_alpha: 1.0,
+            conv_dim: None,
+            conv_alpha: None,
+            lr_scheduler: LrScheduler::Constant,
+            lr_warmup_steps: 0,
+            optimizer_type: Optimizer::Came,
+            optimizer_args: Default::default(),
+            seed: 42,
+            resolution: resolution,
+            noise_offset: 0.0,
+            min_snr_gamma: None,
+            mixed_precision: precision,
+            gradient_checkpointing: recompute,
+            save_precision: Precision::Float,
+            checkpoint_every: 0,
+            comment: "bench train".into(),
+        };
+        let job = ChildJob {
+            config,
+            work: dir.join(format!("work-{i}")),
+            out: dir.join(format!("out-{i}")),
+        };
+        let _ = std::fs::remove_dir_all(&job.work);
+        let report = run_child(&dir.join(format!("job-{i}.json")), &job)?;
+        let mut steps = report.step_s.clone();
+        steps.sort_by(f64::total_cmp);
+        let median = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN);
+        println!(
+            "| {} | {} | {:.1} s | {:.2} | {:.2} GiB |",
+            precision.name(),
+            recompute,
+            report.first_step_s,
+            median,
+            report.peak_rss as f64 / (1u64 << 30) as f64
+        );
+    }
+    if dir_given.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs one configuration in a child process (`bench train --child JOB`) and reads its report.
+fn run_child(job_path: &Path, job: &ChildJob) -> Result<ChildReport> {
+    let bytes = serde_json::to_vec(job)?;
+    slider_atomic::write(job_path, &bytes)
+        .with_context(|| format!("cannot write {}", job_path.display()))?;
+    let exe = std::env::current_exe().context("cannot find this program")?;
+    let bar = crate::lora_cmd::spinner(&format!(
+        "training {} step(s): mixed_precision {}, gradient_checkpointing {}",
+        job.config.max_train_steps,
+        job.config.mixed_precision.name(),
+        job.config.gradient_checkpointing
+    ));
+    let output = Command::new(exe)
+        .args(["bench", "train", "--train-job"])
+        .arg(job_path)
+        .stdin(Stdio::null())
+        .stderr(if std::io::stderr().is_terminal() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
+        .output()
+        .context("cannot start the benchmark's child process")?;
+    bar.finish_and_clear();
+    if !output.status.success() {
+        bail!(
+            "the training step failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout).trim()
+        );
+    }
+    let text = String::from_utf8_lossy(&output.stdout);
+    let last = text.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| format!("the child's report {last:?}"))
+}
+
+/// The child's side: trains `job`, timing every step, and prints its report as JSON.
+fn bench_train_child(job_path: &Path) -> Result<ExitCode> {
+    let bytes =
+        std::fs::read(job_path).with_context(|| format!("cannot read {}", job_path.display()))?;
+    let job: ChildJob = serde_json::from_slice(&bytes)
+        .with_context(|| format!("{} is not a benchmark job", job_path.display()))?;
+    let device = open_device("cpu")?;
+    let started = Instant::now();
+    let mut marks = Vec::new();
+    let stop = AtomicBool::new(false);
+    train(
+        &job.config,
+        &job.work,
+        &job.out,
+        &device,
+        |_| marks.push(Instant::now()),
+        &stop,
+    )?;
+    let first_step_s = marks
+        .first()
+        .map_or(f64::NAN, |t| (*t - started).as_secs_f64());
+    let step_s = marks
+        .windows(2)
+        .map(|w| (w[1] - w[0]).as_secs_f64())
+        .collect();
+    let report = ChildReport {
+        first_step_s,
+        step_s,
+        peak_rss: slider_models::bench::peak_rss_mib().map_or(0, |mib| (mib * 1048576.0) as u64),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(ExitCode::SUCCESS)
+}
