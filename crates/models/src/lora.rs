@@ -778,6 +778,20 @@ mod tests {
         small_unet_config().init(device)
     }
 
+    /// kohya's initialisation with non-zero `up` factors (a fresh network's are zero, which
+    /// would leave every branch, and every `down` gradient, at zero).
+    fn trained_looking_network(unet: &UNet, dims: NetworkDims, device: &Device) -> LoraNetwork {
+        let mut net = LoraNetwork::init_with(unet, dims, 5, device).unwrap();
+        for (i, m) in net.modules.values_mut().enumerate() {
+            let n = m.target.out_dim * m.rank;
+            let up: Vec<f32> = (0..n)
+                .map(|j| ((i * 7 + j) % 11) as f32 * 0.02 - 0.1)
+                .collect();
+            m.up = Factor::from_values("test", up, &m.up.shape(), device).unwrap();
+        }
+        net
+    }
+
     #[test]
     fn init_is_kohyas_and_changes_nothing_until_trained() {
         let device = Device::flex();
@@ -869,14 +883,7 @@ mod tests {
             alpha: 2.0,
             conv: Some((2, 1.0)),
         };
-        let mut net = LoraNetwork::init_with(&unet, dims, 5, &device).unwrap();
-        for (i, m) in net.modules.values_mut().enumerate() {
-            let n = m.target.out_dim * m.rank;
-            let up: Vec<f32> = (0..n)
-                .map(|j| ((i * 7 + j) % 11) as f32 * 0.02 - 0.1)
-                .collect();
-            m.up = Factor::from_values("test", up, &m.up.shape(), &device).unwrap();
-        }
+        let net = trained_looking_network(&unet, dims, &device);
         let dist = burn::tensor::Distribution::Normal(0.0, 1.0);
         let x = Tensor::<4>::random([2, 4, 16, 16], dist, &device);
         let context = Tensor::<3>::random([2, 5, 16], dist, &device);
@@ -926,15 +933,9 @@ mod tests {
                 alpha: 2.0,
                 conv,
             };
-            let mut net = LoraNetwork::init_with(&unet, dims, 5, &device).unwrap();
-            for (i, m) in net.modules.values_mut().enumerate() {
-                let n = m.target.out_dim * m.rank;
-                let up: Vec<f32> = (0..n)
-                    .map(|j| ((i * 7 + j) % 11) as f32 * 0.02 - 0.1)
-                    .collect();
-                m.up = Factor::from_values("test", up, &m.up.shape(), &device)
-                    .unwrap()
-                    .tracked();
+            let mut net = trained_looking_network(&unet, dims, &device);
+            for m in net.modules.values_mut() {
+                m.up = m.up.clone().tracked();
                 m.down = m.down.clone().tracked();
             }
             // Fixed inputs: the bound is checked on the same numbers every run.
