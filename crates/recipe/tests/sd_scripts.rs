@@ -108,11 +108,18 @@ fn burn_stays_the_default_and_leaves_no_trace_in_the_parameters() {
     );
 }
 
+/// What a recipe is, the problems it gets: (code, line, column).
+type Refusal = (
+    &'static str,
+    &'static str,
+    &'static [(&'static str, usize, usize)],
+);
+
 /// Each refusal with its code and where it points.
 #[test]
 fn refusals_point_at_the_key() {
     let dir = project();
-    let cases: &[(&str, &str, &[(&str, usize, usize)])] = &[
+    let cases: &[Refusal] = &[
         (
             "sd-scripts has no base_config",
             "base: base.safetensors\nbase_config: config.json\nnodes:\n  small:\n    kind: train\n    \

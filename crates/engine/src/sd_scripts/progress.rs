@@ -14,7 +14,7 @@ pub(crate) struct Bar {
 pub(crate) fn parse_bar(segment: &str) -> Option<Bar> {
     let rest = segment.trim_start().strip_prefix("steps:")?;
     let (_, after_bar) = rest.rsplit_once('|')?;
-    let counts = after_bar.trim_start().split_whitespace().next()?;
+    let counts = after_bar.split_whitespace().next()?;
     let (done, total) = counts.split_once('/')?;
     let avr_loss = after_bar
         .split_once("avr_loss=")
