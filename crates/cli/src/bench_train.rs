@@ -203,7 +203,7 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
             optimizer_type: Optimizer::Came,
             optimizer_args: Default::default(),
             seed: 42,
-            resolution: resolution,
+            resolution,
             noise_offset: 0.0,
             min_snr_gamma: None,
             mixed_precision: precision,

@@ -142,7 +142,10 @@ fn eyesize_is_the_method_dag() {
             assert_eq!(t.lr_warmup_steps, 20);
             assert_eq!(t.lr_scheduler.name(), "constant_with_warmup");
             assert!(t.network_train_unet_only);
-            assert_eq!(t.max_train_steps, 200, "the best of the ablation's 200 / 400 / 800");
+            assert_eq!(
+                t.max_train_steps, 200,
+                "the best of the ablation's 200 / 400 / 800"
+            );
             assert_eq!(t.resolution, 64, "the tiny base model's size");
             let NodeParams::XyPlot(x) = node(&plan, &format!("check_{size}_{a}")) else {
                 panic!()
