@@ -101,8 +101,11 @@ struct ChildReport {
     first_step_s: f64,
     /// Seconds of each timed step.
     step_s: Vec<f64>,
-    /// Peak resident set, bytes.
+    /// Peak resident set of the whole run (loading included), bytes.
     peak_rss: u64,
+    /// Peak resident set of the timed steps alone (the high-water mark is reset after the
+    /// warm-up step, when the VAE and text encoders are already freed), bytes.
+    step_peak_rss: Option<u64>,
 }
 
 /// Runs the benchmark (or, with `--train-job`, one row of it) and prints its table.
@@ -181,9 +184,10 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
         bench.steps
     );
     println!(
-        "| mixed_precision | gradient_checkpointing | load + first step | s/step | peak RSS |"
+        "| mixed_precision | gradient_checkpointing | load + first step | s/step | peak RSS, \
+         whole run | peak RSS, timed steps |"
     );
-    println!("|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|");
     for (i, &(precision, recompute)) in rows.iter().enumerate() {
         let config = TrainConfig {
             base: base.clone(),
@@ -222,13 +226,17 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
         let mut steps = report.step_s.clone();
         steps.sort_by(f64::total_cmp);
         let median = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN);
+        let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
         println!(
-            "| {} | {} | {:.1} s | {:.2} | {:.2} GiB |",
+            "| {} | {} | {:.1} s | {:.2} | {:.2} GiB | {} |",
             precision.name(),
             recompute,
             report.first_step_s,
             median,
-            report.peak_rss as f64 / (1u64 << 30) as f64
+            gib(report.peak_rss),
+            report
+                .step_peak_rss
+                .map_or("-".to_owned(), |b| format!("{:.2} GiB", gib(b)))
         );
     }
     if dir_given.is_none() {
@@ -282,13 +290,20 @@ fn bench_train_child(job_path: &Path) -> Result<ExitCode> {
     let device = open_device("cpu")?;
     let started = Instant::now();
     let mut marks = Vec::new();
+    let mut whole_run_peak = None;
     let stop = AtomicBool::new(false);
     train(
         &job.config,
         &job.work,
         &job.out,
         &device,
-        |_| marks.push(Instant::now()),
+        |_| {
+            if marks.is_empty() {
+                whole_run_peak = peak_rss();
+                reset_peak_rss();
+            }
+            marks.push(Instant::now());
+        },
         &stop,
     )?;
     let first_step_s = marks
@@ -301,8 +316,21 @@ fn bench_train_child(job_path: &Path) -> Result<ExitCode> {
     let report = ChildReport {
         first_step_s,
         step_s,
-        peak_rss: slider_models::bench::peak_rss_mib().map_or(0, |mib| (mib * 1048576.0) as u64),
+        peak_rss: whole_run_peak.max(peak_rss()).unwrap_or(0),
+        step_peak_rss: (marks.len() > 1).then(peak_rss).flatten(),
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// This process's peak resident set in bytes (`VmHWM`).
+fn peak_rss() -> Option<u64> {
+    slider_models::bench::peak_rss_mib().map(|mib| (mib * 1_048_576.0) as u64)
+}
+
+/// Starts the peak resident set again from the current one (Linux: `5` to `clear_refs`).
+fn reset_peak_rss() {
+    if let Err(e) = std::fs::write("/proc/self/clear_refs", "5") {
+        tracing::warn!("cannot reset the peak resident set: {e}");
+    }
 }
