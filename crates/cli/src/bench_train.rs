@@ -15,8 +15,8 @@ use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 use slider_models::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
 use slider_models::device::open_device;
-use slider_protocol::names::{LrScheduler, MixedPrecision, Optimizer};
-use slider_protocol::params::Precision;
+use slider_protocol::names::MixedPrecision;
+use slider_trainer::bench::{gradient_image, method_config};
 use slider_trainer::{TrainConfig, train};
 
 /// The base models `bench train` can write.
@@ -158,11 +158,7 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
         }
     };
     let image = dir.join("image.png");
-    let side = u32::try_from(resolution).context("--resolution is too large")?;
-    let picture = image::RgbImage::from_fn(side, side, |x, y| {
-        image::Rgb([(x % 256) as u8, (y % 256) as u8, ((x + y) % 256) as u8])
-    });
-    picture
+    gradient_image(resolution)
         .save(&image)
         .with_context(|| format!("cannot write {}", image.display()))?;
 
@@ -190,31 +186,9 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
     println!("|---|---|---|---|---|---|");
     for (i, &(precision, recompute)) in rows.iter().enumerate() {
         let config = TrainConfig {
-            base: base.clone(),
-            base_config: None,
-            images: vec![image.clone()],
-            caption: "1girl, solo, upper body, red hair, green eyes".into(),
-            learning_rate: 5e-5,
-            unet_lr: None,
-            train_batch_size: 1,
-            max_train_steps: 1 + bench.steps,
-            network_dim: 4,
-            network_alpha: 1.0,
-            conv_dim: None,
-            conv_alpha: None,
-            lr_scheduler: LrScheduler::Constant,
-            lr_warmup_steps: 0,
-            optimizer_type: Optimizer::Came,
-            optimizer_args: Default::default(),
-            seed: 42,
-            resolution,
-            noise_offset: 0.0,
-            min_snr_gamma: None,
             mixed_precision: precision,
             gradient_checkpointing: recompute,
-            save_precision: Precision::Float,
-            checkpoint_every: 0,
-            comment: "bench train".into(),
+            ..method_config(&base, &image, resolution, 1 + bench.steps)
         };
         let job = ChildJob {
             config,

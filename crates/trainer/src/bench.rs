@@ -80,7 +80,7 @@ pub fn training_step_seconds(
 }
 
 /// The default recipe's training settings for `steps` steps on one image.
-fn method_config(base: &Path, image: &Path, resolution: usize, steps: usize) -> TrainConfig {
+pub fn method_config(base: &Path, image: &Path, resolution: usize, steps: usize) -> TrainConfig {
     TrainConfig {
         base: base.to_path_buf(),
         base_config: None,
@@ -111,7 +111,7 @@ fn method_config(base: &Path, image: &Path, resolution: usize, steps: usize) -> 
 }
 
 /// A colour gradient, `size` px square.
-fn gradient_image(size: usize) -> image::RgbImage {
+pub fn gradient_image(size: usize) -> image::RgbImage {
     let s = size.max(1) as u32;
     image::RgbImage::from_fn(s, s, |x, y| {
         image::Rgb([(x * 255 / s) as u8, (y * 255 / s) as u8, 128])
