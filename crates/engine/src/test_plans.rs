@@ -411,6 +411,7 @@ pub(crate) fn train(base: Input) -> NodeParams {
         noise_offset: 0.0,
         min_snr_gamma: None,
         mixed_precision: slider_recipe::MixedPrecision::No,
+        no_half_vae: false,
         gradient_checkpointing: false,
         save_precision: Precision::Float,
         checkpoint_every: 0,

@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
-use burn::tensor::Device;
+use burn::tensor::{Device, FloatDType};
 use half::{bf16, f16};
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -34,7 +34,7 @@ use crate::diffusers_config::{
 use crate::layers::GROUP_NORM_GROUPS;
 use crate::unet::{DEFAULT_NORM_EPS, Heads, UNet, UNetConfig};
 use crate::vae::{SD1_SCALING_FACTOR, SDXL_SCALING_FACTOR, Vae, VaeConfig};
-use crate::weights::{FillReport, KeyOf, TensorSource, fill, param_keys, param_values};
+use crate::weights::{FillReport, KeyOf, TensorSource, fill, fill_as, param_keys, param_values};
 
 /// Key prefix of the UNet.
 pub const UNET_PREFIX: &str = "model.diffusion_model.";
@@ -783,6 +783,25 @@ pub struct StableDiffusion {
     pub text_g: Option<OpenClipText>,
 }
 
+/// The dtypes a model's UNet and VAE are held and computed in (kohya's `mixed_precision` and
+/// `no_half_vae`). The text encoders run once per training and stay f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Precision {
+    /// The UNet's weights and activations.
+    pub unet: FloatDType,
+    /// The VAE's.
+    pub vae: FloatDType,
+}
+
+impl Default for Precision {
+    fn default() -> Self {
+        Self {
+            unet: FloatDType::F32,
+            vae: FloatDType::F32,
+        }
+    }
+}
+
 impl StableDiffusion {
     /// Detects the architecture of `ckpt` and loads every part onto `device`. Fails, before
     /// reading any value, with the complete [`KeyReport`] when a key is missing, unexpected,
@@ -798,14 +817,26 @@ impl StableDiffusion {
         config: &BaseConfig,
         device: &Device,
     ) -> Result<Self, CheckpointError> {
+        Self::load_in(ckpt, config, Precision::default(), device)
+    }
+
+    /// [`StableDiffusion::load_with`] with the UNet and the VAE held and computed in the dtypes
+    /// of `precision` (each tensor converted as it is read; norms stay f32).
+    pub fn load_in(
+        ckpt: &Checkpoint,
+        config: &BaseConfig,
+        precision: Precision,
+        device: &Device,
+    ) -> Result<Self, CheckpointError> {
         let spec = ModelSpec::detect_with(ckpt, config)?;
-        Self::load_as(ckpt, spec, device)
+        Self::load_as(ckpt, spec, precision, device)
     }
 
     /// Loads `ckpt` as the given architecture.
     pub fn load_as(
         ckpt: &Checkpoint,
         spec: ModelSpec,
+        precision: Precision,
         device: &Device,
     ) -> Result<Self, CheckpointError> {
         spec.validate()
@@ -822,10 +853,10 @@ impl StableDiffusion {
             });
         }
         let mut report = KeyReport::default();
-        let (unet, r) = fill(spec.unet.init(device), ckpt, UNET_PREFIX);
+        let (unet, r) = fill_as(spec.unet.init(device), ckpt, UNET_PREFIX, precision.unet);
         report.absorb(r);
         let vae = spec.vae.as_ref().map(|c| {
-            let (m, r) = fill(c.init(device), ckpt, VAE_PREFIX);
+            let (m, r) = fill_as(c.init(device), ckpt, VAE_PREFIX, precision.vae);
             report.absorb(r);
             m
         });

@@ -8,7 +8,7 @@ use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::nn::{GroupNorm, GroupNormConfig, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::tensor::module::attention as fused_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Tensor};
+use burn::tensor::{Bool, DType, Device, FloatDType, Tensor};
 
 /// `nn.Linear(d_in, d_out, bias)`.
 pub fn linear(d_in: usize, d_out: usize, bias: bool, device: &Device) -> Linear {
@@ -38,6 +38,34 @@ pub fn group_norm(groups: usize, channels: usize, eps: f64, device: &Device) -> 
 /// `nn.LayerNorm(d, eps=1e-5)`.
 pub fn layer_norm(d: usize, device: &Device) -> LayerNorm {
     LayerNormConfig::new(d).with_epsilon(1e-5).init(device)
+}
+
+/// A norm computed in f32 whatever its input's dtype: a half-precision model keeps its norms'
+/// weights in f32 (see [`crate::weights::fill_as`]) and accumulates their statistics there;
+/// the result goes back to the input's dtype. For an f32 input both casts are no-ops.
+pub trait NormF32<const D: usize> {
+    /// The norm of `x`, computed in f32, in `x`'s dtype.
+    fn forward_f32(&self, x: Tensor<D>) -> Tensor<D>;
+}
+
+impl<const D: usize> NormF32<D> for GroupNorm {
+    fn forward_f32(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        self.forward(x.cast(FloatDType::F32)).cast(dtype)
+    }
+}
+
+impl<const D: usize> NormF32<D> for LayerNorm {
+    fn forward_f32(&self, x: Tensor<D>) -> Tensor<D> {
+        let dtype = x.dtype();
+        self.forward(x.cast(FloatDType::F32)).cast(dtype)
+    }
+}
+
+/// The dtype a module computes in: that of its weight `w` (f32, or the half dtype a
+/// checkpoint was loaded in). Inputs are cast to it where they enter a model.
+pub fn compute_dtype<const D: usize>(w: &burn::module::Param<Tensor<D>>) -> DType {
+    w.val().dtype()
 }
 
 /// A layer without parameters that keeps the index of a PyTorch `Sequential` slot

@@ -39,8 +39,8 @@ pub mod weights;
 
 pub use burn;
 pub use checkpoint::{
-    Checkpoint, CheckpointError, Family, KeyReport, ModelSpec, StableDiffusion, StoreDtype,
-    check_keys, check_values, write_random_checkpoint,
+    Checkpoint, CheckpointError, Family, KeyReport, ModelSpec, Precision, StableDiffusion,
+    StoreDtype, check_keys, check_values, write_random_checkpoint,
 };
 pub use clip::{ClipTextModel, OpenClipText, TextConfig, TextOutput};
 pub use ddpm::{DdpmError, NoiseSchedule, apply_noise_offset, standard_normal};

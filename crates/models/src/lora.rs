@@ -217,6 +217,15 @@ impl Factor {
         }
     }
 
+    /// Whether every value is finite (a NaN or an infinity makes the sum non-finite).
+    pub fn is_finite(&self) -> bool {
+        let sum = match self {
+            Self::Linear(t) => t.clone().sum(),
+            Self::Conv(t) => t.clone().sum(),
+        };
+        sum.into_scalar::<f32>().is_finite()
+    }
+
     /// The factor without autodiff.
     pub fn untracked(self) -> Self {
         match self {
@@ -261,8 +270,11 @@ impl AdapterModule {
             return None;
         };
         let scale = multiplier * f64::from(self.alpha) / self.rank as f64;
-        let low = linear(x.clone(), down.clone().transpose(), None);
-        Some(linear(low, up.clone().transpose(), None).mul_scalar(scale))
+        // The factors (and so their gradients and optimizer state) stay f32; a half-precision
+        // UNet's branch computes in its dtype, and autodiff casts the gradients back.
+        let dtype = x.dtype();
+        let low = linear(x.clone(), down.clone().cast(dtype).transpose(), None);
+        Some(linear(low, up.clone().cast(dtype).transpose(), None).mul_scalar(scale))
     }
 
     /// The same for a convolution: `down` with the base convolution's window, stride and
@@ -272,14 +284,15 @@ impl AdapterModule {
             return None;
         };
         let scale = multiplier * f64::from(self.alpha) / self.rank as f64;
+        let dtype = x.dtype();
         let down_conv = Conv2d {
-            weight: Param::initialized(base.weight.id, down.clone()),
+            weight: Param::initialized(base.weight.id, down.clone().cast(dtype)),
             bias: None,
             ..base.clone()
         };
         let low = down_conv.forward(x.clone());
         let pointwise = ConvOptions::new([1, 1], [0, 0], [1, 1], 1);
-        Some(conv2d(low, up.clone(), None, pointwise).mul_scalar(scale))
+        Some(conv2d(low, up.clone().cast(dtype), None, pointwise).mul_scalar(scale))
     }
 }
 
@@ -1030,6 +1043,137 @@ mod tests {
             );
             assert!(overall <= 1e-6, "relative error {overall:e}");
             assert!(worst <= 1e-5, "worst factor's relative error {worst:e}");
+        }
+    }
+
+    /// One training step's LoRA gradients with the shipped tiny base held in fp16 and in bf16
+    /// (the frozen weights and activations in the half dtype, norms in f32, factors f32)
+    /// against the same step in f32, with and without recomputation. The bounds are the ones
+    /// docs/benchmarks.md ("Mixed precision") gives: relative error of all gradients as one
+    /// vector <= 3e-3 (fp16; its 11-bit mantissa) and <= 1.5e-2 (bf16; 8 bits), so a half
+    /// step points where the f32 step points.
+    #[test]
+    fn half_precision_gradients_follow_the_f32_ones() {
+        use crate::checkpoint::{Checkpoint, Precision, StableDiffusion};
+        use crate::diffusers_config::BaseConfig;
+        use burn::tensor::FloatDType;
+
+        let device = Device::flex();
+        let base = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../assets/tiny-sd/tiny-sd.safetensors"
+        );
+        let ckpt = Checkpoint::open(base).unwrap();
+        let load = |dtype| {
+            let precision = Precision {
+                unet: dtype,
+                vae: dtype,
+            };
+            StableDiffusion::load_in(&ckpt, &BaseConfig::none(), precision, &device)
+                .unwrap()
+                .unet
+        };
+        let reference = load(FloatDType::F32);
+        let dims = NetworkDims {
+            rank: 4,
+            alpha: 1.0,
+            conv: None,
+        };
+        let net = trained_looking_network(&reference, dims, &device);
+        let context_dim = reference
+            .input_blocks
+            .iter()
+            .flatten()
+            .find_map(|l| match l {
+                Layer::Attn(a) => Some(a.transformer_blocks[0].attn2.to_k.weight.dims()[0]),
+                _ => None,
+            });
+        // The default recipe's shape: 16x16 latents, a 77-token caption; fixed inputs.
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        use crate::ddpm::standard_normal as normal;
+        let input = || UNetInput {
+            sample: normal(&mut ChaCha8Rng::seed_from_u64(4), [1, 4, 16, 16], &device),
+            timestep: Tensor::<1>::from_floats([400.0], &device),
+            context: normal(
+                &mut ChaCha8Rng::seed_from_u64(5),
+                [1, 77, context_dim.unwrap()],
+                &device,
+            ),
+            y: None,
+        };
+        let target = normal(&mut rng, [1, 4, 16, 16], &device);
+        // fp16 trains with a loss scale (the trainer's starts at 2^16); the gradients are
+        // divided by it again.
+        let gradients = |unet: &UNet, recompute: bool, scale: f32| -> Vec<f32> {
+            let mut net = net.clone();
+            for m in net.modules.values_mut() {
+                m.up = m.up.clone().tracked();
+                m.down = m.down.clone().tracked();
+            }
+            let loss = |pred: Tensor<4>| (pred - target.clone()).square().mean().mul_scalar(scale);
+            let containers = if recompute {
+                net.recomputed_gradients(unet, 1.0, input(), &loss).1
+            } else {
+                let i = input();
+                let pred = net.forward(unet, 1.0, i.sample, i.timestep, i.context, i.y);
+                assert_eq!(pred.dtype(), burn::tensor::DType::F32);
+                vec![loss(pred).backward()]
+            };
+            let mut all = Vec::new();
+            for m in net.modules.values() {
+                for factor in [&m.down, &m.up] {
+                    let g = match factor {
+                        Factor::Linear(p) => containers
+                            .iter()
+                            .find_map(|c| p.grad(c).map(|g| g.reshape([-1]))),
+                        Factor::Conv(p) => containers
+                            .iter()
+                            .find_map(|c| p.grad(c).map(|g| g.reshape([-1]))),
+                    };
+                    let g: Tensor<1> = g.expect("every factor gets a gradient");
+                    assert_eq!(
+                        g.dtype(),
+                        burn::tensor::DType::F32,
+                        "factor gradients stay f32"
+                    );
+                    let g = g.div_scalar(scale).into_data().try_to_vec::<f32>().unwrap();
+                    all.extend(g);
+                }
+            }
+            all
+        };
+        let want = gradients(&reference, false, 1.0);
+        let norm = want.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!(norm > 0.0);
+        for (dtype, scale, bound) in [
+            (FloatDType::F16, 65536.0, 3e-3),
+            (FloatDType::BF16, 1.0, 1.5e-2),
+        ] {
+            let unet = load(dtype);
+            assert_eq!(unet.out.2.weight.val().dtype(), dtype.into());
+            assert_eq!(
+                unet.out.0.gamma.as_ref().map(|g| g.val().dtype()),
+                Some(burn::tensor::DType::F32)
+            );
+            for recompute in [false, true] {
+                let got = gradients(&unet, recompute, scale);
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "{dtype:?}: non-finite gradient"
+                );
+                let diff = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>()
+                    .sqrt();
+                let err = diff / norm;
+                println!("{dtype:?}, recompute {recompute}: relative error {err:e}");
+                assert!(
+                    err <= bound,
+                    "{dtype:?}, recompute {recompute}: {err:e} > {bound:e}"
+                );
+            }
         }
     }
 

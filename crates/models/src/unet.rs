@@ -9,12 +9,12 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, LayerNorm, Linear};
 use burn::tensor::activation::{gelu, silu};
-use burn::tensor::{Device, Gradients, Tensor};
+use burn::tensor::{Device, FloatDType, Gradients, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{
-    GROUP_NORM_GROUPS, Slot, conv2d, from_tokens, group_norm, layer_norm, linear,
-    multi_head_attention, timestep_embedding, to_tokens, upsample_nearest_2x,
+    GROUP_NORM_GROUPS, NormF32, Slot, compute_dtype, conv2d, from_tokens, group_norm, layer_norm,
+    linear, multi_head_attention, timestep_embedding, to_tokens, upsample_nearest_2x,
 };
 
 /// How attention heads are sized: SD1 fixes their number, SDXL their width.
@@ -409,7 +409,12 @@ impl UNet {
         y: Option<Tensor<2>>,
         scope: Scope<'_>,
     ) -> Tensor<4> {
-        let emb = self.embedding(timestep, y);
+        let (sample, emb, context) = self.entry(UNetInput {
+            sample,
+            timestep,
+            context,
+            y,
+        });
         let plan = self.units();
         let last_use = plan.last_uses();
         // Values are dropped after their last reader, so the forward keeps only the skips.
@@ -436,9 +441,20 @@ impl UNet {
             .into_map()
     }
 
-    /// The time embedding `[b, time_embed_dim]` (plus SDXL's added conditioning).
-    fn embedding(&self, timestep: Tensor<1>, y: Option<Tensor<2>>) -> Tensor<2> {
-        let t_emb = timestep_embedding(timestep, self.model_channels);
+    /// Where the inputs enter the model: the sample, the time embedding (plus SDXL's added
+    /// conditioning, `[b, time_embed_dim]`) and the context, in the dtype the UNet computes in
+    /// (its weights'; the norms compute in f32 whatever it is). The prediction leaves in f32
+    /// (the output head, [`Op::Out`]), so callers see f32 on both sides.
+    fn entry(&self, input: UNetInput) -> (Tensor<4>, Tensor<2>, Tensor<3>) {
+        let UNetInput {
+            sample,
+            timestep,
+            context,
+            y,
+        } = input;
+        let dtype = compute_dtype(&self.time_embed.0.weight);
+        let t_emb = timestep_embedding(timestep, self.model_channels).cast(dtype);
+        let y = y.map(|y| y.cast(dtype));
         let (l0, _, l2) = &self.time_embed;
         let mut emb = l2.forward(silu(l0.forward(t_emb)));
         if let (Some(label_emb), Some(y)) = (&self.label_emb, y) {
@@ -446,7 +462,7 @@ impl UNet {
                 emb = emb + l2.forward(silu(l0.forward(y.clone())));
             }
         }
-        emb
+        (sample.cast(dtype), emb, context.cast(dtype))
     }
 
     /// The forward pass as a list of units (value 0 is the sample, unit `k` makes value
@@ -498,13 +514,7 @@ impl UNet {
         adapters: (&dyn Adapters, &dyn Adapters),
         loss: &dyn Fn(Tensor<4>) -> Tensor<1>,
     ) -> (Option<Tensor<1>>, Vec<Gradients>) {
-        let UNetInput {
-            sample,
-            timestep,
-            context,
-            y,
-        } = input;
-        let emb = self.embedding(timestep, y);
+        let (sample, emb, context) = self.entry(input);
         let plan = self.units();
         let count = plan.units.len();
         let (plain, tracked) = (Scope::adapted(adapters.0), Scope::adapted(adapters.1));
@@ -606,7 +616,8 @@ impl UNet {
             }
             Op::Out => {
                 let (norm, _, conv) = &self.out;
-                Value::Map(conv.forward(silu(norm.forward(next().into_map()))))
+                let out = conv.forward(silu(norm.forward_f32(next().into_map())));
+                Value::Map(out.cast(FloatDType::F32))
             }
         }
     }
@@ -908,14 +919,14 @@ impl ResBlock {
         let (n0, _, c0) = &self.in_layers;
         let h = at
             .child("in_layers")
-            .conv(2, c0, silu(n0.forward(x.clone())));
+            .conv(2, c0, silu(n0.forward_f32(x.clone())));
         let e = at
             .child("emb_layers")
             .linear_2d(1, &self.emb_layers.1, silu(emb));
         let [b, c] = e.dims();
         let h = h + e.reshape([b, c, 1, 1]);
         let (n1, _, _, c1) = &self.out_layers;
-        let h = at.child("out_layers").conv(3, c1, silu(n1.forward(h)));
+        let h = at.child("out_layers").conv(3, c1, silu(n1.forward_f32(h)));
         match &self.skip_connection {
             Some(skip) => at.conv("skip_connection", skip, x) + h,
             None => x + h,
@@ -975,7 +986,7 @@ impl SpatialTransformer {
 
     /// GroupNorm and `proj_in`: the tokens the transformer blocks read.
     fn enter(&self, x: Tensor<4>, at: &Scope<'_>) -> Tensor<3> {
-        let normed = self.norm.forward(x);
+        let normed = self.norm.forward_f32(x);
         match &self.proj_in {
             Projection::Conv(conv) => to_tokens(at.conv("proj_in", conv, normed)),
             Projection::Linear(lin) => at.linear("proj_in", lin, to_tokens(normed)),
@@ -1023,14 +1034,15 @@ impl TransformerBlock {
     }
 
     fn forward(&self, x: Tensor<3>, context: Tensor<3>, at: Scope<'_>) -> Tensor<3> {
-        let n = self.norm1.forward(x.clone());
+        let n = self.norm1.forward_f32(x.clone());
         let x = self.attn1.forward(n.clone(), n, at.child("attn1")) + x;
-        let x = self
-            .attn2
-            .forward(self.norm2.forward(x.clone()), context, at.child("attn2"))
-            + x;
+        let x = self.attn2.forward(
+            self.norm2.forward_f32(x.clone()),
+            context,
+            at.child("attn2"),
+        ) + x;
         self.ff
-            .forward(self.norm3.forward(x.clone()), at.child("ff"))
+            .forward(self.norm3.forward_f32(x.clone()), at.child("ff"))
             + x
     }
 }

@@ -8,12 +8,12 @@ use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::ops::PadMode;
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, FloatDType, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::layers::{
-    GROUP_NORM_GROUPS, conv2d, from_tokens, group_norm, multi_head_attention, to_tokens,
-    upsample_nearest_2x,
+    GROUP_NORM_GROUPS, NormF32, compute_dtype, conv2d, from_tokens, group_norm,
+    multi_head_attention, to_tokens, upsample_nearest_2x,
 };
 
 /// Latent scaling of SD1.x: `latents = mean * 0.18215` before the UNet.
@@ -192,8 +192,13 @@ pub struct Vae {
 impl Vae {
     /// Mean and log-variance (clamped to [-30, 20]) of the latent distribution of `image`
     /// `[b, 3, h, w]` in [-1, 1]. Unscaled: multiply the mean by the scaling factor for the UNet.
+    /// The image enters in the dtype of the weights; the moments leave in f32.
     pub fn encode(&self, image: Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-        let moments = self.quant_conv.forward(self.encoder.forward(image));
+        let image = image.cast(compute_dtype(&self.quant_conv.weight));
+        let moments = self
+            .quant_conv
+            .forward(self.encoder.forward(image))
+            .cast(FloatDType::F32);
         let mut halves = moments.chunk(2, 1);
         let logvar = halves.pop().expect("chunk(2) yields two halves");
         let mean = halves.pop().expect("chunk(2) yields two halves");
@@ -201,8 +206,12 @@ impl Vae {
     }
 
     /// Image `[b, 3, 8h, 8w]` (for the SD autoencoder) from unscaled latents `[b, 4, h, w]`.
+    /// The latents enter in the dtype of the weights; the image leaves in f32.
     pub fn decode(&self, latents: Tensor<4>) -> Tensor<4> {
-        self.decoder.forward(self.post_quant_conv.forward(latents))
+        let latents = latents.cast(compute_dtype(&self.post_quant_conv.weight));
+        self.decoder
+            .forward(self.post_quant_conv.forward(latents))
+            .cast(FloatDType::F32)
     }
 }
 
@@ -235,7 +244,7 @@ impl Encoder {
             }
         }
         h = self.mid.forward(h);
-        self.conv_out.forward(silu(self.norm_out.forward(h)))
+        self.conv_out.forward(silu(self.norm_out.forward_f32(h)))
     }
 }
 
@@ -265,7 +274,7 @@ impl Decoder {
                 h = up.conv.forward(upsample_nearest_2x(h));
             }
         }
-        self.conv_out.forward(silu(self.norm_out.forward(h)))
+        self.conv_out.forward(silu(self.norm_out.forward_f32(h)))
     }
 }
 
@@ -354,8 +363,8 @@ impl VaeResBlock {
     }
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv1.forward(silu(self.norm1.forward_f32(x.clone())));
+        let h = self.conv2.forward(silu(self.norm2.forward_f32(h)));
         match &self.nin_shortcut {
             Some(skip) => skip.forward(x) + h,
             None => x + h,
@@ -391,7 +400,7 @@ impl AttnBlock {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let [_, _, h, w] = x.dims();
-        let n = self.norm.forward(x.clone());
+        let n = self.norm.forward_f32(x.clone());
         let q = to_tokens(self.q.forward(n.clone()));
         let k = to_tokens(self.k.forward(n.clone()));
         let v = to_tokens(self.v.forward(n));

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 
 use burn::module::{ModuleMapper, ModuleVisitor, Param};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 
 /// Where a parameter's values sit in the checkpoint, and how they are laid out there.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,10 +63,15 @@ impl ModulePath {
         self.stack.last().map(|(n, _)| n.as_str()).unwrap_or("")
     }
 
+    /// Whether the parameter belongs to a norm (GroupNorm, LayerNorm).
+    pub fn in_norm(&self) -> bool {
+        matches!(self.parent(), "Struct:GroupNorm" | "Struct:LayerNorm")
+    }
+
     /// The checkpoint key of the parameter at the current path: the path with norm
     /// `gamma`/`beta` renamed `weight`/`bias`, and whether a linear weight is stored transposed.
     pub fn key(&self) -> KeyOf {
-        let is_norm = matches!(self.parent(), "Struct:GroupNorm" | "Struct:LayerNorm");
+        let is_norm = self.in_norm();
         let mut key = self.name("");
         let leaf = self.leaf();
         let mut transposed = false;
@@ -170,17 +175,30 @@ pub struct FillReport {
     pub consumed: Vec<String>,
 }
 
-/// Replaces every parameter of `module` with the values stored under `prefix + key`.
+/// Replaces every parameter of `module` with the values stored under `prefix + key`, in f32.
 /// Parameters whose key is missing or mis-shaped are left as they were and reported.
 pub fn fill<M: burn::module::Module, S: TensorSource>(
     module: M,
     source: &S,
     prefix: &str,
 ) -> (M, FillReport) {
+    fill_as(module, source, prefix, FloatDType::F32)
+}
+
+/// [`fill`] with every parameter stored in `dtype`, except the norms' (GroupNorm, LayerNorm),
+/// which stay f32 because norms compute in f32 ([`crate::layers::NormF32`]). Each tensor is
+/// converted on its own as it is read, so a half-precision model never exists in f32 whole.
+pub fn fill_as<M: burn::module::Module, S: TensorSource>(
+    module: M,
+    source: &S,
+    prefix: &str,
+    dtype: FloatDType,
+) -> (M, FillReport) {
     struct Filler<'a, S> {
         path: ModulePath,
         source: &'a S,
         prefix: &'a str,
+        dtype: FloatDType,
         report: FillReport,
     }
     impl<S: TensorSource> ModuleMapper for Filler<'_, S> {
@@ -231,7 +249,15 @@ pub fn fill<M: burn::module::Module, S: TensorSource>(
             };
             self.report.consumed.push(full);
             let device = param.lazy_device();
-            let tensor = Tensor::<D>::from_data(TensorData::new(values, ours), &device);
+            let dtype = if self.path.in_norm() {
+                FloatDType::F32
+            } else {
+                self.dtype
+            };
+            let tensor = Tensor::<D>::from_data(
+                TensorData::new(values, ours),
+                (&device, DType::from(dtype)),
+            );
             let id = param.id;
             param.transform_for_load(tensor, id)
         }
@@ -240,6 +266,7 @@ pub fn fill<M: burn::module::Module, S: TensorSource>(
         path: ModulePath::default(),
         source,
         prefix,
+        dtype,
         report: FillReport::default(),
     };
     let module = module.map(&mut filler);
@@ -271,7 +298,8 @@ pub fn add_to_params<M: burn::module::Module>(
             };
             let base = param.val();
             let dims: [usize; D] = base.dims();
-            Param::initialized(param.id, base + delta.reshape(dims))
+            let delta = delta.reshape(dims).cast(base.dtype());
+            Param::initialized(param.id, base + delta)
         }
     }
     let mut adder = Adder {

@@ -162,6 +162,11 @@ pub struct TrainParams {
     pub noise_offset: f64,
     pub min_snr_gamma: Option<f64>,
     pub mixed_precision: MixedPrecision,
+    /// kohya's `no_half_vae`: the VAE stays f32 for the one-time encode under a half
+    /// `mixed_precision`. Left out of the serialisation when false, so recipes without it
+    /// keep their keys.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_half_vae: bool,
     pub gradient_checkpointing: bool,
     pub save_precision: Precision,
     pub checkpoint_every: usize,

@@ -68,6 +68,7 @@ pub fn param_names(kind: &str) -> &'static [&'static str] {
             "noise_offset",
             "min_snr_gamma",
             "mixed_precision",
+            "no_half_vae",
             "gradient_checkpointing",
             "save_precision",
             "checkpoint_every",
@@ -938,23 +939,14 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
     let resolution = f.count_or("resolution", 512, 64);
     let noise_offset = f.f64_or("noise_offset", 0.0);
     let min_snr_gamma = f.opt_f64("min_snr_gamma");
-    let mixed_precision = match f.named(
-        "mixed_precision",
-        &MixedPrecision::names(),
-        MixedPrecision::from_name,
-    ) {
-        Some((MixedPrecision::No, _)) | None => MixedPrecision::No,
-        Some((other, _)) if by_sd_scripts => other,
-        Some((other, span)) => {
-            f.not_implemented(
-                span,
-                format!("`mixed_precision: {other}` is not implemented yet"),
-                "the trainer holds every weight in f32",
-                "remove the key (or write `mixed_precision: no`); training then runs in f32",
-            );
-            MixedPrecision::No
-        }
-    };
+    let mixed_precision = f
+        .named(
+            "mixed_precision",
+            &MixedPrecision::names(),
+            MixedPrecision::from_name,
+        )
+        .map_or(MixedPrecision::No, |(p, _)| p);
+    let no_half_vae = f.bool_or("no_half_vae", false);
     let gradient_checkpointing = f.bool_or("gradient_checkpointing", false);
     // Refused when absent or `false`; a value of the wrong type already has its error.
     let unet_only_span = match f.get("network_train_unet_only") {
@@ -1000,6 +992,7 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
         noise_offset,
         min_snr_gamma,
         mixed_precision,
+        no_half_vae,
         gradient_checkpointing,
         save_precision,
         checkpoint_every,

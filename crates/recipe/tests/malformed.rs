@@ -79,7 +79,7 @@ nodes:
         codes: &["recipe::not_implemented", "recipe::not_implemented"],
     },
     Case {
-        name: "mixed_precision_is_refused_until_implemented",
+        name: "mixed_precision_names_kohyas_choices",
         recipe: "\
 base: base.safetensors
 nodes:
@@ -87,11 +87,11 @@ nodes:
     kind: train
     images: [small.png]
     network_train_unet_only: true
-    mixed_precision: bf16
+    mixed_precision: fp32
     gradient_checkpointing: true
 ",
         set: &[],
-        codes: &["recipe::not_implemented"],
+        codes: &["recipe::bad_value"],
     },
     Case {
         name: "yes_is_not_a_boolean",

@@ -103,6 +103,7 @@ pub fn method_config(base: &Path, image: &Path, resolution: usize, steps: usize)
         noise_offset: 0.0,
         min_snr_gamma: None,
         mixed_precision: MixedPrecision::No,
+        no_half_vae: false,
         gradient_checkpointing: false,
         save_precision: Precision::Float,
         checkpoint_every: 0,

@@ -36,6 +36,9 @@ use slider_protocol::params::{Input, Precision, TrainParams};
 pub mod bench;
 #[cfg(test)]
 mod parity;
+pub mod precision;
+
+use precision::{LossScaler, model_precision};
 
 /// The checkpoint file in the work dir.
 pub const CHECKPOINT_FILE: &str = "checkpoint.safetensors";
@@ -91,8 +94,13 @@ pub struct TrainConfig {
     pub noise_offset: f64,
     /// `min_snr_gamma`.
     pub min_snr_gamma: Option<f64>,
-    /// `mixed_precision` (recorded; the CPU backend computes in f32).
+    /// `mixed_precision`: the dtype the frozen UNet (and VAE) are held and computed in; the
+    /// factors, their gradients, the optimizer and the loss stay f32 (see [`precision`]).
     pub mixed_precision: MixedPrecision,
+    /// `no_half_vae`: the VAE stays f32 under a half `mixed_precision`. Left out of the
+    /// serialisation when false, so work dirs of earlier runs still resume.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_half_vae: bool,
     /// `gradient_checkpointing`: recompute the UNet one unit (ResBlock, transformer block,
     /// ...) at a time in the backward pass, keeping only the units' inputs.
     pub gradient_checkpointing: bool,
@@ -144,6 +152,7 @@ impl TrainConfig {
             noise_offset: params.noise_offset,
             min_snr_gamma: params.min_snr_gamma,
             mixed_precision: params.mixed_precision,
+            no_half_vae: params.no_half_vae,
             gradient_checkpointing: params.gradient_checkpointing,
             save_precision: params.save_precision,
             checkpoint_every: params.checkpoint_every,
@@ -261,7 +270,8 @@ pub fn train(
         Some(path) => BaseConfig::load(path).map_err(CheckpointError::from)?,
         None => BaseConfig::none(),
     };
-    let model = StableDiffusion::load_with(&ckpt, &base_config, device)?;
+    let precision = model_precision(config.mixed_precision, config.no_half_vae);
+    let model = StableDiffusion::load_in(&ckpt, &base_config, precision, device)?;
     let multiple = model.spec.pixel_multiple();
     if !config.resolution.is_multiple_of(multiple) {
         return Err(TrainError::Config(format!(
@@ -296,8 +306,14 @@ pub fn train(
         serde_json::to_string(config).map_err(|e| TrainError::Config(e.to_string()))?;
     let checkpoint_path = work_dir.join(CHECKPOINT_FILE);
 
-    let (mut network, mut optimizer, mut losses) =
-        resume_or_start(config, &unet, &checkpoint_path, &config_json, device)?;
+    let (
+        mut network,
+        mut optimizer,
+        Run {
+            mut losses,
+            mut scaler,
+        },
+    ) = resume_or_start(config, &unet, &checkpoint_path, &config_json, device)?;
     let resumed_from = losses.len();
     if resumed_from > 0 {
         tracing::info!(step = resumed_from, "resuming from the checkpoint");
@@ -311,16 +327,26 @@ pub fn train(
         noise_schedule: &noise_schedule,
         device,
     };
-    let save = |network: &LoraNetwork, optimizer: &Optimizer, losses: &[(f32, f64)]| {
-        save_checkpoint(&checkpoint_path, network, optimizer, losses, &config_json)
+    let save = |network: &LoraNetwork,
+                optimizer: &Optimizer,
+                losses: &[(f32, f64)],
+                scaler: Option<LossScaler>| {
+        save_checkpoint(
+            &checkpoint_path,
+            network,
+            optimizer,
+            losses,
+            scaler,
+            &config_json,
+        )
     };
     for step in resumed_from..config.max_train_steps {
         if stop.load(Ordering::Relaxed) {
-            save(&network, &optimizer, &losses)?;
+            save(&network, &optimizer, &losses, scaler)?;
             return Err(TrainError::Stopped { step });
         }
         let lr = schedule.lr_at(step);
-        let loss = batch.step(step, lr, &mut network, &mut optimizer)?;
+        let loss = batch.step(step, lr, &mut network, &mut optimizer, &mut scaler)?;
         losses.push((loss, lr));
         progress(Progress {
             step: step + 1,
@@ -332,7 +358,7 @@ pub fn train(
             && done.is_multiple_of(config.checkpoint_every)
             && done < config.max_train_steps
         {
-            save(&network, &optimizer, &losses)?;
+            save(&network, &optimizer, &losses, scaler)?;
         }
     }
     let (lora, loss_csv) =
@@ -347,6 +373,12 @@ pub fn train(
 /// The (loss, learning rate) of every step done.
 type Losses = Vec<(f32, f64)>;
 
+/// The loop's own state: the losses so far and fp16's loss scale.
+struct Run {
+    losses: Losses,
+    scaler: Option<LossScaler>,
+}
+
 /// The network, optimizer and losses from the checkpoint at `path` if there is one for these
 /// settings, else fresh ones from the seed.
 fn resume_or_start(
@@ -355,25 +387,24 @@ fn resume_or_start(
     path: &Path,
     config_json: &str,
     device: &Device,
-) -> Result<(LoraNetwork, Optimizer, Losses), TrainError> {
+) -> Result<(LoraNetwork, Optimizer, Run), TrainError> {
     Ok(match load_checkpoint(path, config_json)? {
-        Some((net, state, losses)) => {
+        Some((net, state, run)) => {
             let optimizer = Optimizer::restore(
                 config.optimizer_type.name(),
                 &config.optimizer_args,
                 &state,
                 device,
             )?;
-            (
-                LoraNetwork::from_lora(&net, unet, device)?,
-                optimizer,
-                losses,
-            )
+            (LoraNetwork::from_lora(&net, unet, device)?, optimizer, run)
         }
         None => (
             LoraNetwork::init_with(unet, network_dims(config), config.seed, device)?,
             Optimizer::from_kohya(config.optimizer_type.name(), &config.optimizer_args)?,
-            Vec::new(),
+            Run {
+                losses: Vec::new(),
+                scaler: LossScaler::for_precision(config.mixed_precision),
+            },
         ),
     })
 }
@@ -392,13 +423,15 @@ struct Batch<'a> {
 impl Batch<'_> {
     /// Step `step` (0-based) at learning rate `lr`: its timesteps and noise from (seed, step),
     /// the noisy latents, the (min-SNR weighted) loss, backward and an optimizer step per
-    /// factor. Returns the loss.
+    /// factor. Under fp16 the loss is scaled for the backward pass and the step is skipped
+    /// when a gradient overflowed (`scaler`). Returns the loss.
     fn step(
         &self,
         step: usize,
         lr: f64,
         network: &mut LoraNetwork,
         optimizer: &mut Optimizer,
+        scaler: &mut Option<LossScaler>,
     ) -> Result<f32, TrainError> {
         let (config, device) = (self.config, self.device);
         let batch = config.train_batch_size;
@@ -445,12 +478,18 @@ impl Batch<'_> {
             y: self.added.clone().map(|y| y.repeat_dim(0, batch)),
         };
         let weights = Tensor::<2>::from_data(TensorData::new(weights, [batch, 1]), device);
+        let scale = scaler.map_or(1.0, |s| s.scale);
         let objective = |pred: Tensor<4>| {
             let per_sample = (pred - noise.clone())
                 .square()
                 .reshape([batch, c * h * w])
                 .mean_dim(1);
-            (per_sample * weights.clone()).mean()
+            let loss = (per_sample * weights.clone()).mean();
+            if scale == 1.0 {
+                loss
+            } else {
+                loss.mul_scalar(scale)
+            }
         };
         let (loss, grads) = if config.gradient_checkpointing {
             let (loss, containers) =
@@ -470,28 +509,46 @@ impl Batch<'_> {
             let grads = loss.backward();
             (loss, StepGradients::One(grads))
         };
-        let loss_value = loss.into_scalar::<f32>();
+        let loss_value = loss.into_scalar::<f32>() / scale;
         if !loss_value.is_finite() {
             return Err(TrainError::Diverged {
                 step: step + 1,
                 loss: loss_value,
             });
         }
-        for (name, m) in network.modules.iter_mut() {
-            m.down = step_factor(
-                optimizer,
-                &format!("{name}.lora_down.weight"),
-                lr,
-                &m.down,
-                &grads,
-            )?;
-            m.up = step_factor(
-                optimizer,
-                &format!("{name}.lora_up.weight"),
-                lr,
-                &m.up,
-                &grads,
-            )?;
+        let mut gradients = Vec::with_capacity(2 * network.modules.len());
+        for (name, m) in &network.modules {
+            for (suffix, factor) in [("lora_down", &m.down), ("lora_up", &m.up)] {
+                let key = format!("{name}.{suffix}.weight");
+                let gradient = gradient_of(factor, &grads, scale)
+                    .ok_or_else(|| TrainError::Config(format!("no gradient reached `{key}`")))?;
+                gradients.push((key, gradient));
+            }
+        }
+        if let Some(scaler) = scaler {
+            let finite = gradients.iter().all(|(_, g)| g.is_finite());
+            scaler.update(finite);
+            if !finite {
+                tracing::debug!(
+                    step = step + 1,
+                    scale,
+                    "fp16 gradients overflowed: step skipped"
+                );
+                for m in network.modules.values_mut() {
+                    m.down = m.down.clone().untracked();
+                    m.up = m.up.clone().untracked();
+                }
+                return Ok(loss_value);
+            }
+        }
+        let mut gradients = gradients.into_iter();
+        for m in network.modules.values_mut() {
+            for factor in [&mut m.down, &mut m.up] {
+                let (key, gradient) = gradients
+                    .next()
+                    .expect("one gradient per factor, in the order they were taken");
+                *factor = step_factor(optimizer, &key, lr, factor, gradient)?;
+            }
         }
         Ok(loss_value)
     }
@@ -573,22 +630,36 @@ impl StepGradients {
     }
 }
 
+/// The gradient of `factor` (in its shape, f32), divided by the loss scale.
+fn gradient_of(factor: &Factor, grads: &StepGradients, scale: f32) -> Option<Factor> {
+    fn unscaled<const D: usize>(g: Tensor<D>, scale: f32) -> Tensor<D> {
+        if scale == 1.0 { g } else { g.div_scalar(scale) }
+    }
+    Some(match factor {
+        Factor::Linear(p) => Factor::Linear(unscaled(grads.of(p)?, scale)),
+        Factor::Conv(p) => Factor::Conv(unscaled(grads.of(p)?, scale)),
+    })
+}
+
+/// One optimizer step of `factor` along `gradient` (of the same kind and shape).
 fn step_factor(
     optimizer: &mut Optimizer,
     name: &str,
     lr: f64,
     factor: &Factor,
-    grads: &StepGradients,
+    gradient: Factor,
 ) -> Result<Factor, TrainError> {
-    let missing = || TrainError::Config(format!("no gradient reached `{name}`"));
-    Ok(match factor {
-        Factor::Linear(p) => {
-            let g = grads.of(p).ok_or_else(missing)?;
+    Ok(match (factor, gradient) {
+        (Factor::Linear(p), Factor::Linear(g)) => {
             Factor::Linear(optimizer.step(name, lr, p.clone().without_autodiff(), g)?)
         }
-        Factor::Conv(p) => {
-            let g = grads.of(p).ok_or_else(missing)?;
+        (Factor::Conv(p), Factor::Conv(g)) => {
             Factor::Conv(optimizer.step(name, lr, p.clone().without_autodiff(), g)?)
+        }
+        _ => {
+            return Err(TrainError::Config(format!(
+                "`{name}`: the gradient's kind differs from the factor's"
+            )));
         }
     })
 }
@@ -676,12 +747,17 @@ fn cached_latents(
 }
 
 fn cache_key_prefix(config: &TrainConfig) -> String {
-    format!(
+    let key = format!(
         "{}:{}:{}",
         config.base.display(),
         config.resolution,
         config.seed
-    )
+    );
+    // A half VAE encodes other latents; f32 keeps the key of earlier runs.
+    match model_precision(config.mixed_precision, config.no_half_vae).vae {
+        burn::tensor::FloatDType::F32 => key,
+        half => format!("{key}:vae-{half:?}"),
+    }
 }
 
 /// 64-bit FNV-1a: identifies image bytes in the latent cache key.
@@ -878,6 +954,8 @@ impl From<ResumeError> for TrainError {
 struct CheckpointProgress {
     losses: Vec<(f32, f64)>,
     alphas: BTreeMap<String, f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    loss_scale: Option<LossScaler>,
 }
 
 /// The checkpoint, a [`ResumeState`]: factors as `<name>.lora_{down,up}.weight` (f32), the
@@ -887,6 +965,7 @@ fn save_checkpoint(
     network: &LoraNetwork,
     optimizer: &Optimizer,
     losses: &[(f32, f64)],
+    scaler: Option<LossScaler>,
     config_json: &str,
 ) -> Result<(), TrainError> {
     let lora = network.to_lora()?;
@@ -907,6 +986,7 @@ fn save_checkpoint(
     let progress = serde_json::to_string(&CheckpointProgress {
         losses: losses.to_vec(),
         alphas,
+        loss_scale: scaler,
     })
     .map_err(|e| TrainError::Config(e.to_string()))?;
     ResumeState {
@@ -921,7 +1001,7 @@ fn save_checkpoint(
     Ok(())
 }
 
-type Resumed = (slider_lora::Lora, OptimizerState, Vec<(f32, f64)>);
+type Resumed = (slider_lora::Lora, OptimizerState, Run);
 
 /// The checkpoint at `path`, if there is one for `config_json`. A checkpoint of an earlier
 /// version's format is set aside (training starts over and overwrites it): the result is the
@@ -992,7 +1072,11 @@ fn load_checkpoint(path: &Path, config_json: &str) -> Result<Option<Resumed>, Tr
             },
         );
     }
-    Ok(Some((lora, state.optimizer, progress.losses)))
+    let run = Run {
+        losses: progress.losses,
+        scaler: progress.loss_scale,
+    };
+    Ok(Some((lora, state.optimizer, run)))
 }
 
 /// Creates the parent directory, then writes atomically (temp file, fsync, rename).
@@ -1051,6 +1135,7 @@ mod tests {
             noise_offset: 0.05,
             min_snr_gamma: Some(5.0),
             mixed_precision: MixedPrecision::No,
+            no_half_vae: false,
             gradient_checkpointing: false,
             save_precision: Precision::Float,
             checkpoint_every,
@@ -1302,18 +1387,34 @@ mod tests {
         }
     }
 
-    /// Stopping cleanly after step k and running again gives the bytes of an uninterrupted run.
+    /// Stopping cleanly after step k and running again gives the bytes of an uninterrupted run,
+    /// in f32 and with the frozen model in fp16 (whose loss scale is in the checkpoint) and
+    /// bf16 (with recomputation).
     #[test]
     fn a_stopped_and_resumed_run_equals_an_uninterrupted_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = setup(dir.path(), 5, 2);
-        let whole = run(&config, &dir.path().join("w0"), &dir.path().join("o0")).unwrap();
+        for (mixed_precision, gradient_checkpointing) in [
+            (MixedPrecision::No, false),
+            (MixedPrecision::Fp16, false),
+            (MixedPrecision::Bf16, true),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let config = TrainConfig {
+                mixed_precision,
+                gradient_checkpointing,
+                ..setup(dir.path(), 5, 2)
+            };
+            stop_and_resume_exactly(dir.path(), &config);
+        }
+    }
+
+    fn stop_and_resume_exactly(dir: &Path, config: &TrainConfig) {
+        let whole = run(config, &dir.join("w0"), &dir.join("o0")).unwrap();
         for stop_after in [1, 2, 4] {
-            let work = dir.path().join(format!("w{stop_after}"));
-            let out = dir.path().join(format!("o{stop_after}"));
+            let work = dir.join(format!("w{stop_after}"));
+            let out = dir.join(format!("o{stop_after}"));
             let stop = AtomicBool::new(false);
             let err = train(
-                &config,
+                config,
                 &work,
                 &out,
                 &Device::flex(),
@@ -1329,7 +1430,7 @@ mod tests {
                 matches!(err, TrainError::Stopped { step } if step == stop_after),
                 "{err}"
             );
-            let resumed = run(&config, &work, &out).unwrap();
+            let resumed = run(config, &work, &out).unwrap();
             assert_eq!(resumed.resumed_from, stop_after);
             assert_eq!(
                 read(&resumed.lora),
@@ -1340,7 +1441,7 @@ mod tests {
         }
         let mut other = config.clone();
         other.seed = 1;
-        let err = run(&other, &dir.path().join("w1"), &dir.path().join("o")).unwrap_err();
+        let err = run(&other, &dir.join("w1"), &dir.join("o")).unwrap_err();
         assert!(matches!(err, TrainError::Resume { .. }), "{err}");
     }
 
@@ -1373,6 +1474,58 @@ mod tests {
         };
         for (x, y) in losses(&a.loss_csv).iter().zip(losses(&b.loss_csv)) {
             assert!((x - y).abs() <= 1e-5 * x.abs(), "loss {x} vs {y}");
+        }
+    }
+
+    /// `mixed_precision: fp16` and `bf16` train what f32 trains: every step's loss within 2 %
+    /// of the f32 run's (the losses are of the same noise draws; the factors drift apart by
+    /// rounding), and the LoRA is kohya's, with the precision in its metadata.
+    #[test]
+    fn half_precision_trains_what_f32_trains() {
+        let dir = tempfile::tempdir().unwrap();
+        let f32_run = setup(dir.path(), 6, 0);
+        let reference = run(&f32_run, &dir.path().join("w"), &dir.path().join("o")).unwrap();
+        let losses = |p: &Path| -> Vec<f64> {
+            String::from_utf8(read(p))
+                .unwrap()
+                .lines()
+                .skip(1)
+                .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+                .collect()
+        };
+        let want = losses(&reference.loss_csv);
+        for (precision, gradient_checkpointing) in
+            [(MixedPrecision::Fp16, false), (MixedPrecision::Bf16, true)]
+        {
+            let config = TrainConfig {
+                mixed_precision: precision,
+                gradient_checkpointing,
+                ..f32_run.clone()
+            };
+            let name = precision.name();
+            let out = run(
+                &config,
+                &dir.path().join(format!("w-{name}")),
+                &dir.path().join(format!("o-{name}")),
+            )
+            .unwrap();
+            let got = losses(&out.loss_csv);
+            assert_eq!(got.len(), want.len());
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(g, w)| (g - w).abs() / w.abs())
+                .fold(0f64, f64::max);
+            println!("{name}: losses within {worst:e} of f32's");
+            assert!(worst <= 2e-2, "{name}: a loss differs by {worst:e}");
+            let lora = slider_lora::Lora::load(&out.lora).unwrap();
+            assert_eq!(
+                lora.metadata.get("ss_mixed_precision").map(String::as_str),
+                Some(name)
+            );
+            // The steps were taken (not all skipped for overflow): `up` starts at zero.
+            let moved = lora.modules.values().filter(|m| m.up.iter().any(|v| *v != 0.0));
+            assert_eq!(moved.count(), lora.modules.len(), "{name}: untrained modules");
         }
     }
 

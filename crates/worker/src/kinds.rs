@@ -230,6 +230,7 @@ mod tests {
             noise_offset: 0.0,
             min_snr_gamma: None,
             mixed_precision: MixedPrecision::No,
+            no_half_vae: false,
             gradient_checkpointing: false,
             save_precision: Precision::Float,
             checkpoint_every: 0,

@@ -116,6 +116,7 @@ pub(crate) fn arguments(p: &TrainParams, paths: &Paths) -> Vec<String> {
         ("cache_latents", true),
         ("sdpa", true),
         ("gradient_checkpointing", p.gradient_checkpointing),
+        ("no_half_vae", p.no_half_vae),
         ("network_train_unet_only", p.network_train_unet_only),
     ] {
         if on {
