@@ -63,6 +63,9 @@ pub struct TrainArgs {
     /// `train`: `gradient_checkpointing` in the measured row.
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// `train`: `no_half_vae` in the measured row (the VAE in f32 for the one-time encode).
+    #[arg(long)]
+    pub no_half_vae: bool,
     /// `train`: timed steps after one warm-up step.
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub steps: usize,
@@ -182,6 +185,7 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
         let config = TrainConfig {
             mixed_precision: precision,
             gradient_checkpointing: recompute,
+            no_half_vae: bench.no_half_vae && precision != MixedPrecision::No,
             ..method_config(&base, &image, resolution, 1 + bench.steps)
         };
         let job = ChildJob {

@@ -161,9 +161,12 @@ impl std::fmt::Display for KeyReport {
 /// Dtype, shape and byte range (relative to the data section) of one stored tensor.
 type StoredTensor = (Dtype, Vec<usize>, (usize, usize));
 
-/// A memory-mapped safetensors file.
+/// A safetensors file: its header read through a memory map, its tensors read one at a time
+/// with positioned reads (so loading a model never holds the file's pages in the process's
+/// resident set: a half-precision UNet costs its own size, not that plus the file's).
 pub struct Checkpoint {
     path: PathBuf,
+    file: File,
     mmap: Mmap,
     data_start: usize,
     tensors: BTreeMap<String, StoredTensor>,
@@ -200,6 +203,7 @@ impl Checkpoint {
             .collect();
         Ok(Self {
             path,
+            file,
             mmap,
             data_start: 8 + header_len,
             tensors,
@@ -246,11 +250,24 @@ impl TensorSource for Checkpoint {
             .tensors
             .get(key)
             .ok_or_else(|| format!("no tensor {key}"))?;
-        let bytes = self
-            .mmap
-            .get(self.data_start + start..self.data_start + end)
-            .ok_or_else(|| "data offsets past the end of the file".to_string())?;
-        decode_f32(*dtype, bytes)
+        let range = self.data_start + start..self.data_start + end;
+        if range.end > self.mmap.len() {
+            return Err("data offsets past the end of the file".to_string());
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            let mut bytes = vec![0u8; range.len()];
+            self.file
+                .read_exact_at(&mut bytes, range.start as u64)
+                .map_err(|e| format!("reading {key}: {e}"))?;
+            decode_f32(*dtype, &bytes)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = &self.file;
+            decode_f32(*dtype, &self.mmap[range])
+        }
     }
 }
 
@@ -783,6 +800,19 @@ pub struct StableDiffusion {
     pub text_g: Option<OpenClipText>,
 }
 
+/// The parts of a model a training run uses once, before its first step: the VAE encodes the
+/// images, the text encoders the caption ([`StableDiffusion::load_encoders`]).
+pub struct Encoders {
+    /// The architecture (the UNet's included).
+    pub spec: ModelSpec,
+    /// The autoencoder.
+    pub vae: Option<Vae>,
+    /// CLIP-L.
+    pub text_l: Option<ClipTextModel>,
+    /// OpenCLIP bigG.
+    pub text_g: Option<OpenClipText>,
+}
+
 /// The dtypes a model's UNet and VAE are held and computed in (kohya's `mixed_precision` and
 /// `no_half_vae`). The text encoders run once per training and stay f32.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -839,6 +869,32 @@ impl StableDiffusion {
         precision: Precision,
         device: &Device,
     ) -> Result<Self, CheckpointError> {
+        let Encoders {
+            spec,
+            vae,
+            text_l,
+            text_g,
+        } = Self::load_encoders(ckpt, spec, precision, device)?;
+        let unet = Self::load_unet(ckpt, &spec, precision.unet, device)?;
+        Ok(Self {
+            spec,
+            unet,
+            vae,
+            text_l,
+            text_g,
+        })
+    }
+
+    /// Checks every key of every part of `ckpt` against `spec` (the UNet's included, so a
+    /// checkpoint that cannot load fails here, before any value is read) and loads the parts
+    /// a training run needs once: the VAE and the text encoders. The UNet comes after them
+    /// ([`StableDiffusion::load_unet`]), so the two never sit in memory together.
+    pub fn load_encoders(
+        ckpt: &Checkpoint,
+        spec: ModelSpec,
+        precision: Precision,
+        device: &Device,
+    ) -> Result<Encoders, CheckpointError> {
         spec.validate()
             .map_err(|(part, message)| CheckpointError::Architecture {
                 path: ckpt.path.clone(),
@@ -853,8 +909,6 @@ impl StableDiffusion {
             });
         }
         let mut report = KeyReport::default();
-        let (unet, r) = fill_as(spec.unet.init(device), ckpt, UNET_PREFIX, precision.unet);
-        report.absorb(r);
         let vae = spec.vae.as_ref().map(|c| {
             let (m, r) = fill_as(c.init(device), ckpt, VAE_PREFIX, precision.vae);
             report.absorb(r);
@@ -876,13 +930,31 @@ impl StableDiffusion {
                 report,
             });
         }
-        Ok(Self {
+        Ok(Encoders {
             spec,
-            unet,
             vae,
             text_l,
             text_g,
         })
+    }
+
+    /// The UNet of `ckpt` as `spec` describes it, its weights in `dtype` (norms f32).
+    pub fn load_unet(
+        ckpt: &Checkpoint,
+        spec: &ModelSpec,
+        dtype: FloatDType,
+        device: &Device,
+    ) -> Result<UNet, CheckpointError> {
+        let mut report = KeyReport::default();
+        let (unet, r) = fill_as(spec.unet.init(device), ckpt, UNET_PREFIX, dtype);
+        report.absorb(r);
+        if !report.is_clean() {
+            return Err(CheckpointError::Mismatch {
+                path: ckpt.path.clone(),
+                report,
+            });
+        }
+        Ok(unet)
     }
 
     /// Writes every part in the original layout, values stored as `dtype`.

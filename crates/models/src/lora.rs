@@ -24,7 +24,7 @@ use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::tensor::module::{conv2d, linear};
 use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Device, Gradients, Tensor, TensorData};
+use burn::tensor::{Bool, Device, Gradients, Tensor, TensorData};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use slider_lora::unet_names::{
@@ -217,13 +217,12 @@ impl Factor {
         }
     }
 
-    /// Whether every value is finite (a NaN or an infinity makes the sum non-finite).
-    pub fn is_finite(&self) -> bool {
-        let sum = match self {
-            Self::Linear(t) => t.clone().sum(),
-            Self::Conv(t) => t.clone().sum(),
-        };
-        sum.into_scalar::<f32>().is_finite()
+    /// Whether every value is finite, on the device (`[1]`; combine several before reading).
+    pub fn all_finite(&self) -> Tensor<1, Bool> {
+        match self {
+            Self::Linear(t) => t.clone().is_finite().all(),
+            Self::Conv(t) => t.clone().is_finite().all(),
+        }
     }
 
     /// The factor without autodiff.

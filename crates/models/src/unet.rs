@@ -626,16 +626,27 @@ impl UNet {
     /// sinusoidal embeddings of the six size numbers `time_ids` `[b, 6]` (original h, w,
     /// crop top, left, target h, w), as diffusers' `text_embeds` and `time_ids`.
     pub fn added_conditioning(&self, text_embeds: Tensor<2>, time_ids: Tensor<2>) -> Tensor<2> {
-        let [b, n] = time_ids.dims();
-        let sizes = timestep_embedding(time_ids.reshape([b * n]), self.size_embed_dim)
-            .reshape([b, n * self.size_embed_dim]);
-        Tensor::cat(vec![text_embeds, sizes], 1)
+        added_conditioning(self.size_embed_dim, text_embeds, time_ids)
     }
 
     /// Whether this UNet takes SDXL's added conditioning.
     pub fn takes_added_conditioning(&self) -> bool {
         self.label_emb.is_some()
     }
+}
+
+/// SDXL's added conditioning for a UNet of `size_embed_dim` (see
+/// [`UNet::added_conditioning`]), without the UNet: a training run computes it with the
+/// caption, before its UNet is loaded.
+pub fn added_conditioning(
+    size_embed_dim: usize,
+    text_embeds: Tensor<2>,
+    time_ids: Tensor<2>,
+) -> Tensor<2> {
+    let [b, n] = time_ids.dims();
+    let sizes = timestep_embedding(time_ids.reshape([b * n]), size_embed_dim)
+        .reshape([b, n * size_embed_dim]);
+    Tensor::cat(vec![text_embeds, sizes], 1)
 }
 
 /// A value between two units: a feature map `[b, c, h, w]` or tokens `[b, h * w, c]`.

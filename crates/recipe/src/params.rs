@@ -946,7 +946,9 @@ fn train(f: &mut Fields<'_>) -> TrainParams {
             MixedPrecision::from_name,
         )
         .map_or(MixedPrecision::No, |(p, _)| p);
-    let no_half_vae = f.bool_or("no_half_vae", false);
+    // Only a half `mixed_precision` has a VAE to keep in f32: the flag changes nothing (and
+    // so not the key) under `no`.
+    let no_half_vae = f.bool_or("no_half_vae", false) && mixed_precision != MixedPrecision::No;
     let gradient_checkpointing = f.bool_or("gradient_checkpointing", false);
     // Refused when absent or `false`; a value of the wrong type already has its error.
     let unet_only_span = match f.get("network_train_unet_only") {

@@ -244,6 +244,30 @@ fn training_options_are_normalised_like_kohya() {
     }
 }
 
+/// `mixed_precision` reaches the burn trainer; `no_half_vae` only where there is a half VAE
+/// to keep in f32 (under `no` it changes nothing, so it does not enter the key either).
+#[test]
+fn mixed_precision_and_no_half_vae_reach_the_trainer() {
+    let dir = Dir::new(FILES);
+    for (extra, precision, no_half_vae) in [
+        ("mixed_precision: bf16", "bf16", false),
+        ("mixed_precision: fp16, no_half_vae: true", "fp16", true),
+        ("mixed_precision: no, no_half_vae: true", "no", false),
+        ("no_half_vae: true, gradient_checkpointing: true", "no", false),
+    ] {
+        let recipe = format!(
+            "base: base.safetensors\nnodes:\n  t: {{kind: train, images: [img/big_front.png], network_train_unet_only: true, {extra}}}\n"
+        );
+        let plan = dir.load(&recipe, &[]);
+        let t = get!(plan, "t", Train);
+        assert_eq!(
+            (t.mixed_precision.name(), t.no_half_vae),
+            (precision, no_half_vae),
+            "{extra}"
+        );
+    }
+}
+
 const LAYERED: &str = r#"
 base: base.safetensors
 vars:

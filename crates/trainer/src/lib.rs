@@ -20,12 +20,14 @@ use safetensors::tensor::{Dtype, TensorView};
 use serde::{Deserialize, Serialize};
 
 use slider_models::HostTensor;
-use slider_models::checkpoint::{Checkpoint, CheckpointError, Family, StableDiffusion};
+use slider_models::checkpoint::{
+    Checkpoint, CheckpointError, Encoders, Family, ModelSpec, StableDiffusion,
+};
 use slider_models::ddpm::{DdpmError, NoiseSchedule, apply_noise_offset, standard_normal};
 use slider_models::diffusers_config::BaseConfig;
 use slider_models::lora::{AdapterError, Factor, LoraNetwork, NetworkDims};
 use slider_models::tokenizer::{Padding, Tokenizer, TokenizerError};
-use slider_models::unet::{UNet, UNetInput};
+use slider_models::unet::{UNet, UNetInput, added_conditioning};
 use slider_optim::{
     LrSchedule, Optimizer, OptimizerError, OptimizerState, ResumeError, ResumeState, ScheduleError,
     ScheduleKind,
@@ -216,12 +218,14 @@ pub enum TrainError {
         message: String,
     },
     /// The loss is not finite.
-    #[error("the loss is {loss} at step {step}")]
+    #[error("the loss is {loss} at step {step}{hint}")]
     Diverged {
         /// The step.
         step: usize,
         /// The loss.
         loss: f32,
+        /// What to try, or empty.
+        hint: &'static str,
     },
     /// The run was asked to stop; a checkpoint at `step` was written.
     #[error("stopped after step {step}; a checkpoint was written")]
@@ -271,7 +275,11 @@ pub fn train(
         None => BaseConfig::none(),
     };
     let precision = model_precision(config.mixed_precision, config.no_half_vae);
-    let model = StableDiffusion::load_in(&ckpt, &base_config, precision, device)?;
+    let spec = ModelSpec::detect_with(&ckpt, &base_config)?;
+    // The encoders first (every key of the checkpoint is checked here, the UNet's included),
+    // then, once the latents and the caption are cached and the encoders freed, the UNet: the
+    // two never sit in memory together.
+    let model = StableDiffusion::load_encoders(&ckpt, spec, precision, device)?;
     let multiple = model.spec.pixel_multiple();
     if !config.resolution.is_multiple_of(multiple) {
         return Err(TrainError::Config(format!(
@@ -284,16 +292,15 @@ pub fn train(
     let family = model.spec.family;
     let latents = cached_latents(config, &model, work_dir, device)?;
     let (context, added) = encode_caption(config, &model, device)?;
-    // From here on only the UNet is needed: the VAE, the text encoders and the mapped file
-    // are freed before the first step instead of staying resident for the whole run.
-    let StableDiffusion {
-        unet,
+    let Encoders {
+        spec,
         vae,
         text_l,
         text_g,
-        ..
     } = model;
-    drop((vae, text_l, text_g, ckpt));
+    drop((vae, text_l, text_g));
+    let unet = StableDiffusion::load_unet(&ckpt, &spec, precision.unet, device)?;
+    drop(ckpt);
 
     let schedule = LrSchedule::new(
         ScheduleKind::from_name(config.lr_scheduler.name())?,
@@ -345,7 +352,9 @@ pub fn train(
             save(&network, &optimizer, &losses, scaler)?;
             return Err(TrainError::Stopped { step });
         }
-        let lr = schedule.lr_at(step);
+        // Steps fp16 skipped for overflow do not advance the schedule (accelerate's
+        // scheduler skips with the optimizer, so kohya's does not either).
+        let lr = schedule.lr_at(step - scaler.map_or(0, |s| s.skipped));
         let loss = batch.step(step, lr, &mut network, &mut optimizer, &mut scaler)?;
         losses.push((loss, lr));
         progress(Progress {
@@ -389,6 +398,17 @@ fn resume_or_start(
     device: &Device,
 ) -> Result<(LoraNetwork, Optimizer, Run), TrainError> {
     Ok(match load_checkpoint(path, config_json)? {
+        Some((_, _, run))
+            if run.scaler.is_some()
+                != LossScaler::for_precision(config.mixed_precision).is_some() =>
+        {
+            return Err(TrainError::Resume {
+                path: path.to_path_buf(),
+                message: "the checkpoint's loss scale does not fit `mixed_precision` (a \
+                          checkpoint of another version?): delete it to start over"
+                    .into(),
+            });
+        }
         Some((net, state, run)) => {
             let optimizer = Optimizer::restore(
                 config.optimizer_type.name(),
@@ -511,9 +531,20 @@ impl Batch<'_> {
         };
         let loss_value = loss.into_scalar::<f32>() / scale;
         if !loss_value.is_finite() {
+            // A half forward pass that overflowed: kohya's GradScaler would skip the step,
+            // halve the scale and meet the same overflow at the next one, which no scale can
+            // fix. Stopping says so instead.
+            let hint = match config.mixed_precision {
+                MixedPrecision::Fp16 => {
+                    " (the fp16 forward pass overflowed: try `mixed_precision: bf16`, which has \
+                     f32's range)"
+                }
+                _ => "",
+            };
             return Err(TrainError::Diverged {
                 step: step + 1,
                 loss: loss_value,
+                hint,
             });
         }
         let mut gradients = Vec::with_capacity(2 * network.modules.len());
@@ -526,7 +557,12 @@ impl Batch<'_> {
             }
         }
         if let Some(scaler) = scaler {
-            let finite = gradients.iter().all(|(_, g)| g.is_finite());
+            // One read-back for all factors: whether every gradient value is finite.
+            let finite = gradients
+                .iter()
+                .map(|(_, g)| g.all_finite())
+                .reduce(|a, b| a.bool_and(b))
+                .is_none_or(|all| all.into_scalar::<bool>());
             scaler.update(finite);
             if !finite {
                 tracing::debug!(
@@ -703,7 +739,7 @@ fn load_image(path: &Path, resolution: usize, device: &Device) -> Result<Tensor<
 /// stream 0 of the seed, as kohya's `latent_dist.sample()`) and cached.
 fn cached_latents(
     config: &TrainConfig,
-    model: &StableDiffusion,
+    model: &Encoders,
     work_dir: &Path,
     device: &Device,
 ) -> Result<Vec<Tensor<4>>, TrainError> {
@@ -730,7 +766,19 @@ fn cached_latents(
         let pixels = load_image(image, config.resolution, device)?;
         let (mean, logvar) = vae.encode(pixels);
         let eps = standard_normal(&mut rng, mean.dims(), device);
-        latents.push((mean + (logvar * 0.5).exp() * eps) * scaling);
+        let latent = (mean + (logvar * 0.5).exp() * eps) * scaling;
+        if !latent.clone().sum().into_scalar::<f32>().is_finite() {
+            return Err(TrainError::Config(format!(
+                "the VAE encoded {} to non-finite latents{}",
+                image.display(),
+                if config.no_half_vae || config.mixed_precision == MixedPrecision::No {
+                    ""
+                } else {
+                    " (a VAE overflows in half precision: set `no_half_vae: true`)"
+                }
+            )));
+        }
+        latents.push(latent);
     }
     let mut named = Vec::new();
     for (i, l) in latents.iter().enumerate() {
@@ -756,7 +804,7 @@ fn cache_key_prefix(config: &TrainConfig) -> String {
     // A half VAE encodes other latents; f32 keeps the key of earlier runs.
     match model_precision(config.mixed_precision, config.no_half_vae).vae {
         burn::tensor::FloatDType::F32 => key,
-        half => format!("{key}:vae-{half:?}"),
+        _ => format!("{key}:vae-{}", config.mixed_precision.name()),
     }
 }
 
@@ -786,7 +834,7 @@ fn read_latents(bytes: &[u8], key: &str, n: usize, device: &Device) -> Option<Ve
 /// The caption's context `[1, n, context_dim]` and, for SDXL, the added conditioning.
 fn encode_caption(
     config: &TrainConfig,
-    model: &StableDiffusion,
+    model: &Encoders,
     device: &Device,
 ) -> Result<(Tensor<3>, Option<Tensor<2>>), TrainError> {
     model.spec.check_tokenizer_fits()?;
@@ -816,7 +864,7 @@ fn encode_caption(
             let r = config.resolution as f32;
             let time_ids =
                 Tensor::<2>::from_data(TensorData::new(vec![r, r, 0.0, 0.0, r, r], [1, 6]), device);
-            let y = model.unet.added_conditioning(g.pooled, time_ids);
+            let y = added_conditioning(model.spec.unet.size_embed_dim, g.pooled, time_ids);
             Ok((Tensor::cat(vec![l.penultimate, g.penultimate], 2), Some(y)))
         }
     }
@@ -1524,8 +1572,15 @@ mod tests {
                 Some(name)
             );
             // The steps were taken (not all skipped for overflow): `up` starts at zero.
-            let moved = lora.modules.values().filter(|m| m.up.iter().any(|v| *v != 0.0));
-            assert_eq!(moved.count(), lora.modules.len(), "{name}: untrained modules");
+            let moved = lora
+                .modules
+                .values()
+                .filter(|m| m.up.iter().any(|v| *v != 0.0));
+            assert_eq!(
+                moved.count(),
+                lora.modules.len(),
+                "{name}: untrained modules"
+            );
         }
     }
 

@@ -39,6 +39,9 @@ pub struct LossScaler {
     pub scale: f32,
     /// Finite steps since the scale last changed.
     pub good_steps: usize,
+    /// Steps skipped so far; the learning-rate schedule does not count them.
+    #[serde(default)]
+    pub skipped: usize,
 }
 
 impl LossScaler {
@@ -47,6 +50,7 @@ impl LossScaler {
         (mixed == MixedPrecision::Fp16).then_some(Self {
             scale: INITIAL_SCALE,
             good_steps: 0,
+            skipped: 0,
         })
     }
 
@@ -62,6 +66,7 @@ impl LossScaler {
         } else {
             self.scale *= 0.5;
             self.good_steps = 0;
+            self.skipped += 1;
         }
     }
 }
@@ -87,12 +92,12 @@ mod tests {
     fn the_scale_halves_on_overflow_and_doubles_after_the_interval() {
         let mut s = LossScaler::for_precision(MixedPrecision::Fp16).unwrap();
         s.update(false);
-        assert_eq!((s.scale, s.good_steps), (32768.0, 0));
+        assert_eq!((s.scale, s.good_steps, s.skipped), (32768.0, 0, 1));
         for _ in 0..GROWTH_INTERVAL - 1 {
             s.update(true);
         }
         assert_eq!((s.scale, s.good_steps), (32768.0, GROWTH_INTERVAL - 1));
         s.update(true);
-        assert_eq!((s.scale, s.good_steps), (65536.0, 0));
+        assert_eq!((s.scale, s.good_steps, s.skipped), (65536.0, 0, 1));
     }
 }
