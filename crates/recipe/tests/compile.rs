@@ -253,7 +253,11 @@ fn mixed_precision_and_no_half_vae_reach_the_trainer() {
         ("mixed_precision: bf16", "bf16", false),
         ("mixed_precision: fp16, no_half_vae: true", "fp16", true),
         ("mixed_precision: no, no_half_vae: true", "no", false),
-        ("no_half_vae: true, gradient_checkpointing: true", "no", false),
+        (
+            "no_half_vae: true, gradient_checkpointing: true",
+            "no",
+            false,
+        ),
     ] {
         let recipe = format!(
             "base: base.safetensors\nnodes:\n  t: {{kind: train, images: [img/big_front.png], network_train_unet_only: true, {extra}}}\n"

@@ -1202,6 +1202,16 @@ mod tests {
         )
     }
 
+    /// The loss column of a `loss.csv`.
+    fn losses(path: &Path) -> Vec<f64> {
+        String::from_utf8(read(path))
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
+            .collect()
+    }
+
     fn read(path: &Path) -> Vec<u8> {
         std::fs::read(path).unwrap()
     }
@@ -1512,14 +1522,6 @@ mod tests {
         };
         let a = run(&plain, &dir.path().join("w0"), &dir.path().join("o0")).unwrap();
         let b = run(&recomputed, &dir.path().join("w1"), &dir.path().join("o1")).unwrap();
-        let losses = |p: &Path| -> Vec<f64> {
-            String::from_utf8(read(p))
-                .unwrap()
-                .lines()
-                .skip(1)
-                .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
-                .collect()
-        };
         for (x, y) in losses(&a.loss_csv).iter().zip(losses(&b.loss_csv)) {
             assert!((x - y).abs() <= 1e-5 * x.abs(), "loss {x} vs {y}");
         }
@@ -1533,14 +1535,6 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f32_run = setup(dir.path(), 6, 0);
         let reference = run(&f32_run, &dir.path().join("w"), &dir.path().join("o")).unwrap();
-        let losses = |p: &Path| -> Vec<f64> {
-            String::from_utf8(read(p))
-                .unwrap()
-                .lines()
-                .skip(1)
-                .map(|l| l.split(',').nth(1).unwrap().parse().unwrap())
-                .collect()
-        };
         let want = losses(&reference.loss_csv);
         for (precision, gradient_checkpointing) in
             [(MixedPrecision::Fp16, false), (MixedPrecision::Bf16, true)]
