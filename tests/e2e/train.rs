@@ -2,7 +2,7 @@
 //! base, merged into a slider and resized; a second run takes everything from the cache.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use slider_models::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
@@ -102,4 +102,32 @@ fn two_trained_loras_merge_into_a_resized_slider_and_rerun_from_the_cache() {
     let second = run(d);
     assert!(names(&second, "ran").is_empty(), "{second}");
     assert_eq!(names(&second, "cached"), ["big", "eyes", "slider", "small"]);
+}
+
+/// The issue's "done when": a recipe with `mixed_precision: bf16` and
+/// `gradient_checkpointing: true` trains on the shipped tiny base end to end, and the LoRA
+/// says how it was trained.
+#[test]
+fn a_bf16_recomputed_training_runs_on_the_tiny_base() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let file = |rel: &str| -> PathBuf { root.join(rel) };
+    let dir = tempfile::tempdir().unwrap();
+    let recipe = format!(
+        "base: {}\nnodes:\n  big:\n    kind: train\n    images: [{}]\n    caption: 1girl, big eyes\n    \
+         resolution: 64\n    max_train_steps: 3\n    checkpoint_every: 2\n    optimizer_type: CAME\n    \
+         learning_rate: 5e-5\n    network_dim: 4\n    network_train_unet_only: true\n    \
+         mixed_precision: bf16\n    gradient_checkpointing: true\noutputs:\n  big: out/big.safetensors\n",
+        file("assets/tiny-sd/tiny-sd.safetensors").display(),
+        file("assets/pairs/big_front.png").display(),
+    );
+    fs::write(dir.path().join("recipe.yaml"), recipe).unwrap();
+    let summary = run(dir.path());
+    assert_eq!(names(&summary, "ran"), ["big"]);
+    let lora = slider_lora::Lora::load(&dir.path().join("out/big.safetensors")).unwrap();
+    assert_eq!(lora.metadata["ss_mixed_precision"], "bf16");
+    assert_eq!(lora.metadata["ss_gradient_checkpointing"], "True");
+    assert!(
+        lora.modules.values().all(|m| m.delta_norm() > 0.0),
+        "trained"
+    );
 }
