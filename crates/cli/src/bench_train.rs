@@ -13,6 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
+use slider_models::bench::median;
 use slider_models::checkpoint::{ModelSpec, StoreDtype, write_random_checkpoint};
 use slider_models::device::open_device;
 use slider_protocol::names::MixedPrecision;
@@ -125,7 +126,8 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
     if bench.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let multiple = bench.model.spec().pixel_multiple();
+    let spec = bench.model.spec();
+    let multiple = spec.pixel_multiple();
     if resolution == 0 || !resolution.is_multiple_of(multiple) {
         bail!(
             "--resolution {} must be a positive multiple of {multiple} for {}",
@@ -147,7 +149,7 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
                     "writing a random {} checkpoint (f16)",
                     bench.model.name()
                 ));
-                write_random_checkpoint(&path, &bench.model.spec(), StoreDtype::F16, 7)
+                write_random_checkpoint(&path, &spec, StoreDtype::F16, 7)
                     .with_context(|| format!("cannot write {}", path.display()))?;
                 bar.finish_and_clear();
             }
@@ -163,7 +165,6 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
     if !bench.no_baseline && rows[0] != (MixedPrecision::No, false) {
         rows.push((MixedPrecision::No, false));
     }
-    let spec = bench.model.spec();
     let vae_factor = 1usize
         << spec
             .vae
@@ -195,9 +196,7 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
         };
         let _ = std::fs::remove_dir_all(&job.work);
         let report = run_child(&dir.join(format!("job-{i}.json")), &job)?;
-        let mut steps = report.step_s.clone();
-        steps.sort_by(f64::total_cmp);
-        let median = steps.get(steps.len() / 2).copied().unwrap_or(f64::NAN);
+        let median = median(&report.step_s).unwrap_or(f64::NAN);
         let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
         println!(
             "| {} | {} | {:.1} s | {:.2} | {:.2} GiB | {} |",

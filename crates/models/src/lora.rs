@@ -790,6 +790,14 @@ mod tests {
         small_unet_config().init(device)
     }
 
+    /// The gradient of `factor`, flattened, from whichever of `containers` holds it.
+    fn flat_gradient(factor: &Factor, containers: &[Gradients]) -> Option<Tensor<1>> {
+        containers.iter().find_map(|c| match factor {
+            Factor::Linear(p) => p.grad(c).map(|g| g.reshape([-1])),
+            Factor::Conv(p) => p.grad(c).map(|g| g.reshape([-1])),
+        })
+    }
+
     /// kohya's initialisation with non-zero `up` factors (a fresh network's are zero, which
     /// would leave every branch, and every `down` gradient, at zero).
     fn trained_looking_network(unet: &UNet, dims: NetworkDims, device: &Device) -> LoraNetwork {
@@ -932,11 +940,7 @@ mod tests {
             adm_in_channels: Some(12),
             size_embed_dim: 2,
             heads: Heads::Dim(16),
-            ..UNetConfig {
-                model_channels: 32,
-                context_dim: 16,
-                ..UNetConfig::tiny()
-            }
+            ..small_unet_config()
         };
         for (config, conv) in [(small_unet_config(), Some((2, 1.0))), (sdxl_like, None)] {
             let unet = config.init(&device);
@@ -987,23 +991,11 @@ mod tests {
             let mut pairs = Vec::new();
             for (name, m) in &net.modules {
                 for factor in [&m.down, &m.up] {
-                    let (want, got) = match factor {
-                        Factor::Linear(p) => (
-                            p.grad(&plain).map(|g| g.reshape([-1])),
-                            containers
-                                .iter()
-                                .find_map(|c| p.grad(c).map(|g| g.reshape([-1]))),
-                        ),
-                        Factor::Conv(p) => (
-                            p.grad(&plain).map(|g| g.reshape([-1])),
-                            containers
-                                .iter()
-                                .find_map(|c| p.grad(c).map(|g| g.reshape([-1]))),
-                        ),
-                    };
-                    let (want, got): (Tensor<1>, Tensor<1>) = (
-                        want.unwrap_or_else(|| panic!("{name}: no plain gradient")),
-                        got.unwrap_or_else(|| panic!("{name}: no recomputed gradient")),
+                    let (want, got) = (
+                        flat_gradient(factor, std::slice::from_ref(&plain))
+                            .unwrap_or_else(|| panic!("{name}: no plain gradient")),
+                        flat_gradient(factor, &containers)
+                            .unwrap_or_else(|| panic!("{name}: no recomputed gradient")),
                     );
                     let norm = want.clone().square().sum().into_scalar::<f32>().sqrt();
                     let diff = (got - want).square().sum().into_scalar::<f32>().sqrt();
@@ -1121,15 +1113,8 @@ mod tests {
             let mut all = Vec::new();
             for m in net.modules.values() {
                 for factor in [&m.down, &m.up] {
-                    let g = match factor {
-                        Factor::Linear(p) => containers
-                            .iter()
-                            .find_map(|c| p.grad(c).map(|g| g.reshape([-1]))),
-                        Factor::Conv(p) => containers
-                            .iter()
-                            .find_map(|c| p.grad(c).map(|g| g.reshape([-1]))),
-                    };
-                    let g: Tensor<1> = g.expect("every factor gets a gradient");
+                    let g =
+                        flat_gradient(factor, &containers).expect("every factor gets a gradient");
                     assert_eq!(
                         g.dtype(),
                         burn::tensor::DType::F32,

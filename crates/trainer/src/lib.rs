@@ -547,19 +547,22 @@ impl Batch<'_> {
                 hint,
             });
         }
-        let mut gradients = Vec::with_capacity(2 * network.modules.len());
+        // Per module: (name, gradient) of `lora_down` and of `lora_up`.
+        let mut gradients = Vec::with_capacity(network.modules.len());
         for (name, m) in &network.modules {
-            for (suffix, factor) in [("lora_down", &m.down), ("lora_up", &m.up)] {
+            let of = |suffix: &str, factor: &Factor| {
                 let key = format!("{name}.{suffix}.weight");
                 let gradient = gradient_of(factor, &grads, scale)
                     .ok_or_else(|| TrainError::Config(format!("no gradient reached `{key}`")))?;
-                gradients.push((key, gradient));
-            }
+                Ok::<_, TrainError>((key, gradient))
+            };
+            gradients.push([of("lora_down", &m.down)?, of("lora_up", &m.up)?]);
         }
         if let Some(scaler) = scaler {
             // One read-back for all factors: whether every gradient value is finite.
             let finite = gradients
                 .iter()
+                .flatten()
                 .map(|(_, g)| g.all_finite())
                 .reduce(|a, b| a.bool_and(b))
                 .is_none_or(|all| all.into_scalar::<bool>());
@@ -577,14 +580,9 @@ impl Batch<'_> {
                 return Ok(loss_value);
             }
         }
-        let mut gradients = gradients.into_iter();
-        for m in network.modules.values_mut() {
-            for factor in [&mut m.down, &mut m.up] {
-                let (key, gradient) = gradients
-                    .next()
-                    .expect("one gradient per factor, in the order they were taken");
-                *factor = step_factor(optimizer, &key, lr, factor, gradient)?;
-            }
+        for (m, [(down_key, down), (up_key, up)]) in network.modules.values_mut().zip(gradients) {
+            m.down = step_factor(optimizer, &down_key, lr, &m.down, down)?;
+            m.up = step_factor(optimizer, &up_key, lr, &m.up, up)?;
         }
         Ok(loss_value)
     }
