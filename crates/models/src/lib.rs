@@ -44,7 +44,10 @@ pub use checkpoint::{
 };
 pub use clip::{ClipTextModel, OpenClipText, TextConfig, TextOutput};
 pub use ddpm::{DdpmError, NoiseSchedule, apply_noise_offset, standard_normal};
-pub use device::{DeviceError, open_device, parse_device};
+pub use device::{
+    DeviceError, DeviceSpec, WgpuAdapter, describe_device, open_device, parse_device,
+    wgpu_adapter_count,
+};
 pub use diffusers_config::{BaseConfig, ConfigError};
 pub use forward::{ForwardError, HostTensor};
 pub use lora::{AdapterError, LoraNetwork, lora_targets};

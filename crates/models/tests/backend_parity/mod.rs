@@ -1,0 +1,346 @@
+//! The GPU-backend tier: the tiny base model (`assets/tiny-sd`) on a cubecl device (wgpu by
+//! default; `SLIDER_PARITY_DEVICE=cuda:0` or `wgpu:cpu` picks another) against the same
+//! computation on `flex`, the CPU backend every other test and the golden bytes run on.
+//!
+//! Three checks, each a table row printed with its figures:
+//! - `forward`: CLIP-L text encoder, UNet noise prediction (batch 2, 16x16 latents) and VAE
+//!   decode of the base model;
+//! - `train step`: one training step's LoRA gradients (rank 4, kohya's targets, every
+//!   factor non-zero, MSE loss against the noise, as the trainer's step);
+//! - `sampler step`: one guided Euler a step (CFG 7.5, the UNet on `[negative; positive]`)
+//!   from the scaled initial latent, and the VAE decode of its result.
+//!
+//! Error measures, over each tensor: `rel` is the relative Frobenius error
+//! `|got - want| / |want|` (REFERENCE.md's measure) and `max abs` the largest elementwise
+//! difference. The tolerances (`Tolerance`) are per precision; f16 runs only where the
+//! adapter has 16-bit float (wgpu's `SHADER_F16`), against the same f32 flex reference.
+//!
+//! Without a device (no Vulkan driver, no adapter) a check skips with one line; under
+//! `CI=true` it fails instead, so CI cannot pass without having run it.
+
+use std::path::PathBuf;
+
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use slider_models::lora::Factor;
+use slider_models::sample::{SamplerKind, Scheduler};
+use slider_models::{
+    Checkpoint, DeviceSpec, LoraNetwork, Padding, StableDiffusion, Tokenizer, standard_normal,
+};
+
+/// The dtype a check runs in on the device under test (flex always runs f32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    F16,
+}
+
+/// Largest accepted relative Frobenius error per check, by precision.
+#[derive(Debug, Clone, Copy)]
+pub struct Tolerance {
+    pub forward: f64,
+    pub gradients: f64,
+    pub sampler: f64,
+}
+
+impl Precision {
+    /// f32: REFERENCE.md's figures for one network forward (1e-4) and after one training step
+    /// (1e-3); the sampler step is a forward and a few elementwise ops. f16: ten bits of
+    /// mantissa (unit roundoff 4.9e-4) through ~20 layers of the tiny model; the figures are
+    /// about 5x what lavapipe measured (docs/benchmarks.md, "wgpu on lavapipe").
+    pub fn tolerance(self) -> Tolerance {
+        match self {
+            Self::F32 => Tolerance {
+                forward: 1e-4,
+                gradients: 1e-3,
+                sampler: 1e-4,
+            },
+            Self::F16 => Tolerance {
+                forward: 2e-2,
+                gradients: 5e-2,
+                sampler: 2e-2,
+            },
+        }
+    }
+}
+
+/// What one comparison measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Error {
+    pub rel: f64,
+    pub max_abs: f64,
+}
+
+pub fn compare(got: &[f32], want: &[f32]) -> Error {
+    assert_eq!(got.len(), want.len(), "sizes differ");
+    let (mut diff, mut norm, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
+    for (g, w) in got.iter().zip(want) {
+        let d = f64::from(*g) - f64::from(*w);
+        diff += d * d;
+        norm += f64::from(*w) * f64::from(*w);
+        max_abs = max_abs.max(d.abs());
+    }
+    Error {
+        rel: (diff / norm.max(f64::MIN_POSITIVE)).sqrt(),
+        max_abs,
+    }
+}
+
+/// The device under test, from `SLIDER_PARITY_DEVICE` (default `wgpu:auto`), opened in
+/// `precision`; `None` (after one line on stderr) when this machine has none, or lacks f16.
+/// Under `CI=true` a missing device panics: CI must run this tier.
+pub fn device_under_test(precision: Precision) -> Option<Device> {
+    let spec = std::env::var("SLIDER_PARITY_DEVICE").unwrap_or_else(|_| "wgpu:auto".into());
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let missing = |why: String| -> Option<Device> {
+        assert!(
+            !ci,
+            "CI=true and no device for the backend tier ({spec}): {why}; CI installs \
+             mesa-vulkan-drivers (scripts/test)"
+        );
+        eprintln!("skipped: no device `{spec}` for the GPU-backend tier: {why}");
+        None
+    };
+    let parsed = DeviceSpec::parse(&spec).unwrap_or_else(|e| panic!("SLIDER_PARITY_DEVICE: {e}"));
+    if matches!(parsed, DeviceSpec::Wgpu(_)) && slider_models::wgpu_adapter_count() == 0 {
+        return missing(
+            "no wgpu adapter (install a Vulkan driver, e.g. Debian's mesa-vulkan-drivers)".into(),
+        );
+    }
+    let mut device = match slider_models::parse_device(&spec) {
+        Ok(device) => device,
+        Err(e) => return missing(e.to_string()),
+    };
+    if precision == Precision::F16 {
+        // The device's default float dtype, set before its first tensor: the model loads,
+        // computes and takes gradients in f16 throughout.
+        if let Err(e) = device.configure(FloatDType::F16) {
+            eprintln!("skipped: `{spec}` does not take f16 ({e:?})");
+            return None;
+        }
+    }
+    match slider_models::open_device(&spec) {
+        Ok(_) => Some(device),
+        Err(e) => missing(e.to_string()),
+    }
+}
+
+fn tiny_base() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets/tiny-sd/tiny-sd.safetensors")
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .to_vec::<f32>()
+        .expect("a float tensor reads back as f32")
+}
+
+/// The same host values on a device (in the device's default float dtype).
+fn on<const D: usize>(values: &[f32], shape: [usize; D], device: &Device) -> Tensor<D> {
+    Tensor::from_data(TensorData::new(values.to_vec(), shape), device)
+}
+
+fn normal<const D: usize>(seed: u64, shape: [usize; D]) -> Vec<f32> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    host(standard_normal(&mut rng, shape, &Device::flex()))
+}
+
+const PROMPT: &str = "1girl, portrait, big eyes, front view";
+const NEGATIVE: &str = "";
+const LATENT: [usize; 4] = [1, 4, 16, 16];
+
+/// Every output of the three checks on one device, as host values, in a fixed order.
+pub struct Outputs {
+    pub forward: Vec<(&'static str, Vec<f32>)>,
+    pub gradients: Vec<(String, Vec<f32>)>,
+    pub sampler: Vec<(&'static str, Vec<f32>)>,
+}
+
+/// Runs the three checks' computations on `device`.
+pub fn run_all(device: &Device) -> Outputs {
+    let ckpt = Checkpoint::open(tiny_base()).expect("the tiny base model opens");
+    let model = StableDiffusion::load(&ckpt, device).expect("the tiny base model loads");
+    let unet = &model.unet;
+    let clip = model.text_l.as_ref().expect("the tiny base has CLIP-L");
+    let vae = model.vae.as_ref().expect("the tiny base has a VAE");
+    let tokenizer = Tokenizer::clip().expect("CLIP's tokenizer");
+    let ids = |text: &str| {
+        let ids: Vec<i64> = tokenizer
+            .tokenize(text, Padding::EndToken)
+            .into_iter()
+            .map(i64::from)
+            .collect();
+        let n = ids.len();
+        Tensor::<2, Int>::from_data(TensorData::new(ids, [1, n]), device)
+    };
+    let positive = clip.forward(ids(PROMPT)).last;
+    let negative = clip.forward(ids(NEGATIVE)).last;
+    let context = Tensor::cat(vec![negative, positive.clone()], 0);
+
+    // forward: the UNet on two different latents and timesteps, then a VAE decode.
+    let x = on(&normal(1, [2, 4, 16, 16]), [2, 4, 16, 16], device);
+    let t = on(&[981.0, 263.0], [2], device);
+    let eps = unet.forward(x.clone(), t, context.clone(), None);
+    let decoded = vae.decode(x.slice([0..1]).div_scalar(0.18215));
+    let forward = vec![
+        ("clip last layer", host(positive.clone())),
+        ("unet eps", host(eps)),
+        ("vae decode", host(decoded)),
+    ];
+
+    // train step: a rank-4 LoRA with every factor non-zero, MSE against the noise.
+    let mut network = LoraNetwork::init(unet, 4, 1.0, 7, device).expect("a LoRA on the tiny UNet");
+    for (i, m) in network.modules.values_mut().enumerate() {
+        let shape = m.up.shape();
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|j| 0.05 * (0.3 + 1.1 * j as f32 + 0.9 * i as f32).cos())
+            .collect();
+        m.up = match shape[..] {
+            [a, b] => Factor::Linear(on(&values, [a, b], device)),
+            [a, b, c, d] => Factor::Conv(on(&values, [a, b, c, d], device)),
+            _ => unreachable!("factors are matrices or 4-d kernels"),
+        };
+        m.down = m.down.clone().tracked();
+        m.up = m.up.clone().tracked();
+    }
+    let x0 = on(&normal(2, LATENT), LATENT, device);
+    let noise = on(&normal(3, LATENT), LATENT, device);
+    let noisy = slider_models::NoiseSchedule::stable_diffusion()
+        .add_noise(x0, noise.clone(), &[500])
+        .expect("timestep 500 is in the schedule");
+    let pred = network.forward(
+        unet,
+        1.0,
+        noisy,
+        on(&[500.0], [1], device),
+        context.clone().slice([1..2]),
+        None,
+    );
+    let loss = (pred - noise).square().mean();
+    let grads = loss.backward();
+    let mut gradients = Vec::new();
+    for (name, m) in &network.modules {
+        for (which, factor) in [("down", &m.down), ("up", &m.up)] {
+            let g = match factor {
+                Factor::Linear(p) => p.grad(&grads).map(host),
+                Factor::Conv(p) => p.grad(&grads).map(host),
+            }
+            .unwrap_or_else(|| panic!("no gradient for {name}.{which}"));
+            gradients.push((format!("{name}.{which}"), g));
+        }
+    }
+
+    // sampler step: guided Euler a from the scaled initial latent, then the decode.
+    let mut scheduler = Scheduler::new(SamplerKind::EulerAncestral, 20).expect("20 steps");
+    let latents = on(&normal(4, LATENT), LATENT, device).mul_scalar(scheduler.init_noise_sigma());
+    let input = scheduler
+        .scale_model_input(latents.clone(), 0)
+        .expect("step 0");
+    let input = Tensor::cat(vec![input.clone(), input], 0);
+    let t = scheduler.timesteps()[0];
+    let prediction = unet.forward(input, on(&[t, t], [2], device), context, None);
+    let mut halves = prediction.chunk(2, 0);
+    let (cond, uncond) = (halves.pop().expect("cond"), halves.pop().expect("uncond"));
+    let guided = slider_models::sample::classifier_free_guidance(uncond, cond, 7.5);
+    let step_noise = on(&normal(5, LATENT), LATENT, device);
+    let stepped = scheduler
+        .step(0, guided, latents, Some(step_noise))
+        .expect("step 0");
+    let image = vae.decode(stepped.clone().div_scalar(0.18215));
+    let sampler = vec![
+        ("latents after step", host(stepped)),
+        ("its decode", host(image)),
+    ];
+
+    Outputs {
+        forward,
+        gradients,
+        sampler,
+    }
+}
+
+/// The worst error over a check's tensors, with the tensor it was on; the errors of all of
+/// them printed as one line each.
+fn worst<N: AsRef<str>>(
+    check: &str,
+    got: &[(N, Vec<f32>)],
+    want: &[(N, Vec<f32>)],
+) -> (String, Error) {
+    let mut worst = (
+        String::new(),
+        Error {
+            rel: 0.0,
+            max_abs: 0.0,
+        },
+    );
+    let mut max_abs = 0.0f64;
+    for ((name, g), (_, w)) in got.iter().zip(want) {
+        let e = compare(g, w);
+        max_abs = max_abs.max(e.max_abs);
+        if check != "train step" {
+            eprintln!(
+                "  {check:<12} {:<20} rel {:.2e}  max abs {:.2e}",
+                name.as_ref(),
+                e.rel,
+                e.max_abs
+            );
+        }
+        if e.rel >= worst.1.rel {
+            worst = (name.as_ref().to_owned(), e);
+        }
+    }
+    worst.1.max_abs = max_abs;
+    worst
+}
+
+/// Runs the tier in `precision` on the device under test against flex, prints a table and
+/// asserts the tolerances.
+pub fn check(precision: Precision) {
+    let Some(device) = device_under_test(precision) else {
+        return;
+    };
+    let started = std::time::Instant::now();
+    let want = run_all(&Device::flex());
+    let flex_s = started.elapsed().as_secs_f64();
+    let started = std::time::Instant::now();
+    let got = run_all(&device);
+    let device_s = started.elapsed().as_secs_f64();
+    let tol = precision.tolerance();
+    eprintln!(
+        "backend tier, {precision:?} on {} vs flex f32 (flex {flex_s:.1} s, device {device_s:.1} s):",
+        slider_models::describe_device(&device)
+    );
+    let rows = [
+        (
+            "forward",
+            worst("forward", &got.forward, &want.forward),
+            tol.forward,
+        ),
+        (
+            "train step",
+            worst("train step", &got.gradients, &want.gradients),
+            tol.gradients,
+        ),
+        (
+            "sampler step",
+            worst("sampler step", &got.sampler, &want.sampler),
+            tol.sampler,
+        ),
+    ];
+    eprintln!("| check | worst tensor | rel (Frobenius) | max abs | tolerance (rel) |");
+    let mut off = Vec::new();
+    for (check, (tensor, e), tol) in &rows {
+        eprintln!(
+            "| {check} | {tensor} | {:.2e} | {:.2e} | {tol:.0e} |",
+            e.rel, e.max_abs
+        );
+        if !(e.rel < *tol) {
+            off.push(format!("{check}: {tensor} at {:.2e} >= {tol:.0e}", e.rel));
+        }
+    }
+    assert!(got.gradients.len() == want.gradients.len() && !got.gradients.is_empty());
+    assert!(off.is_empty(), "{precision:?} off flex: {}", off.join("; "));
+}
