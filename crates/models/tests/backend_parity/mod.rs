@@ -30,6 +30,7 @@ use slider_models::{
 };
 
 /// The dtype a check runs in on the device under test (flex always runs f32).
+#[allow(dead_code)] // each test binary constructs one of them
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     F32,
@@ -133,7 +134,7 @@ fn tiny_base() -> PathBuf {
 fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.into_data()
         .convert::<f32>()
-        .to_vec::<f32>()
+        .try_into_vec::<f32>()
         .expect("a float tensor reads back as f32")
 }
 
@@ -160,6 +161,13 @@ pub struct Outputs {
 
 /// Runs the three checks' computations on `device`.
 pub fn run_all(device: &Device) -> Outputs {
+    let started = std::time::Instant::now();
+    let stage = |what: &str| {
+        eprintln!(
+            "  {device:?}: {what} at {:.1} s",
+            started.elapsed().as_secs_f64()
+        )
+    };
     let ckpt = Checkpoint::open(tiny_base()).expect("the tiny base model opens");
     let model = StableDiffusion::load(&ckpt, device).expect("the tiny base model loads");
     let unet = &model.unet;
@@ -184,6 +192,8 @@ pub fn run_all(device: &Device) -> Outputs {
     let t = on(&[981.0, 263.0], [2], device);
     let eps = unet.forward(x.clone(), t, context.clone(), None);
     let decoded = vae.decode(x.slice([0..1]).div_scalar(0.18215));
+    let _ = host(decoded.clone());
+    stage("forward");
     let forward = vec![
         ("clip last layer", host(positive.clone())),
         ("unet eps", host(eps)),
@@ -221,6 +231,7 @@ pub fn run_all(device: &Device) -> Outputs {
     );
     let loss = (pred - noise).square().mean();
     let grads = loss.backward();
+    stage("backward");
     let mut gradients = Vec::new();
     for (name, m) in &network.modules {
         for (which, factor) in [("down", &m.down), ("up", &m.up)] {
@@ -233,6 +244,7 @@ pub fn run_all(device: &Device) -> Outputs {
         }
     }
 
+    stage("gradients read");
     // sampler step: guided Euler a from the scaled initial latent, then the decode.
     let mut scheduler = Scheduler::new(SamplerKind::EulerAncestral, 20).expect("20 steps");
     let latents = on(&normal(4, LATENT), LATENT, device).mul_scalar(scheduler.init_noise_sigma());
@@ -250,6 +262,7 @@ pub fn run_all(device: &Device) -> Outputs {
         .step(0, guided, latents, Some(step_noise))
         .expect("step 0");
     let image = vae.decode(stepped.clone().div_scalar(0.18215));
+    stage("sampler step");
     let sampler = vec![
         ("latents after step", host(stepped)),
         ("its decode", host(image)),
