@@ -2,7 +2,8 @@
 //! configuration next to the plain one (f32, no recomputation), on a random full-size
 //! checkpoint from our writer. Each configuration runs in a child process of its own, so its
 //! peak resident set (`VmHWM`, which stands in for device memory: the same tensors live there)
-//! is its alone.
+//! is its alone. `--device` runs it on a GPU backend (`wgpu:auto`, `cuda:0`, in a build with
+//! that feature); there the backend allocator's high-water mark is the device memory.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -73,6 +74,10 @@ pub struct TrainArgs {
     /// `train`: leave out the plain row (f32, no recomputation).
     #[arg(long)]
     pub no_baseline: bool,
+    /// `train`: the device to train on (`cpu`, or `wgpu:auto`, `wgpu:cpu`, `wgpu:N`, `cuda:N`
+    /// in a build with that backend's feature).
+    #[arg(long, value_name = "SPEC", default_value = "cpu")]
+    pub device: String,
     /// `train`: a checkpoint to train on instead of a random one of `--model`'s layout.
     #[arg(long, value_name = "FILE")]
     pub checkpoint: Option<PathBuf>,
@@ -94,6 +99,7 @@ fn parse_precision(s: &str) -> std::result::Result<MixedPrecision, String> {
 #[derive(Debug, Serialize, Deserialize)]
 struct ChildJob {
     config: TrainConfig,
+    device: String,
     work: PathBuf,
     out: PathBuf,
 }
@@ -110,6 +116,8 @@ struct ChildReport {
     /// Peak resident set of the timed steps alone (the high-water mark is reset after the
     /// warm-up step, when the VAE and text encoders are already freed), bytes.
     step_peak_rss: Option<u64>,
+    /// On a GPU backend, the most its allocator held from the device after any step, bytes.
+    device_reserved: Option<u64>,
 }
 
 /// Runs the benchmark (or, with `--train-job`, one row of it) and prints its table.
@@ -126,6 +134,9 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
     if bench.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    let device = open_device(&bench.device)?;
+    let device_name = slider_models::describe_device(&device);
+    drop(device);
     let spec = bench.model.spec();
     let multiple = spec.pixel_multiple();
     if resolution == 0 || !resolution.is_multiple_of(multiple) {
@@ -173,15 +184,16 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
     let latent = resolution / vae_factor;
     println!(
         "{} at {resolution} px ({latent}x{latent} latents), batch 1, rank 4 on kohya's targets, \
-         CAME, {} timed step(s) after one warm-up step; each row in its own process",
+         CAME, {} timed step(s) after one warm-up step, on {device_name}; each row in its own \
+         process",
         bench.model.name(),
         bench.steps
     );
     println!(
         "| mixed_precision | gradient_checkpointing | load + first step | s/step | peak RSS, \
-         whole run | peak RSS, timed steps |"
+         whole run | peak RSS, timed steps | device memory (allocator) |"
     );
-    println!("|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for (i, &(precision, recompute)) in rows.iter().enumerate() {
         let config = TrainConfig {
             mixed_precision: precision,
@@ -191,6 +203,7 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
         };
         let job = ChildJob {
             config,
+            device: bench.device.clone(),
             work: dir.join(format!("work-{i}")),
             out: dir.join(format!("out-{i}")),
         };
@@ -199,7 +212,7 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
         let median = median(&report.step_s).unwrap_or(f64::NAN);
         let gib = |bytes: u64| bytes as f64 / (1u64 << 30) as f64;
         println!(
-            "| {} | {} | {:.1} s | {:.2} | {:.2} GiB | {} |",
+            "| {} | {} | {:.1} s | {:.2} | {:.2} GiB | {} | {} |",
             precision.name(),
             recompute,
             report.first_step_s,
@@ -207,6 +220,9 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
             gib(report.peak_rss),
             report
                 .step_peak_rss
+                .map_or("-".to_owned(), |b| format!("{:.2} GiB", gib(b))),
+            report
+                .device_reserved
                 .map_or("-".to_owned(), |b| format!("{:.2} GiB", gib(b)))
         );
     }
@@ -258,9 +274,10 @@ fn bench_train_child(job_path: &Path) -> Result<ExitCode> {
         std::fs::read(job_path).with_context(|| format!("cannot read {}", job_path.display()))?;
     let job: ChildJob = serde_json::from_slice(&bytes)
         .with_context(|| format!("{} is not a benchmark job", job_path.display()))?;
-    let device = open_device("cpu")?;
+    let device = open_device(&job.device)?;
     let started = Instant::now();
     let mut marks = Vec::new();
+    let mut device_reserved: Option<u64> = None;
     let mut whole_run_peak = None;
     let stop = AtomicBool::new(false);
     train(
@@ -272,6 +289,11 @@ fn bench_train_child(job_path: &Path) -> Result<ExitCode> {
             if marks.is_empty() {
                 whole_run_peak = peak_rss();
                 reset_peak_rss();
+            }
+            // Where the backend has a pool (the GPU ones), what it holds once the step is done:
+            // the step's tensors are back in the pool, which keeps them.
+            if let Some(usage) = device.memory_pool_usage() {
+                device_reserved = Some(device_reserved.unwrap_or(0).max(usage.bytes_reserved));
             }
             marks.push(Instant::now());
         },
@@ -289,6 +311,7 @@ fn bench_train_child(job_path: &Path) -> Result<ExitCode> {
         step_s,
         peak_rss: whole_run_peak.max(peak_rss()).unwrap_or(0),
         step_peak_rss: (marks.len() > 1).then(peak_rss).flatten(),
+        device_reserved,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(ExitCode::SUCCESS)

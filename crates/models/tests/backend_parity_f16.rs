@@ -1,5 +1,4 @@
 //! The GPU-backend tier in f16 (where the adapter has it): see `backend_parity/mod.rs`.
-#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
 mod backend_parity;
 

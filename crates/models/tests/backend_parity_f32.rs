@@ -1,6 +1,5 @@
-//! The GPU-backend tier in f32: see `backend_parity/mod.rs`. Its own test binary (process),
-//! because the f16 tier sets the device's default dtype, which is once per process.
-#![cfg(any(feature = "wgpu", feature = "cuda"))]
+//! The GPU-backend tier in f32: see `backend_parity/mod.rs`. Its own test binary, so the two
+//! precisions run one after the other instead of sharing a (software) device's cores.
 
 mod backend_parity;
 
