@@ -59,7 +59,7 @@ if [ "$parity" = 1 ]; then
     say "parity of $device against flex (relative Frobenius error, max abs; tolerances in docs/benchmarks.md)"
     for p in f32 f16; do
         SLIDER_PARITY_DEVICE="$device" CI= cargo test -q --workspace --features "$feature" \
-            --test "backend_parity_$p" -- --nocapture 2>&1 \
+            --test "backend_parity_$p" -- --include-ignored --nocapture 2>&1 \
             | grep -E '^(\||backend tier|skipped|  [a-z])|panicked|off flex' || true
     done
 fi

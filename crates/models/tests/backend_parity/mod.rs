@@ -14,7 +14,8 @@
 //! trains (the UNet and the VAE held and computed in f16, norms, LoRA factors, gradients
 //! and loss in f32, the loss scaled by 2^16 as the trainer's first step does). The f16 tier
 //! runs only where the adapter has 16-bit float, and compares with flex running the same
-//! f16 computation.
+//! f16 computation; it is an ignored test (lavapipe takes too long to compile its shaders),
+//! which `scripts/gpu-check.sh` runs.
 //!
 //! Error measures, over each tensor: `rel` is the relative Frobenius error
 //! `|got - want| / |want|` (REFERENCE.md's measure) and `max abs` the largest elementwise
