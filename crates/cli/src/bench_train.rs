@@ -134,9 +134,9 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
     if bench.steps == 0 {
         bail!("--steps must be at least 1");
     }
-    let device = open_device(&bench.device)?;
-    let device_name = slider_models::describe_device(&device);
-    drop(device);
+    // Checked here, opened only in each child: a GPU context in this process too would hold
+    // device memory while the child is measured.
+    slider_models::parse_device(&bench.device)?;
     let spec = bench.model.spec();
     let multiple = spec.pixel_multiple();
     if resolution == 0 || !resolution.is_multiple_of(multiple) {
@@ -184,10 +184,11 @@ pub fn run(bench: &TrainArgs, dir: Option<&Path>) -> Result<ExitCode> {
     let latent = resolution / vae_factor;
     println!(
         "{} at {resolution} px ({latent}x{latent} latents), batch 1, rank 4 on kohya's targets, \
-         CAME, {} timed step(s) after one warm-up step, on {device_name}; each row in its own \
+         CAME, {} timed step(s) after one warm-up step, on {}; each row in its own \
          process",
         bench.model.name(),
-        bench.steps
+        bench.steps,
+        bench.device.trim()
     );
     println!(
         "| mixed_precision | gradient_checkpointing | load + first step | s/step | peak RSS, \

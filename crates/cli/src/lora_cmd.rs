@@ -59,7 +59,7 @@ pub enum LoraCommand {
     /// Show a LoRA's layout, modules, ranks, alphas, dtypes, metadata and delta norms.
     Inspect(InspectArgs),
     /// Benchmarks of the fast paths against the dense path kohya takes.
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
 }
 
 #[derive(Args, Debug)]
