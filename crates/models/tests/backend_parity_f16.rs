@@ -3,7 +3,7 @@
 mod backend_parity;
 
 /// Ignored in `cargo test`: on lavapipe (CI's adapter) Mesa compiles a second set of shaders
-/// for it, and it had not finished after 17 minutes (docs/benchmarks.md, "wgpu on
+/// for it, and it had not finished after 20 minutes (docs/benchmarks.md, "wgpu on
 /// lavapipe"). `scripts/gpu-check.sh` runs it on a GPU; by hand:
 /// `cargo test --workspace --features slider-models/wgpu --test backend_parity_f16 --
 /// --include-ignored --nocapture`.
