@@ -103,16 +103,13 @@ pub struct Error {
 }
 
 pub fn compare(got: &[f32], want: &[f32]) -> Error {
-    assert_eq!(got.len(), want.len(), "sizes differ");
-    let (mut diff, mut norm, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
-    for (g, w) in got.iter().zip(want) {
-        let d = f64::from(*g) - f64::from(*w);
-        diff += d * d;
-        norm += f64::from(*w) * f64::from(*w);
-        max_abs = max_abs.max(d.abs());
-    }
+    let max_abs = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (f64::from(*g) - f64::from(*w)).abs())
+        .fold(0.0f64, f64::max);
     Error {
-        rel: (diff / norm.max(f64::MIN_POSITIVE)).sqrt(),
+        rel: slider_models::fixtures::rel_error(got, want),
         max_abs,
     }
 }
