@@ -1,10 +1,12 @@
 //! The runner killed with SIGKILL at seeded random moments of the shortened default recipe
-//! (mid-training included), each kill followed by a check that every store entry reads and a run to the end;
-//! and the same recipe on a "full disk" (RLIMIT_FSIZE, SIGXFSZ ignored, so a write past the
-//! limit fails with EFBIG as on a full disk), followed by a run without the limit. Every
-//! published output and the lock file must be byte-identical to an uninterrupted run.
+//! (mid-training included), and the same recipe on a "full disk" (RLIMIT_FSIZE, SIGXFSZ
+//! ignored, so a write past the limit fails with EFBIG as on a full disk), each followed by a
+//! run to the end. Every published output and the lock file must be byte-identical to an
+//! uninterrupted run, and every store entry must read after every kill.
 //!
-//! Both run in `cargo test` (and so in CI): about 12 and 3 minutes on 2 cores. Longer
+//! The kills come in chains: a project is killed, resumed and killed again, five times, and
+//! then run to the end, so each kill after the first lands in a run that resumes a killed
+//! one. Both run in `cargo test` (and so in CI): about 4 and 3 minutes on 2 cores. Longer
 //! campaign: `SLIDER_KILL_CASES=100 SLIDER_KILL_SEED=9 cargo test -p slider-cli --test e2e
 //! crash -- --nocapture`.
 
@@ -209,6 +211,9 @@ fn training_checkpointed(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// How many kills each project takes before its run to the end.
+const KILLS_PER_CHAIN: u64 = 5;
+
 #[test]
 fn kill_9_at_random_moments_of_the_default_recipe_then_run_to_the_end() {
     let cases = env_or("SLIDER_KILL_CASES", 20);
@@ -217,42 +222,53 @@ fn kill_9_at_random_moments_of_the_default_recipe_then_run_to_the_end() {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let (mut mid_training, mut finished_first) = (0, 0);
     let mut divergences = Vec::new();
-    for case in 0..cases {
+    let mut case = 0;
+    while case < cases {
         let dir = tempfile::tempdir().unwrap();
         let recipe = project(dir.path());
-        // Up to the reference's whole time: some kills land before the first node starts,
-        // some during the trainings, some in the grids and the evaluations.
-        let at = took.mul_f64(rng.random_range(0.02..0.98));
-        let mut child = slider_run()
-            .args(args(&recipe))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let t0 = Instant::now();
-        let mut checkpointed = false;
-        while t0.elapsed() < at && child.try_wait().unwrap().is_none() {
-            checkpointed |= training_checkpointed(dir.path());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        if child.try_wait().unwrap().is_some() {
-            finished_first += 1;
-        } else {
-            child.kill().unwrap();
-            child.wait().unwrap();
-            mid_training += usize::from(checkpointed && training_checkpointed(dir.path()));
+        let chain_start = case;
+        for _ in 0..KILLS_PER_CHAIN.min(cases - case) {
+            // Up to half the uninterrupted run's time from each start: a chain's kills
+            // land from before the first node starts to the grids and the evaluations.
+            let at = took.mul_f64(rng.random_range(0.02..0.5));
+            let mut child = slider_run()
+                .args(args(&recipe))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let t0 = Instant::now();
+            let mut checkpointed = false;
+            while t0.elapsed() < at && child.try_wait().unwrap().is_none() {
+                checkpointed |= training_checkpointed(dir.path());
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if child.try_wait().unwrap().is_some() {
+                finished_first += 1;
+            } else {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                mid_training += usize::from(checkpointed && training_checkpointed(dir.path()));
+            }
+            divergences.extend(unreadable_store_entries(dir.path()).into_iter().map(|b| {
+                format!(
+                    "kill {case} (at {:.2} s): before the next run: {b}",
+                    at.as_secs_f64()
+                )
+            }));
+            case += 1;
         }
         divergences.extend(finish_and_compare(
             dir.path(),
             &recipe,
             &reference,
-            &format!("case {case} (killed at {:.2} s)", at.as_secs_f64()),
+            &format!("kills {chain_start}..{case}"),
         ));
     }
     eprintln!(
-        "kill -9 campaign, seed {seed}: {cases} kills, {mid_training} with a training \
-         checkpointed mid-way, {finished_first} finished before the kill, {} divergences \
-         (reference run {:.1} s)",
+        "kill -9 campaign, seed {seed}: {cases} kills in chains of {KILLS_PER_CHAIN}, \
+         {mid_training} with a training checkpointed mid-way, {finished_first} finished \
+         before the kill, {} divergences (reference run {:.1} s)",
         divergences.len(),
         took.as_secs_f64()
     );
