@@ -19,8 +19,8 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use miette::{IntoDiagnostic, Result, WrapErr, miette};
 use serde::{Deserialize, Serialize};
 use slider_models::bench::{
-    Runs, median, peak_rss_mib, random_base, sampler_step_seconds, unet_forward_seconds,
-    unet_parameters, with_one_layer_text,
+    Runs, attention_seconds, median, peak_rss_mib, random_base, sampler_step_seconds,
+    unet_forward_seconds, unet_parameters, with_one_layer_text,
 };
 use slider_models::burn::tensor::Device;
 use slider_models::checkpoint::ModelSpec;
@@ -99,15 +99,32 @@ pub enum Row {
     Sd15Forward512,
     /// One DPM++ 2M Karras sampler step, tiny config, 64 px (32x32 latents), CFG 7 (batch 2).
     TinySampleCfg,
+    /// Attention forward + backward, SD1.5's first level at 256 px: 8 heads x 1024 tokens of
+    /// 40 (ours: the UNet's memory-efficient op; PyTorch: scaled_dot_product_attention).
+    #[value(name = "attention-1024")]
+    Attention1024,
+    /// The same at 512 px: 8 heads x 4096 tokens.
+    #[value(name = "attention-4096")]
+    Attention4096,
+    /// The same, ours as burn's decomposed form (what autodiff runs for `module::attention`).
+    #[value(name = "attention-4096-decomposed")]
+    Attention4096Decomposed,
+    /// Cross-attention at 512 px: 4096 queries, 77 keys (the caption), 8 heads of 40.
+    #[value(name = "attention-cross-4096")]
+    AttentionCross4096,
 }
 
 impl Row {
-    const ALL: [Row; 5] = [
+    const ALL: [Row; 9] = [
         Row::TinyTrain16,
         Row::TinyTrain32,
         Row::Sd15Train256,
         Row::Sd15Forward512,
         Row::TinySampleCfg,
+        Row::Attention1024,
+        Row::Attention4096,
+        Row::Attention4096Decomposed,
+        Row::AttentionCross4096,
     ];
 
     fn name(self) -> &'static str {
@@ -117,6 +134,21 @@ impl Row {
             Row::Sd15Train256 => "SD1.5 train step, 256 px",
             Row::Sd15Forward512 => "SD1.5 UNet forward, 512 px",
             Row::TinySampleCfg => "tiny sampler step, CFG 7",
+            Row::Attention1024 => "attention fwd+bwd, 8 x 1024 tokens",
+            Row::Attention4096 => "attention fwd+bwd, 8 x 4096 tokens",
+            Row::Attention4096Decomposed => "attention fwd+bwd, 8 x 4096, burn's decomposed form",
+            Row::AttentionCross4096 => "cross-attention fwd+bwd, 8 x 4096 x 77",
+        }
+    }
+
+    /// The attention rows' `(q, k and v)` shapes, `[batch, heads, tokens, head_dim]`.
+    fn attention_shapes(self) -> Option<([usize; 4], [usize; 4])> {
+        let tokens = |n| [1, 8, n, 40];
+        match self {
+            Row::Attention1024 => Some((tokens(1024), tokens(1024))),
+            Row::Attention4096 | Row::Attention4096Decomposed => Some((tokens(4096), tokens(4096))),
+            Row::AttentionCross4096 => Some((tokens(4096), tokens(77))),
+            _ => None,
         }
     }
 
@@ -124,6 +156,7 @@ impl Row {
         match self {
             Row::Sd15Train256 => 2,
             Row::Sd15Forward512 => 1,
+            Row::Attention4096 | Row::Attention4096Decomposed | Row::AttentionCross4096 => 3,
             _ => 5,
         }
     }
@@ -153,6 +186,24 @@ impl Row {
                 .map(String::from)
                 .to_vec(),
             ),
+            Row::Attention1024
+            | Row::Attention4096
+            | Row::Attention4096Decomposed
+            | Row::AttentionCross4096 => {
+                let (q, kv) = self.attention_shapes().unwrap_or_default();
+                let dims = |d: [usize; 4]| d.map(|x| x.to_string()).join(",");
+                let args = [
+                    "--q",
+                    &dims(q),
+                    "--kv",
+                    &dims(kv),
+                    "--warmup",
+                    &w,
+                    "--repeat",
+                    &r,
+                ];
+                ("attention_torch.py", args.map(String::from).to_vec())
+            }
         }
     }
 }
@@ -173,6 +224,10 @@ impl Measured {
     /// The shapes both sides must agree on, as one line.
     fn shapes(&self) -> String {
         let dims = |d: &[usize]| d.iter().map(usize::to_string).collect::<Vec<_>>().join("x");
+        if self.unet_params == 0 {
+            // An attention row: no UNet, `latent` is q's shape and `context` k's and v's.
+            return format!("q {}, k and v {}", dims(&self.latent), dims(&self.context));
+        }
         let mut s = format!(
             "UNet {} params, latent {}, context {}",
             self.unet_params,
@@ -409,7 +464,21 @@ fn child(row: Row, args: &TorchArgs) -> Result<ExitCode> {
             peak_rss_mib: None,
         })
     };
+    let attention = |tiled: bool| -> Measured {
+        let (q, kv) = row.attention_shapes().unwrap_or_default();
+        let seconds = attention_seconds(q, kv, tiled, runs, &Device::flex(), each);
+        Measured {
+            seconds,
+            unet_params: 0,
+            latent: q.to_vec(),
+            context: kv.to_vec(),
+            lora_modules: None,
+            peak_rss_mib: None,
+        }
+    };
     let mut measured = match row {
+        Row::Attention1024 | Row::Attention4096 | Row::AttentionCross4096 => attention(true),
+        Row::Attention4096Decomposed => attention(false),
         Row::TinyTrain16 => train(ModelSpec::tiny(), "tiny", 32)?,
         Row::TinyTrain32 => train(ModelSpec::tiny(), "tiny", 64)?,
         Row::Sd15Train256 => train(ModelSpec::sd15(), "sd15", 256)?,

@@ -147,3 +147,52 @@ mod tests {
         assert_eq!(unet_parameters(&ModelSpec::tiny()), 6_826_244);
     }
 }
+
+/// Seconds of each timed attention forward and backward under autodiff: `q` of `q_dims`, `k`
+/// and `v` of `kv_dims` (`[batch, heads, tokens, head_dim]`), all three tracked, the loss a
+/// fixed random weighting of the output; a run ends when the three gradients' sum is on the
+/// host. `tiled` picks the UNet's memory-efficient op ([`crate::attention::tiled_attention`]),
+/// otherwise burn's decomposed form.
+pub fn attention_seconds(
+    q_dims: [usize; 4],
+    kv_dims: [usize; 4],
+    tiled: bool,
+    runs: Runs,
+    device: &Device,
+    mut each: impl FnMut(usize, f64),
+) -> Vec<f64> {
+    use crate::attention::{DEFAULT_TILE_SCORES, decomposed_attention, tiled_attention};
+    let device = device.clone().autodiff();
+    let dist = Distribution::Normal(0.0, 1.0);
+    let q = Tensor::<4>::random(q_dims, dist, &device);
+    let k = Tensor::<4>::random(kv_dims, dist, &device);
+    let v = Tensor::<4>::random(kv_dims, dist, &device);
+    let weight = Tensor::<4>::random(q_dims, dist, &device);
+    let mut times = Vec::new();
+    for i in 0..runs.warmup + runs.repeat {
+        let (q, k, v) = (
+            q.clone().require_grad(),
+            k.clone().require_grad(),
+            v.clone().require_grad(),
+        );
+        let t = Instant::now();
+        let out = if tiled {
+            tiled_attention(q.clone(), k.clone(), v.clone(), DEFAULT_TILE_SCORES)
+        } else {
+            decomposed_attention(q.clone(), k.clone(), v.clone())
+        };
+        let grads = (out * weight.clone()).sum().backward();
+        let checksum: f32 = [&q, &k, &v]
+            .iter()
+            .filter_map(|t| t.grad(&grads))
+            .map(|g| g.sum().into_scalar::<f32>())
+            .sum();
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(checksum);
+        each(i, secs);
+        if i >= runs.warmup {
+            times.push(secs);
+        }
+    }
+    times
+}

@@ -2,6 +2,7 @@
 //! PyTorch's defaults, attention that never holds more than a bounded score matrix, the
 //! sinusoidal timestep embedding and nearest-neighbour upsampling.
 
+use crate::attention::{DEFAULT_TILE_SCORES, tiled_attention};
 use burn::module::Module;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
@@ -80,7 +81,9 @@ const MAX_SCORE_ELEMENTS: usize = 1 << 26;
 /// Multi-head scaled dot-product attention on `[batch, seq, heads * head_dim]` projections.
 /// `causal` masks keys after the query (CLIP). Queries are split into chunks when the score
 /// matrix would exceed [`MAX_SCORE_ELEMENTS`]; backends with a fused kernel (flex's flash
-/// attention) never materialise it at all.
+/// attention) never materialise it at all. Without a mask it is [`tiled_attention`], whose
+/// backward keeps no score matrix; the causal form (the text encoder, trained only by
+/// `slider-run pretrain`) is burn's attention.
 pub fn multi_head_attention(
     q: Tensor<3>,
     k: Tensor<3>,
@@ -110,20 +113,20 @@ fn attention_within(
     };
     let per_query = (b * heads * n_k).max(1);
     let chunk = (max_score_elements / per_query).max(1);
-    let out = if causal || n_q <= chunk {
+    let out = if causal {
         fused_attention(q, k, v, None::<Tensor<4, Bool>>, None, options)
+    } else if n_q <= chunk {
+        tiled_attention(q, k, v, DEFAULT_TILE_SCORES)
     } else {
         let mut parts = Vec::with_capacity(n_q.div_ceil(chunk));
         let mut start = 0;
         while start < n_q {
             let len = chunk.min(n_q - start);
-            parts.push(fused_attention(
+            parts.push(tiled_attention(
                 q.clone().narrow(2, start, len),
                 k.clone(),
                 v.clone(),
-                None::<Tensor<4, Bool>>,
-                None,
-                options,
+                DEFAULT_TILE_SCORES,
             ));
             start += len;
         }
@@ -176,9 +179,9 @@ mod tests {
         let q = q.reshape([b, n_q, heads, d]).swap_dims(1, 2);
         let k = k.reshape([b, n_k, heads, d]).swap_dims(1, 2);
         let v = v.reshape([b, n_k, heads, d]).swap_dims(1, 2);
-        let s = q.matmul(k.swap_dims(2, 3)) / (d as f64).sqrt();
-        let p = burn::tensor::activation::softmax(s, 3);
-        p.matmul(v).swap_dims(1, 2).reshape([b, n_q, inner])
+        crate::attention::decomposed_attention(q, k, v)
+            .swap_dims(1, 2)
+            .reshape([b, n_q, inner])
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod attention;
 pub mod bench;
 pub mod checkpoint;
 pub mod clip;

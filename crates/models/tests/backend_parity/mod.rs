@@ -2,13 +2,16 @@
 //! default; `SLIDER_PARITY_DEVICE=cuda:0` or `wgpu:cpu` picks another) against the same
 //! computation on `flex`, the CPU backend every other test and the golden bytes run on.
 //!
-//! Three checks, each a table row printed with its figures:
+//! Four checks, each a table row printed with its figures:
 //! - `forward`: CLIP-L text encoder, UNet noise prediction (batch 2, 16x16 latents) and VAE
 //!   decode of the base model;
 //! - `train step`: one training step's LoRA gradients (rank 4, kohya's targets, every
 //!   factor non-zero, MSE loss against the noise, as the trainer's step);
 //! - `sampler step`: one guided Euler a step (CFG 7.5, the UNet on `[negative; positive]`)
-//!   from the scaled initial latent, and the VAE decode of its result.
+//!   from the scaled initial latent, and the VAE decode of its result;
+//! - `attention`: the memory-efficient attention op (`slider_models::attention`) on the
+//!   device, forward and gradients with its backward split into tiles, against the
+//!   decomposed textbook form on flex (tolerance: the train step's).
 //!
 //! Two precisions, each its own test binary: `f32`, and `f16` as `mixed_precision: fp16`
 //! trains (the UNet and the VAE held and computed in f16, norms, LoRA factors, gradients
@@ -177,15 +180,63 @@ const PROMPT: &str = "1girl, portrait, big eyes, front view";
 const NEGATIVE: &str = "";
 const LATENT: [usize; 4] = [1, 4, 16, 16];
 
-/// Every output of the three checks on one device, as host values, in a fixed order.
+/// Every output of the checks on one device, as host values, in a fixed order.
 pub struct Outputs {
     pub forward: Vec<(&'static str, Vec<f32>)>,
     pub gradients: Vec<(String, Vec<f32>)>,
     pub sampler: Vec<(&'static str, Vec<f32>)>,
+    pub attention: Vec<(&'static str, Vec<f32>)>,
 }
 
-/// Runs the three checks' computations on `device`, the UNet and the VAE in `precision`.
-pub fn run_all(device: &Device, precision: Precision) -> Outputs {
+/// How the `attention` check computes attention: the device under test runs the UNet's
+/// memory-efficient op, flex the decomposed textbook form it must equal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionForm {
+    Tiled,
+    Decomposed,
+}
+
+/// The `attention` check: a cross-attention (40 queries, 24 keys, 2 heads of 16) forced into
+/// three backward tiles, its output and the gradients of a fixed weighting of it with respect
+/// to `q`, `k` and `v`, all three in the precision's dtype.
+fn attention_check(
+    device: &Device,
+    precision: Precision,
+    form: AttentionForm,
+) -> Vec<(&'static str, Vec<f32>)> {
+    const Q: [usize; 4] = [1, 2, 40, 16];
+    const KV: [usize; 4] = [1, 2, 24, 16];
+    let dtype = precision.model().unet;
+    let device = device.clone().autodiff();
+    let input = |seed, dims| {
+        on(&normal(seed, dims), dims, &device)
+            .cast(dtype)
+            .require_grad()
+    };
+    let (q, k, v) = (input(11, Q), input(12, KV), input(13, KV));
+    let out = match form {
+        AttentionForm::Tiled => {
+            slider_models::attention::tiled_attention(q.clone(), k.clone(), v.clone(), 2 * 24 * 14)
+        }
+        AttentionForm::Decomposed => {
+            slider_models::attention::decomposed_attention(q.clone(), k.clone(), v.clone())
+        }
+    };
+    let weight = on(&normal(14, Q), Q, &device);
+    let grads = (out.clone().cast(FloatDType::F32) * weight)
+        .sum()
+        .backward();
+    let grad = |t: &Tensor<4>| host(t.grad(&grads).expect("attention inputs are tracked"));
+    vec![
+        ("output", host(out.detach())),
+        ("d query", grad(&q)),
+        ("d key", grad(&k)),
+        ("d value", grad(&v)),
+    ]
+}
+
+/// Runs the checks' computations on `device`, the UNet and the VAE in `precision`.
+pub fn run_all(device: &Device, precision: Precision, form: AttentionForm) -> Outputs {
     let started = std::time::Instant::now();
     let stage = |what: &str| {
         eprintln!(
@@ -298,10 +349,13 @@ pub fn run_all(device: &Device, precision: Precision) -> Outputs {
         ("its decode", host(image)),
     ];
 
+    let attention = attention_check(device, precision, form);
+    stage("attention");
     Outputs {
         forward,
         gradients,
         sampler,
+        attention,
     }
 }
 
@@ -346,10 +400,10 @@ pub fn check(precision: Precision) {
         return;
     };
     let started = std::time::Instant::now();
-    let want = run_all(&Device::flex(), precision);
+    let want = run_all(&Device::flex(), precision, AttentionForm::Decomposed);
     let flex_s = started.elapsed().as_secs_f64();
     let started = std::time::Instant::now();
-    let got = run_all(&device, precision);
+    let got = run_all(&device, precision, AttentionForm::Tiled);
     let device_s = started.elapsed().as_secs_f64();
     let tol = precision.tolerance();
     eprintln!(
@@ -371,6 +425,11 @@ pub fn check(precision: Precision) {
             "sampler step",
             worst("sampler step", &got.sampler, &want.sampler),
             tol.sampler,
+        ),
+        (
+            "attention",
+            worst("attention", &got.attention, &want.attention),
+            tol.gradients,
         ),
     ];
     eprintln!("| check | worst tensor | rel (Frobenius) | max abs | tolerance (rel) |");

@@ -1,0 +1,444 @@
+//! Memory-efficient attention for training: `softmax(q k^T / sqrt(d)) v` whose backward keeps
+//! no score matrix between the forward and the backward.
+//!
+//! Under autodiff, burn runs every attention as the decomposed textbook form (matmul, softmax,
+//! matmul) and keeps its exponentials and probabilities for the backward: two `heads x n_q x
+//! n_k` maps per attention, alive from the forward until the backward reaches it. This op
+//! instead keeps only `q`, `k` and `v`. Its forward is the backend's own fused attention
+//! (flex's tiled flash attention with an online softmax; cubecl's flash kernels under
+//! `autotune`). Its backward walks the queries in tiles of at most `tile_scores` scores,
+//! recomputes each tile's probabilities from `q` and `k`, and accumulates the gradients:
+//!
+//! ```text
+//! P  = softmax(Q_t K^T s)          dP = dO_t V^T
+//! dS = P * (dP - rowsum(P * dP))   dQ_t = dS K s    dK += dS^T Q_t s    dV += P^T dO_t
+//! ```
+//!
+//! with `s = 1 / sqrt(d)`. Half-precision inputs are widened to f32 for the backward (the
+//! softmax's gradient is a difference of nearly equal terms), and the gradients are cast back
+//! to the inputs' dtype. One op serves every backend through burn's backend-extension
+//! dispatch: flex, the cubecl runtimes (wgpu, cuda) and `Autodiff` over either.
+
+use burn::backend::autodiff::{
+    Autodiff,
+    checkpoint::{base::Checkpointer, strategy::CheckpointStrategy},
+    grads::Gradients,
+    ops::{Backward, Ops, OpsKind},
+};
+use burn::backend::{
+    Backend, Dispatch, Flex, Slice, TensorMetadata, backend_extension, tensor::FloatTensor,
+};
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, FloatDType, Tensor};
+
+/// Scores per backward tile when the caller has no reason to choose: 4 Mi elements, 16 MiB
+/// in f32 for each of the tile's four maps (scores, probabilities, their gradient, and the
+/// product).
+pub const DEFAULT_TILE_SCORES: usize = 1 << 22;
+
+/// Attention as a backend extension: the forward is the backend's fused attention, and the
+/// `Autodiff` implementation registers the tiled, recomputing backward described in the
+/// module's documentation.
+#[backend_extension(Flex, Autodiff, Cube: cfg(any(feature = "wgpu", feature = "cuda")))]
+pub trait TiledAttentionBackend: Backend {
+    /// `softmax(q k^T / sqrt(d)) v` on `[batch, heads, n, d]` tensors, without a mask.
+    /// `tile_scores` bounds the scores the backward holds at once.
+    fn tiled_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        tile_scores: usize,
+    ) -> FloatTensor<Self> {
+        let _ = tile_scores;
+        Self::attention(q, k, v, None, None, AttentionModuleOptions::default())
+    }
+}
+
+impl TiledAttentionBackend for Flex {}
+
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+impl TiledAttentionBackend for burn::backend::Cube {}
+
+impl<B: Backend, C: CheckpointStrategy> TiledAttentionBackend for Autodiff<B, C> {
+    fn tiled_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        tile_scores: usize,
+    ) -> FloatTensor<Self> {
+        let forward =
+            |q, k, v| B::attention(q, k, v, None, None, AttentionModuleOptions::default());
+        match AttentionBackward
+            .prepare::<C>([q.node(), k.node(), v.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+                let out = forward(q.clone(), k.clone(), v.clone());
+                prep.finish(
+                    AttentionState {
+                        q,
+                        k,
+                        v,
+                        tile_scores,
+                    },
+                    out,
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(forward(
+                q.into_primitive(),
+                k.into_primitive(),
+                v.into_primitive(),
+            )),
+        }
+    }
+}
+
+/// What the backward keeps of one attention: its inputs, nothing of size `n_q x n_k`.
+#[derive(Clone, Debug)]
+struct AttentionState<B: Backend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    tile_scores: usize,
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: Backend> Backward<B, 3> for AttentionBackward {
+    type State = AttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [q_node, k_node, v_node] = ops.parents;
+        let grad_out = grads.consume::<B>(&ops.node);
+        let AttentionState {
+            q,
+            k,
+            v,
+            tile_scores,
+        } = ops.state;
+        let want = Wanted {
+            q: q_node.is_some(),
+            k: k_node.is_some(),
+            v: v_node.is_some(),
+        };
+        let (dq, dk, dv) = attention_gradients::<B>(q, k, v, grad_out, tile_scores, want);
+        for (node, grad) in [(q_node, dq), (k_node, dk), (v_node, dv)] {
+            if let (Some(node), Some(grad)) = (node, grad) {
+                grads.register::<B>(node.id, grad);
+            }
+        }
+    }
+}
+
+/// Which input gradients a backward needs (an input that is not tracked needs none).
+#[derive(Clone, Copy, Debug)]
+struct Wanted {
+    q: bool,
+    k: bool,
+    v: bool,
+}
+
+type Grads<B> = (
+    Option<FloatTensor<B>>,
+    Option<FloatTensor<B>>,
+    Option<FloatTensor<B>>,
+);
+
+/// The tiled backward: the gradients of `q`, `k` and `v` given the output's gradient, each in
+/// its input's dtype, computed in f32 one tile of queries at a time.
+fn attention_gradients<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    grad_out: FloatTensor<B>,
+    tile_scores: usize,
+    want: Wanted,
+) -> Grads<B> {
+    let dtypes = (q.dtype(), k.dtype(), v.dtype());
+    let [b, h, n_q, d] = q.shape().dims::<4>();
+    let n_k = k.shape().dims::<4>()[2];
+    let scale = 1.0 / (d.max(1) as f64).sqrt();
+    let q = widen::<B>(q);
+    let k = widen::<B>(k);
+    let v_t = B::float_transpose(widen::<B>(v));
+    let grad_out = widen::<B>(grad_out);
+    let k_t = B::float_transpose(k.clone());
+    let rows = (tile_scores / (b * h * n_k).max(1)).clamp(1, n_q.max(1));
+
+    let mut dq_tiles = Vec::with_capacity(n_q.div_ceil(rows));
+    let mut dk: Option<FloatTensor<B>> = None;
+    let mut dv: Option<FloatTensor<B>> = None;
+    let accumulate = |sum: &mut Option<FloatTensor<B>>, part: FloatTensor<B>| {
+        *sum = Some(match sum.take() {
+            Some(sum) => B::float_add(sum, part),
+            None => part,
+        });
+    };
+    let mut start = 0;
+    while start < n_q {
+        let end = (start + rows).min(n_q);
+        let tile = |t: &FloatTensor<B>| B::float_slice(t.clone(), &query_rows(start, end));
+        let (q_t, do_t) = (tile(&q), tile(&grad_out));
+        let scores = B::float_mul_scalar(B::float_matmul(q_t.clone(), k_t.clone()), scale.into());
+        let p = softmax_last::<B>(scores);
+        if want.v {
+            accumulate(
+                &mut dv,
+                B::float_matmul(B::float_transpose(p.clone()), do_t.clone()),
+            );
+        }
+        if want.q || want.k {
+            let dp = B::float_matmul(do_t, v_t.clone());
+            let row = B::float_sum_dim(B::float_mul(p.clone(), dp.clone()), 3);
+            let ds = B::float_mul_scalar(B::float_mul(p, B::float_sub(dp, row)), scale.into());
+            if want.k {
+                accumulate(
+                    &mut dk,
+                    B::float_matmul(B::float_transpose(ds.clone()), q_t),
+                );
+            }
+            if want.q {
+                dq_tiles.push(B::float_matmul(ds, k.clone()));
+            }
+        }
+        start = end;
+    }
+    let dq = (want.q && !dq_tiles.is_empty()).then(|| B::float_cat(dq_tiles, 2));
+    (
+        dq.map(|t| narrow_to::<B>(t, dtypes.0)),
+        dk.map(|t| narrow_to::<B>(t, dtypes.1)),
+        dv.map(|t| narrow_to::<B>(t, dtypes.2)),
+    )
+}
+
+/// The slices of a `[batch, heads, n, d]` tensor that keep the queries `start..end`.
+fn query_rows(start: usize, end: usize) -> [Slice; 4] {
+    [
+        Slice::from(..),
+        Slice::from(..),
+        Slice::new(start as isize, Some(end as isize), 1),
+        Slice::from(..),
+    ]
+}
+
+/// `softmax` over the last dimension, shifted by the row maximum.
+fn softmax_last<B: Backend>(scores: FloatTensor<B>) -> FloatTensor<B> {
+    let max = B::float_max_dim(scores.clone(), 3);
+    let e = B::float_exp(B::float_sub(scores, max));
+    let sum = B::float_sum_dim(e.clone(), 3);
+    B::float_div(e, sum)
+}
+
+/// A half-precision tensor in f32; any other unchanged.
+fn widen<B: Backend>(t: FloatTensor<B>) -> FloatTensor<B> {
+    match t.dtype() {
+        DType::F16 | DType::BF16 => B::float_cast(t, FloatDType::F32),
+        _ => t,
+    }
+}
+
+/// A gradient computed by [`widen`]'s rule, back in its input's `dtype`.
+fn narrow_to<B: Backend>(t: FloatTensor<B>, dtype: DType) -> FloatTensor<B> {
+    match dtype {
+        DType::F16 | DType::BF16 => B::float_cast(t, FloatDType::from(dtype)),
+        _ => t,
+    }
+}
+
+/// `softmax(q k^T / sqrt(d)) v` on `[batch, heads, n, d]` tensors, whatever the device: the
+/// backend's fused forward, and under autodiff the tiled backward of this module with at most
+/// `tile_scores` scores alive at once.
+pub fn tiled_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, tile_scores: usize) -> Tensor<4> {
+    Tensor::from_dispatch(<Dispatch as TiledAttentionBackend>::tiled_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        tile_scores,
+    ))
+}
+
+/// The decomposed textbook form `softmax(q k^T / sqrt(d)) v`, op by op: what burn's autodiff
+/// runs for any attention, and the reference [`tiled_attention`] is checked against.
+pub fn decomposed_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let d = q.dims()[3];
+    let scores = q.matmul(k.swap_dims(2, 3)) / (d.max(1) as f64).sqrt();
+    burn::tensor::activation::softmax(scores, 3).matmul(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::Device;
+    use rand::SeedableRng;
+
+    /// Normal values from `seed`, the same whatever else runs (the device's own generator is
+    /// shared by the tests running beside this one).
+    fn normal(seed: u64, dims: [usize; 4], device: &Device) -> Tensor<4> {
+        crate::standard_normal(
+            &mut rand_chacha::ChaCha8Rng::seed_from_u64(seed),
+            dims,
+            device,
+        )
+    }
+
+    fn decomposed(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+        decomposed_attention(q, k, v)
+    }
+
+    fn rel_err(got: Tensor<4>, want: Tensor<4>) -> f32 {
+        let (got, want) = (got.cast(FloatDType::F32), want.cast(FloatDType::F32));
+        let diff = (got - want.clone())
+            .powi_scalar(2)
+            .sum()
+            .into_scalar::<f32>();
+        let norm = want.powi_scalar(2).sum().into_scalar::<f32>();
+        (diff / norm.max(f32::MIN_POSITIVE)).sqrt()
+    }
+
+    struct Run {
+        out: Tensor<4>,
+        grads: [Option<Tensor<4>>; 3],
+    }
+
+    /// One attention on `device`: its output, and the gradients of a fixed random weighting
+    /// of it with respect to the tracked inputs.
+    fn run(
+        inputs: &[Tensor<4>; 3],
+        tracked: [bool; 3],
+        dtype: FloatDType,
+        f: impl Fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>,
+    ) -> Run {
+        let [q, k, v] = inputs.clone().map(|t| t.cast(dtype));
+        let track = |t: Tensor<4>, on: bool| if on { t.require_grad() } else { t };
+        let (q, k, v) = (
+            track(q, tracked[0]),
+            track(k, tracked[1]),
+            track(v, tracked[2]),
+        );
+        let out = f(q.clone(), k.clone(), v.clone());
+        let weight = normal(99, out.dims(), &out.device());
+        let loss = (out.clone().cast(FloatDType::F32) * weight).sum();
+        let grads = loss.backward();
+        let grad = |t: &Tensor<4>, on: bool| on.then(|| t.grad(&grads)).flatten();
+        Run {
+            out: out.detach(),
+            grads: [
+                grad(&q, tracked[0]),
+                grad(&k, tracked[1]),
+                grad(&v, tracked[2]),
+            ],
+        }
+    }
+
+    fn inputs(dims: [[usize; 4]; 2], device: &Device) -> [Tensor<4>; 3] {
+        let [q_dims, kv_dims] = dims;
+        [
+            normal(1, q_dims, device),
+            normal(2, kv_dims, device),
+            normal(3, kv_dims, device),
+        ]
+    }
+
+    /// `(q dims, k/v dims, tile_scores)`: self- and cross-attention, one tile, several tiles
+    /// with a ragged last one, and one query per tile.
+    const CASES: [([usize; 4], [usize; 4], usize); 5] = [
+        ([1, 1, 16, 8], [1, 1, 16, 8], DEFAULT_TILE_SCORES),
+        ([2, 2, 37, 8], [2, 2, 29, 8], DEFAULT_TILE_SCORES),
+        ([2, 2, 37, 8], [2, 2, 29, 8], 2 * 2 * 29 * 5),
+        ([1, 3, 64, 16], [1, 3, 7, 16], 3 * 7),
+        ([1, 1, 300, 4], [1, 1, 300, 4], 1000),
+    ];
+
+    #[test]
+    fn forward_and_gradients_equal_the_decomposed_form() {
+        let device = Device::flex().autodiff();
+        for (q_dims, kv_dims, tile) in CASES {
+            let inputs = inputs([q_dims, kv_dims], &device);
+            let want = run(&inputs, [true; 3], FloatDType::F32, decomposed);
+            let got = run(&inputs, [true; 3], FloatDType::F32, |q, k, v| {
+                tiled_attention(q, k, v, tile)
+            });
+            let err = rel_err(got.out, want.out);
+            assert!(
+                err < 1e-5,
+                "{q_dims:?} x {kv_dims:?}, tile {tile}: out {err}"
+            );
+            for (name, (g, w)) in ["q", "k", "v"]
+                .iter()
+                .zip(got.grads.into_iter().zip(want.grads))
+            {
+                let (Some(g), Some(w)) = (g, w) else {
+                    panic!("{name}: a gradient is missing");
+                };
+                let err = rel_err(g, w);
+                assert!(
+                    err < 1e-5,
+                    "{q_dims:?} x {kv_dims:?}, tile {tile}: d{name} {err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn untracked_inputs_get_no_gradient_and_the_rest_are_unchanged() {
+        let device = Device::flex().autodiff();
+        let (q_dims, kv_dims, tile) = CASES[2];
+        let inputs = inputs([q_dims, kv_dims], &device);
+        for tracked in [
+            [true, false, false],
+            [false, true, false],
+            [false, false, true],
+        ] {
+            let want = run(&inputs, tracked, FloatDType::F32, decomposed);
+            let got = run(&inputs, tracked, FloatDType::F32, |q, k, v| {
+                tiled_attention(q, k, v, tile)
+            });
+            for (i, (g, w)) in got.grads.into_iter().zip(want.grads).enumerate() {
+                match (g, w) {
+                    (None, None) => assert!(!tracked[i]),
+                    (Some(g), Some(w)) => assert!(rel_err(g, w) < 1e-5, "input {i}"),
+                    _ => panic!("input {i}: gradient presence differs"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn half_precision_inputs_get_gradients_in_their_dtype_close_to_f32() {
+        let device = Device::flex().autodiff();
+        let (q_dims, kv_dims, tile) = CASES[2];
+        let inputs = inputs([q_dims, kv_dims], &device);
+        let want = run(&inputs, [true; 3], FloatDType::F32, decomposed);
+        for dtype in [FloatDType::F16, FloatDType::BF16] {
+            let got = run(&inputs, [true; 3], dtype, |q, k, v| {
+                tiled_attention(q, k, v, tile)
+            });
+            assert_eq!(got.out.dtype(), DType::from(dtype));
+            // Rounding the inputs alone costs about 2^-11 (f16) and 2^-8 (bf16) relative.
+            let tol = if dtype == FloatDType::F16 { 5e-3 } else { 4e-2 };
+            let err = rel_err(got.out, want.out.clone());
+            assert!(err < tol, "{dtype:?}: out {err}");
+            for (i, (g, w)) in got.grads.into_iter().zip(want.grads.clone()).enumerate() {
+                let (Some(g), Some(w)) = (g, w) else {
+                    panic!("{dtype:?}: a gradient is missing");
+                };
+                assert_eq!(g.dtype(), DType::from(dtype));
+                let err = rel_err(g, w);
+                assert!(err < tol, "{dtype:?}: gradient {i} {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn without_autodiff_it_is_the_backends_attention() {
+        let device = Device::flex();
+        let (q_dims, kv_dims, tile) = CASES[1];
+        let [q, k, v] = inputs([q_dims, kv_dims], &device);
+        let want = decomposed(q.clone(), k.clone(), v.clone());
+        let got = tiled_attention(q, k, v, tile);
+        assert!(rel_err(got, want) < 1e-5);
+    }
+}
