@@ -1,6 +1,7 @@
-//! `slider-run bench torch`: our training step, UNet forward and sampler step next to the
-//! repo's PyTorch references (tests/fixtures/*_torch.py), back to back in one run, each side
-//! in its own child process with a fixed thread count, printed as one ratio table.
+//! `slider-run bench torch`: our training step, UNet forward, sampler step and attention
+//! forward + backward next to the repo's PyTorch references (tests/fixtures/*_torch.py), back
+//! to back in one run, each side in its own child process with a fixed thread count, printed
+//! as one ratio table.
 //!
 //! Our side is this binary again (`--child ROW`, `RAYON_NUM_THREADS`), measured by
 //! `slider_models::bench` and `slider_trainer::bench`; the PyTorch side is the row's script

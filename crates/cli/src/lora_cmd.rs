@@ -261,8 +261,9 @@ enum BenchTarget {
     /// Slurm's cost per job (submit, queue, run, notice) and a recipe of short command
     /// nodes through Slurm against the same recipe run locally (needs a cluster).
     Slurm,
-    /// Our training step, UNet forward and sampler step against the repo's PyTorch scripts
-    /// (tests/fixtures/*_torch.py), at 1 and 2 threads, as one ratio table.
+    /// Our training step, UNet forward, sampler step and attention forward + backward against
+    /// the repo's PyTorch scripts (tests/fixtures/*_torch.py), at 1 and 2 threads, as one
+    /// ratio table.
     Torch,
     /// Seconds per training step and peak memory of one configuration (`--model`,
     /// `--resolution`, `--gradient-checkpointing`) next to the plain one, on a random
