@@ -13,3 +13,12 @@ mod backend_parity;
 fn forward_train_step_and_sampler_step_equal_flex_in_f16() {
     backend_parity::check(backend_parity::Precision::F16);
 }
+
+/// A diagnostic, seconds on flex alone: how far flex's f16 computation is from its f32 one,
+/// per tensor (the floor any f16 device's error against flex's f16 sits on). `cargo test
+/// --workspace --features slider-models/wgpu -- --ignored f16_against_f32 --nocapture`.
+#[test]
+#[ignore = "a diagnostic that prints figures"]
+fn flex_f16_against_f32() {
+    backend_parity::print_f16_against_f32_on_flex();
+}

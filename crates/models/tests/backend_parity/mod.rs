@@ -446,3 +446,37 @@ pub fn check(precision: Precision) {
     assert!(got.gradients.len() == want.gradients.len() && !got.gradients.is_empty());
     assert!(off.is_empty(), "{precision:?} off flex: {}", off.join("; "));
 }
+
+/// How far flex's own f16 computation is from its f32 one, tensor by tensor: the floor an f16
+/// device can reach against flex's f16, since the two differ at least by their own rounding.
+/// Prints each check's worst tensors; asserts only that both runs produced every tensor.
+#[allow(dead_code)] // the f16 test binary's diagnostic
+pub fn print_f16_against_f32_on_flex() {
+    let device = Device::flex();
+    let half = run_all(&device, Precision::F16, AttentionForm::Tiled);
+    let full = run_all(&device, Precision::F32, AttentionForm::Tiled);
+    assert_eq!(half.gradients.len(), full.gradients.len());
+    let mut errors: Vec<(String, Error)> = half
+        .gradients
+        .iter()
+        .zip(&full.gradients)
+        .map(|((name, h), (_, f))| (name.clone(), compare(h, f)))
+        .collect();
+    errors.sort_by(|a, b| b.1.rel.total_cmp(&a.1.rel));
+    eprintln!("flex f16 against flex f32, the training step's gradients, worst first:");
+    for (name, e) in errors.iter().take(8) {
+        eprintln!("  {name:<80} rel {:.2e}  max abs {:.2e}", e.rel, e.max_abs);
+    }
+    for (check, h, f) in [
+        ("forward", &half.forward, &full.forward),
+        ("sampler step", &half.sampler, &full.sampler),
+    ] {
+        for ((name, h), (_, f)) in h.iter().zip(f.iter()) {
+            let e = compare(h, f);
+            eprintln!(
+                "  {check:<12} {name:<20} rel {:.2e}  max abs {:.2e}",
+                e.rel, e.max_abs
+            );
+        }
+    }
+}
