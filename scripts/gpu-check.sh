@@ -2,7 +2,7 @@
 # One command for a machine with a GPU: is the GPU backend right, and what does a training step
 # cost there? Builds what it needs (the first build of the `cuda` feature needs network or the
 # offline LLVM folder, README "GPU backends"), then prints
-#   1. forward / train-step / sampler-step parity of the device against flex, f32 and f16
+#   1. forward / train-step / sampler-step / attention parity of the device against flex, f32 and f16
 #      (the backend tier, crates/models/tests/backend_parity_*.rs), and
 #   2. `slider-run bench train --device ...` for each model: s/step, peak RSS, the backend
 #      allocator's high-water mark and nvidia-smi's peak (where there is one) of one training
