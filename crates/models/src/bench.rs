@@ -126,28 +126,6 @@ pub fn sampler_step_seconds(
     Ok(times)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_takes_the_middle_value() {
-        for (values, want) in [
-            (vec![], None),
-            (vec![3.0], Some(3.0)),
-            (vec![5.0, 1.0, 3.0], Some(3.0)),
-            (vec![4.0, 1.0], Some(4.0)),
-        ] {
-            assert_eq!(median(&values), want, "{values:?}");
-        }
-    }
-
-    #[test]
-    fn the_tiny_unet_has_its_documented_parameter_count() {
-        assert_eq!(unet_parameters(&ModelSpec::tiny()), 6_826_244);
-    }
-}
-
 /// Seconds of each timed attention forward and backward under autodiff: `q` of `q_dims`, `k`
 /// and `v` of `kv_dims` (`[batch, heads, tokens, head_dim]`), all three tracked, the loss a
 /// fixed random weighting of the output; a run ends when the three gradients' sum is on the
@@ -195,4 +173,26 @@ pub fn attention_seconds(
         }
     }
     times
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_takes_the_middle_value() {
+        for (values, want) in [
+            (vec![], None),
+            (vec![3.0], Some(3.0)),
+            (vec![5.0, 1.0, 3.0], Some(3.0)),
+            (vec![4.0, 1.0], Some(4.0)),
+        ] {
+            assert_eq!(median(&values), want, "{values:?}");
+        }
+    }
+
+    #[test]
+    fn the_tiny_unet_has_its_documented_parameter_count() {
+        assert_eq!(unet_parameters(&ModelSpec::tiny()), 6_826_244);
+    }
 }
