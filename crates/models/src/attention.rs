@@ -284,18 +284,15 @@ mod tests {
         )
     }
 
-    fn decomposed(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-        decomposed_attention(q, k, v)
-    }
-
-    fn rel_err(got: Tensor<4>, want: Tensor<4>) -> f32 {
-        let (got, want) = (got.cast(FloatDType::F32), want.cast(FloatDType::F32));
-        let diff = (got - want.clone())
-            .powi_scalar(2)
-            .sum()
-            .into_scalar::<f32>();
-        let norm = want.powi_scalar(2).sum().into_scalar::<f32>();
-        (diff / norm.max(f32::MIN_POSITIVE)).sqrt()
+    /// The relative Frobenius error (`crate::fixtures::rel_error`) of two tensors of any dtype.
+    fn rel_err(got: Tensor<4>, want: Tensor<4>) -> f64 {
+        let host = |t: Tensor<4>| -> Vec<f32> {
+            t.into_data()
+                .convert::<f32>()
+                .try_into_vec::<f32>()
+                .expect("a float tensor reads back as f32")
+        };
+        crate::fixtures::rel_error(&host(got), &host(want))
     }
 
     struct Run {
@@ -357,7 +354,7 @@ mod tests {
         let device = Device::flex().autodiff();
         for (q_dims, kv_dims, tile) in CASES {
             let inputs = inputs([q_dims, kv_dims], &device);
-            let want = run(&inputs, [true; 3], FloatDType::F32, decomposed);
+            let want = run(&inputs, [true; 3], FloatDType::F32, decomposed_attention);
             let got = run(&inputs, [true; 3], FloatDType::F32, |q, k, v| {
                 tiled_attention(q, k, v, tile)
             });
@@ -392,7 +389,7 @@ mod tests {
             [false, true, false],
             [false, false, true],
         ] {
-            let want = run(&inputs, tracked, FloatDType::F32, decomposed);
+            let want = run(&inputs, tracked, FloatDType::F32, decomposed_attention);
             let got = run(&inputs, tracked, FloatDType::F32, |q, k, v| {
                 tiled_attention(q, k, v, tile)
             });
@@ -411,7 +408,7 @@ mod tests {
         let device = Device::flex().autodiff();
         let (q_dims, kv_dims, tile) = CASES[2];
         let inputs = inputs([q_dims, kv_dims], &device);
-        let want = run(&inputs, [true; 3], FloatDType::F32, decomposed);
+        let want = run(&inputs, [true; 3], FloatDType::F32, decomposed_attention);
         for dtype in [FloatDType::F16, FloatDType::BF16] {
             let got = run(&inputs, [true; 3], dtype, |q, k, v| {
                 tiled_attention(q, k, v, tile)
@@ -437,7 +434,7 @@ mod tests {
         let device = Device::flex();
         let (q_dims, kv_dims, tile) = CASES[1];
         let [q, k, v] = inputs([q_dims, kv_dims], &device);
-        let want = decomposed(q.clone(), k.clone(), v.clone());
+        let want = decomposed_attention(q.clone(), k.clone(), v.clone());
         let got = tiled_attention(q, k, v, tile);
         assert!(rel_err(got, want) < 1e-5);
     }
