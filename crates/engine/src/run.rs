@@ -387,6 +387,46 @@ pub fn run(
 /// A node (by index) with its key, waiting for a free slot.
 type Queued = (usize, Keyed);
 
+/// Each node's `NodeParams::work_estimate` plus the
+/// largest such sum over the nodes that read it, recursively: how much work at least still
+/// follows once the node starts. Starting the most urgent ready node first keeps the longest
+/// chain moving (list scheduling by critical path): on the default recipe, the long
+/// `evaluate` of the finished slider starts before the short check grids of the trainings.
+fn urgency(plan: &Plan, deps: &[Vec<usize>], consumers: &[Vec<usize>]) -> Vec<f64> {
+    let n = plan.nodes.len();
+    let mut urgency: Vec<f64> = plan
+        .nodes
+        .iter()
+        .map(|node| node.params.work_estimate())
+        .collect();
+    // From the sinks towards the sources: a node is done once all its consumers are.
+    let mut pending: Vec<usize> = consumers.iter().map(Vec::len).collect();
+    let mut done: Vec<usize> = (0..n).filter(|&i| pending[i] == 0).collect();
+    while let Some(i) = done.pop() {
+        let after = consumers[i].iter().map(|&c| urgency[c]).fold(0.0, f64::max);
+        urgency[i] += after;
+        for &d in &deps[i] {
+            pending[d] -= 1;
+            if pending[d] == 0 {
+                done.push(d);
+            }
+        }
+    }
+    urgency
+}
+
+/// Takes the queued node with the highest urgency; among equals, the one queued first.
+fn most_urgent(queue: &mut VecDeque<Queued>, urgency: &[f64]) -> Option<Queued> {
+    let mut best: Option<(usize, f64)> = None;
+    for (pos, (i, _)) in queue.iter().enumerate() {
+        let u = urgency.get(*i).copied().unwrap_or(0.0);
+        if best.is_none_or(|(_, b)| u > b) {
+            best = Some((pos, u));
+        }
+    }
+    queue.remove(best?.0)
+}
+
 /// The state of one run: which nodes wait, run, are done or failed, what they produced, the
 /// queues, the journal and the summary so far. [`run`] drives it: key what is ready, start
 /// what the limits allow, record what finishes.
@@ -404,6 +444,9 @@ struct Scheduler<'a> {
     journal_saved: Instant,
     deps: Vec<Vec<usize>>,
     consumers: Vec<Vec<usize>>,
+    /// Each node's work plus the most work on a path from it to a sink: of the nodes queued
+    /// for a slot, the highest starts first (critical path first).
+    urgency: Vec<f64>,
     waiting_on: Vec<usize>,
     state: Vec<State>,
     produced: Vec<Option<Produced>>,
@@ -454,6 +497,7 @@ impl<'a> Scheduler<'a> {
                 .checked_sub(Duration::from_secs(1))
                 .unwrap_or_else(Instant::now),
             ready: (0..n).filter(|&i| waiting_on[i] == 0).collect(),
+            urgency: urgency(plan, &deps, &consumers),
             deps,
             consumers,
             waiting_on,
@@ -615,10 +659,10 @@ impl<'a> Scheduler<'a> {
         }
         if self.running_in_process < self.opts.jobs.max(1) && !self.queued_in_process.is_empty() {
             self.running_in_process += 1;
-            self.queued_in_process.pop_front()
+            most_urgent(&mut self.queued_in_process, &self.urgency)
         } else if self.running_worker < self.worker_slots() && !self.queued_worker.is_empty() {
             self.running_worker += 1;
-            self.queued_worker.pop_front()
+            most_urgent(&mut self.queued_worker, &self.urgency)
         } else {
             None
         }
@@ -990,4 +1034,75 @@ fn execute_node(
         let _ = fsutil::remove_any(&out_dir);
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_plans::{plan, sh};
+    use slider_recipe::NodeParams;
+
+    fn train(steps: usize) -> NodeParams {
+        let mut t = crate::test_plans::train(Input::File("/base.safetensors".into()));
+        if let NodeParams::Train(t) = &mut t {
+            t.max_train_steps = steps;
+        }
+        t
+    }
+
+    #[test]
+    fn urgency_adds_the_most_work_that_follows() {
+        let dir = tempfile::tempdir().unwrap();
+        // a (10 steps) feeds b (20 steps) and a command; c (25 steps) feeds nothing.
+        let mut b = train(20);
+        if let NodeParams::Train(t) = &mut b {
+            t.base = Input::Node("a".into());
+        }
+        let use_a = sh(
+            "cat {x} > {out}",
+            &[("x", Input::Node("a".into()))],
+            &[("out", "o")],
+        );
+        let p = plan(
+            dir.path(),
+            vec![
+                ("a", train(10)),
+                ("b", b),
+                ("use_a", use_a),
+                ("c", train(25)),
+            ],
+            &[],
+        );
+        let deps = dependencies(&p);
+        let mut consumers = vec![Vec::new(); deps.len()];
+        for (i, ds) in deps.iter().enumerate() {
+            for &d in ds {
+                consumers[d].push(i);
+            }
+        }
+        let step = p.nodes[0].params.work_estimate() / 10.0;
+        let per_step: Vec<f64> = urgency(&p, &deps, &consumers)
+            .iter()
+            .map(|u| u / step)
+            .collect();
+        assert_eq!(per_step, [30.0, 20.0, 0.0, 25.0]);
+    }
+
+    #[test]
+    fn the_most_urgent_queued_node_is_taken_first_and_ties_keep_queue_order() {
+        let keyed = || Keyed {
+            fp: Fingerprint {
+                doc: serde_json::Value::Null,
+                sources: vec![],
+                key: None,
+            },
+            inputs: vec![],
+            stamps: vec![],
+        };
+        let mut queue: VecDeque<Queued> = [3, 0, 1, 2].into_iter().map(|i| (i, keyed())).collect();
+        let urgency = [5.0, 7.0, 7.0, 1.0];
+        let order: Vec<usize> =
+            std::iter::from_fn(|| most_urgent(&mut queue, &urgency).map(|(i, _)| i)).collect();
+        assert_eq!(order, [1, 2, 0, 3]);
+    }
 }

@@ -478,6 +478,57 @@ fn worker_nodes_run_on_the_pool_and_a_crash_fails_only_that_node() {
     );
 }
 
+/// Records the order in which nodes start.
+struct StartOrder(std::sync::Mutex<Vec<String>>);
+
+impl crate::Observer for StartOrder {
+    fn event(&self, event: crate::Event<'_>) {
+        if let crate::Event::Started { node, .. } = event {
+            self.0.lock().unwrap().push(node.to_owned());
+        }
+    }
+}
+
+#[test]
+fn with_one_slot_the_node_with_the_most_work_ahead_starts_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.bin");
+    fs::write(&base, "weights").unwrap();
+    let worker = dir.path().join("worker.sh");
+    fs::write(&worker, SH_WORKER).unwrap();
+    let steps = |n: usize| {
+        let mut t = train(Input::File(base.clone()));
+        if let NodeParams::Train(t) = &mut t {
+            t.max_train_steps = n;
+            t.caption = format!("{n} steps");
+        }
+        t
+    };
+    // In plan order the short one comes first; FIFO would start it first.
+    let p = plan(
+        dir.path(),
+        vec![
+            ("short", steps(2)),
+            ("long", steps(50)),
+            ("middle", steps(10)),
+        ],
+        &[],
+    );
+    let opts = RunOptions {
+        worker_command: vec!["sh".into(), worker.display().to_string()],
+        worker_kinds: vec![WorkerKind {
+            kind: "train".into(),
+            code_version: 1,
+        }],
+        devices: vec!["cpu".into()],
+        ..RunOptions::default()
+    };
+    let order = StartOrder(std::sync::Mutex::new(Vec::new()));
+    let s = run(&p, &dir.path().join(".slider"), &opts, &order).unwrap();
+    assert!(s.failed.is_empty(), "{:?}", s.failed);
+    assert_eq!(*order.0.lock().unwrap(), ["long", "middle", "short"]);
+}
+
 fn lora_file(dir: &Path, name: &str, seed: u64) -> PathBuf {
     let path = dir.join(name);
     slider_lora::synth::random_lora(slider_lora::synth::Layout::Tiny, 4, 1.0, seed)

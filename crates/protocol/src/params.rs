@@ -278,6 +278,23 @@ pub enum Axis {
     Lora(Vec<Option<Input>>),
 }
 
+impl Axis {
+    /// The number of values along the axis.
+    pub fn len(&self) -> usize {
+        match self {
+            Axis::Weight(v) => v.len(),
+            Axis::Seed(v) => v.len(),
+            Axis::Prompt(v) => v.len(),
+            Axis::Lora(v) => v.len(),
+        }
+    }
+
+    /// Whether the axis has no values.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 impl NodeParams {
     /// Every input the node reads, in a stable order.
     pub fn inputs(&self) -> Vec<&Input> {
@@ -310,6 +327,50 @@ impl NodeParams {
         }
     }
 
+    /// The node's expected work, for ordering what is ready (critical path first): UNet
+    /// evaluations of one image times the image's pixel count. A training step counts three
+    /// evaluations per image (forward and backward), a guided sampler step two (the negative
+    /// and positive halves). Only ratios between nodes mean anything. The kinds that run no
+    /// UNet (merges, resizes, baking into a checkpoint) and `command` nodes, whose work
+    /// cannot be known, count 0.
+    pub fn work_estimate(&self) -> f64 {
+        fn sampling(
+            images: usize,
+            steps: usize,
+            cfg_scale: f64,
+            width: usize,
+            height: usize,
+        ) -> f64 {
+            let per_step = if cfg_scale > 1.0 { 2.0 } else { 1.0 };
+            images as f64 * steps as f64 * per_step * width as f64 * height as f64
+        }
+        match self {
+            NodeParams::Train(p) => {
+                let side = p.resolution as f64;
+                3.0 * p.max_train_steps as f64 * p.train_batch_size.max(1) as f64 * side * side
+            }
+            NodeParams::XyPlot(p) => sampling(
+                p.x.len() * p.y.len(),
+                p.steps,
+                p.cfg_scale,
+                p.width,
+                p.height,
+            ),
+            NodeParams::Evaluate(p) => sampling(
+                p.weights.len() * p.seeds.len() * p.prompts.len(),
+                p.steps,
+                p.cfg_scale,
+                p.width,
+                p.height,
+            ),
+            NodeParams::SvdMerge(_)
+            | NodeParams::Merge(_)
+            | NodeParams::Resize(_)
+            | NodeParams::Command(_)
+            | NodeParams::MergeIntoModel(_) => 0.0,
+        }
+    }
+
     /// The kind's name as written in recipes (`svd_merge`, `train`, ...).
     pub fn kind(&self) -> &'static str {
         match self {
@@ -322,5 +383,60 @@ impl NodeParams {
             NodeParams::Evaluate(_) => "evaluate",
             NodeParams::MergeIntoModel(_) => "merge_into_model",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(name: &str) -> Input {
+        Input::File(PathBuf::from(name))
+    }
+
+    #[test]
+    fn work_estimates_count_unet_evaluations_times_pixels() {
+        let grid = |cfg_scale: f64| {
+            NodeParams::XyPlot(XyPlotParams {
+                base: file("/base"),
+                base_config: None,
+                loras: vec![],
+                prompt: "a".into(),
+                negative_prompt: String::new(),
+                x: Axis::Lora(vec![None, Some(file("/lora"))]),
+                y: Axis::Seed(vec![1, 2, 3]),
+                steps: 12,
+                cfg_scale,
+                sampler: Sampler::Dpmpp2m,
+                width: 64,
+                height: 32,
+                cell_scale: 1,
+            })
+        };
+        // 2 x 3 cells, 12 steps, the guided halves as two evaluations each.
+        assert_eq!(grid(7.0).work_estimate(), (6 * 12 * 2 * 64 * 32) as f64);
+        assert_eq!(grid(1.0).work_estimate(), (6 * 12 * 64 * 32) as f64);
+        let evaluate = NodeParams::Evaluate(EvaluateParams {
+            base: file("/base"),
+            base_config: None,
+            lora: file("/lora"),
+            meter: file("/meter"),
+            weights: vec![-2.0, -1.0, 0.0, 1.0, 2.0],
+            seeds: vec![1, 2, 3, 4],
+            prompts: vec!["a".into(), "b".into(), "c".into()],
+            negative_prompt: String::new(),
+            steps: 12,
+            cfg_scale: 7.0,
+            sampler: Sampler::Dpmpp2m,
+            width: 64,
+            height: 64,
+        });
+        assert_eq!(evaluate.work_estimate(), (60 * 12 * 2 * 64 * 64) as f64);
+        let merge = NodeParams::Merge(MergeParams {
+            models: vec![file("/a"), file("/b")],
+            ratios: vec![1.0, -1.0],
+            save_precision: Precision::Float,
+        });
+        assert_eq!(merge.work_estimate(), 0.0);
     }
 }
