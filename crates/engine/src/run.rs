@@ -197,6 +197,17 @@ pub(crate) fn dependencies(plan: &Plan) -> Vec<Vec<usize>> {
     deps
 }
 
+/// For each node, the indices of the nodes that read it (`deps` turned around).
+fn consumers(deps: &[Vec<usize>]) -> Vec<Vec<usize>> {
+    let mut consumers = vec![Vec::new(); deps.len()];
+    for (i, ds) in deps.iter().enumerate() {
+        for &d in ds {
+            consumers[d].push(i);
+        }
+    }
+    consumers
+}
+
 /// Where an input's content lives and its hash.
 #[derive(Debug, Clone)]
 pub(crate) struct Produced {
@@ -470,12 +481,7 @@ impl<'a> Scheduler<'a> {
     ) -> Result<Self, EngineError> {
         let n = plan.nodes.len();
         let deps = dependencies(plan);
-        let mut consumers = vec![Vec::new(); n];
-        for (i, ds) in deps.iter().enumerate() {
-            for &d in ds {
-                consumers[d].push(i);
-            }
-        }
+        let consumers = consumers(&deps);
         let waiting_on: Vec<usize> = deps.iter().map(Vec::len).collect();
         let journal_path = store.journal_path(&plan.recipe_path);
         let mut journal = Journal::load(&journal_path)?;
@@ -1074,12 +1080,7 @@ mod tests {
             &[],
         );
         let deps = dependencies(&p);
-        let mut consumers = vec![Vec::new(); deps.len()];
-        for (i, ds) in deps.iter().enumerate() {
-            for &d in ds {
-                consumers[d].push(i);
-            }
-        }
+        let consumers = consumers(&deps);
         let step = p.nodes[0].params.work_estimate() / 10.0;
         let per_step: Vec<f64> = urgency(&p, &deps, &consumers)
             .iter()

@@ -433,13 +433,29 @@ while read -r line; do
 done
 "#;
 
-#[test]
-fn worker_nodes_run_on_the_pool_and_a_crash_fails_only_that_node() {
+/// A temporary folder with a base file, and run options whose one worker slot (`cpu`) is
+/// [`SH_WORKER`].
+fn sh_worker_world() -> (tempfile::TempDir, PathBuf, RunOptions) {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.bin");
     fs::write(&base, "weights").unwrap();
     let worker = dir.path().join("worker.sh");
     fs::write(&worker, SH_WORKER).unwrap();
+    let opts = RunOptions {
+        worker_command: vec!["sh".into(), worker.display().to_string()],
+        worker_kinds: vec![WorkerKind {
+            kind: "train".into(),
+            code_version: 1,
+        }],
+        devices: vec!["cpu".into()],
+        ..RunOptions::default()
+    };
+    (dir, base, opts)
+}
+
+#[test]
+fn worker_nodes_run_on_the_pool_and_a_crash_fails_only_that_node() {
+    let (dir, base, opts) = sh_worker_world();
     let mut crash = train(Input::File(base.clone()));
     if let NodeParams::Train(t) = &mut crash {
         t.caption = "crash".into();
@@ -456,14 +472,6 @@ fn worker_nodes_run_on_the_pool_and_a_crash_fails_only_that_node() {
         ],
         &[("uses_ok", "out.txt")],
     );
-    let opts = RunOptions {
-        worker_command: vec!["sh".into(), worker.display().to_string()],
-        worker_kinds: vec![WorkerKind {
-            kind: "train".into(),
-            code_version: 1,
-        }],
-        ..RunOptions::default()
-    };
     let s = run(&p, &dir.path().join(".slider"), &opts, &Silent).unwrap();
     assert_eq!(names(&s.ran), set(&["ok", "uses_ok"]));
     assert_eq!(names(&s.failed), set(&["crashes"]));
@@ -491,11 +499,7 @@ impl crate::Observer for StartOrder {
 
 #[test]
 fn with_one_slot_the_node_with_the_most_work_ahead_starts_first() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.bin");
-    fs::write(&base, "weights").unwrap();
-    let worker = dir.path().join("worker.sh");
-    fs::write(&worker, SH_WORKER).unwrap();
+    let (dir, base, opts) = sh_worker_world();
     let steps = |n: usize| {
         let mut t = train(Input::File(base.clone()));
         if let NodeParams::Train(t) = &mut t {
@@ -514,15 +518,6 @@ fn with_one_slot_the_node_with_the_most_work_ahead_starts_first() {
         ],
         &[],
     );
-    let opts = RunOptions {
-        worker_command: vec!["sh".into(), worker.display().to_string()],
-        worker_kinds: vec![WorkerKind {
-            kind: "train".into(),
-            code_version: 1,
-        }],
-        devices: vec!["cpu".into()],
-        ..RunOptions::default()
-    };
     let order = StartOrder(std::sync::Mutex::new(Vec::new()));
     let s = run(&p, &dir.path().join(".slider"), &opts, &order).unwrap();
     assert!(s.failed.is_empty(), "{:?}", s.failed);
