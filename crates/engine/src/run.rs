@@ -398,11 +398,12 @@ pub fn run(
 /// A node (by index) with its key, waiting for a free slot.
 type Queued = (usize, Keyed);
 
-/// Each node's `NodeParams::work_estimate` plus the
-/// largest such sum over the nodes that read it, recursively: how much work at least still
-/// follows once the node starts. Starting the most urgent ready node first keeps the longest
-/// chain moving (list scheduling by critical path): on the default recipe, the long
-/// `evaluate` of the finished slider starts before the short check grids of the trainings.
+/// Each node's `NodeParams::work_estimate` plus the largest such sum over the nodes that
+/// read it, recursively: how much work at least still follows once the node starts.
+/// Starting the most urgent ready node first keeps the longest chain moving (list scheduling
+/// by critical path): on the default recipe, the long `evaluate` of the finished slider
+/// starts before the short check grids of the trainings. Consumers already in the store
+/// count too (the sum is over the plan, before any key is known); that only orders nodes.
 fn urgency(plan: &Plan, deps: &[Vec<usize>], consumers: &[Vec<usize>]) -> Vec<f64> {
     let n = plan.nodes.len();
     let mut urgency: Vec<f64> = plan
