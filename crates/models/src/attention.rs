@@ -18,6 +18,11 @@
 //! softmax's gradient is a difference of nearly equal terms), and the gradients are cast back
 //! to the inputs' dtype. One op serves every backend through burn's backend-extension
 //! dispatch: flex, the cubecl runtimes (wgpu, cuda) and `Autodiff` over either.
+//!
+//! On flex in f32 both directions are `slider-attention`'s fused CPU kernels instead: the
+//! forward also keeps each query row's log-sum-exp (`n_q` values per head), and the backward
+//! recomputes the probabilities block by block from it, with every product and softmax step
+//! fused, so no map larger than a 64 x 256 block exists at any time.
 
 use burn::backend::autodiff::{
     Autodiff,
@@ -54,7 +59,26 @@ pub trait TiledAttentionBackend: Backend {
     }
 }
 
-impl TiledAttentionBackend for Flex {}
+impl TiledAttentionBackend for Flex {
+    fn tiled_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        _tile_scores: usize,
+    ) -> FloatTensor<Self> {
+        match fused::forward::<Self>(&q, &k, &v) {
+            Some((out, _)) => out,
+            None => <Self as burn::backend::ops::ModuleOps<Self>>::attention(
+                q,
+                k,
+                v,
+                None,
+                None,
+                AttentionModuleOptions::default(),
+            ),
+        }
+    }
+}
 
 #[cfg(any(feature = "wgpu", feature = "cuda"))]
 impl TiledAttentionBackend for burn::backend::Cube {}
@@ -75,32 +99,40 @@ impl<B: Backend, C: CheckpointStrategy> TiledAttentionBackend for Autodiff<B, C>
         {
             OpsKind::Tracked(prep) => {
                 let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
-                let out = forward(q.clone(), k.clone(), v.clone());
+                let (out, fused) = match fused::forward::<B>(&q, &k, &v) {
+                    Some((out, lse)) => (out.clone(), Some((out, lse))),
+                    None => (forward(q.clone(), k.clone(), v.clone()), None),
+                };
                 prep.finish(
                     AttentionState {
                         q,
                         k,
                         v,
+                        fused,
                         tile_scores,
                     },
                     out,
                 )
             }
-            OpsKind::UnTracked(prep) => prep.finish(forward(
-                q.into_primitive(),
-                k.into_primitive(),
-                v.into_primitive(),
-            )),
+            OpsKind::UnTracked(prep) => {
+                let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+                prep.finish(match fused::forward::<B>(&q, &k, &v) {
+                    Some((out, _)) => out,
+                    None => forward(q, k, v),
+                })
+            }
         }
     }
 }
 
-/// What the backward keeps of one attention: its inputs, nothing of size `n_q x n_k`.
+/// What the backward keeps of one attention: its inputs and, where the fused CPU kernel ran,
+/// its output and log-sum-exp; nothing of size `n_q x n_k`.
 #[derive(Clone, Debug)]
 struct AttentionState<B: Backend> {
     q: FloatTensor<B>,
     k: FloatTensor<B>,
     v: FloatTensor<B>,
+    fused: Option<(FloatTensor<B>, FloatTensor<B>)>,
     tile_scores: usize,
 }
 
@@ -117,6 +149,7 @@ impl<B: Backend> Backward<B, 3> for AttentionBackward {
             q,
             k,
             v,
+            fused,
             tile_scores,
         } = ops.state;
         let want = Wanted {
@@ -124,7 +157,17 @@ impl<B: Backend> Backward<B, 3> for AttentionBackward {
             k: k_node.is_some(),
             v: v_node.is_some(),
         };
-        let (dq, dk, dv) = attention_gradients::<B>(q, k, v, grad_out, tile_scores, want);
+        let fused_grads = fused
+            .as_ref()
+            .and_then(|(out, lse)| fused::backward::<B>([&q, &k, &v, out, lse, &grad_out]));
+        let (dq, dk, dv) = match fused_grads {
+            Some([dq, dk, dv]) => (
+                want.q.then_some(dq),
+                want.k.then_some(dk),
+                want.v.then_some(dv),
+            ),
+            None => attention_gradients::<B>(q, k, v, grad_out, tile_scores, want),
+        };
         for (node, grad) in [(q_node, dq), (k_node, dk), (v_node, dv)] {
             if let (Some(node), Some(grad)) = (node, grad) {
                 grads.register::<B>(node.id, grad);
@@ -266,6 +309,117 @@ pub fn decomposed_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<
     let d = q.dims()[3];
     let scores = q.matmul(k.swap_dims(2, 3)) / (d.max(1) as f64).sqrt();
     burn::tensor::activation::softmax(scores, 3).matmul(v)
+}
+
+/// `slider-attention`'s kernels where the backend is flex and every tensor is f32; `None`
+/// anywhere else (the caller then runs the backend-generic path).
+mod fused {
+    use burn::backend::flex::FlexTensor;
+    use burn::backend::{Backend, tensor::FloatTensor};
+    use burn::tensor::{DType, TensorData};
+    use slider_attention::Dims;
+    use std::any::Any;
+
+    /// `softmax(q k^T / sqrt(d)) v` and the log-sum-exp `[batch, heads, n_q]`.
+    pub(super) fn forward<B: Backend>(
+        q: &FloatTensor<B>,
+        k: &FloatTensor<B>,
+        v: &FloatTensor<B>,
+    ) -> Option<(FloatTensor<B>, FloatTensor<B>)> {
+        let [q, k, v] = [flex::<B>(q)?, flex::<B>(k)?, flex::<B>(v)?];
+        let (dims, [b, h, n_q, _]) = dims(q, k, v)?;
+        let mut out = vec![0f32; dims.heads * n_q * dims.d_v];
+        let mut lse = vec![0f32; dims.heads * n_q];
+        let [q, k, v] = [q, k, v].map(FlexTensor::to_contiguous);
+        slider_attention::forward(
+            dims,
+            q.as_slice()?,
+            k.as_slice()?,
+            v.as_slice()?,
+            &mut out,
+            &mut lse,
+        )
+        .ok()?;
+        Some((
+            tensor::<B>(out, vec![b, h, n_q, dims.d_v])?,
+            tensor::<B>(lse, vec![b, h, n_q])?,
+        ))
+    }
+
+    /// `[dq, dk, dv]` from `[q, k, v, out, lse, d_out]` of a [`forward`].
+    pub(super) fn backward<B: Backend>(
+        tensors: [&FloatTensor<B>; 6],
+    ) -> Option<[FloatTensor<B>; 3]> {
+        let [q, k, v, out, lse, d_out] = tensors;
+        let [q, k, v, out, lse, d_out] = [
+            flex::<B>(q)?,
+            flex::<B>(k)?,
+            flex::<B>(v)?,
+            flex::<B>(out)?,
+            flex::<B>(lse)?,
+            flex::<B>(d_out)?,
+        ];
+        let (dims, [b, h, n_q, d]) = dims(q, k, v)?;
+        let n_k = dims.n_k;
+        if d_out.layout().shape().as_slice() != [b, h, n_q, dims.d_v] {
+            return None;
+        }
+        let mut dq = vec![0f32; dims.heads * n_q * d];
+        let mut dk = vec![0f32; dims.heads * n_k * d];
+        let mut dv = vec![0f32; dims.heads * n_k * dims.d_v];
+        let [q, k, v, out, lse, d_out] = [q, k, v, out, lse, d_out].map(FlexTensor::to_contiguous);
+        slider_attention::backward(
+            dims,
+            q.as_slice()?,
+            k.as_slice()?,
+            v.as_slice()?,
+            out.as_slice()?,
+            lse.as_slice()?,
+            d_out.as_slice()?,
+            &mut dq,
+            &mut dk,
+            &mut dv,
+        )
+        .ok()?;
+        Some([
+            tensor::<B>(dq, vec![b, h, n_q, d])?,
+            tensor::<B>(dk, vec![b, h, n_k, d])?,
+            tensor::<B>(dv, vec![b, h, n_k, dims.d_v])?,
+        ])
+    }
+
+    /// The kernel's dims for `[batch, heads, n, width]` inputs that agree, with the query's
+    /// shape; `None` for anything the backend's own attention should judge.
+    fn dims(q: &FlexTensor, k: &FlexTensor, v: &FlexTensor) -> Option<(Dims, [usize; 4])> {
+        let four = |t: &FlexTensor| -> Option<[usize; 4]> {
+            (t.dtype() == DType::F32)
+                .then(|| t.layout().shape().as_slice().try_into().ok())
+                .flatten()
+        };
+        let ([b, h, n_q, d], [bk, hk, n_k, dk], [bv, hv, nv, d_v]) = (four(q)?, four(k)?, four(v)?);
+        let agree = (bk, hk, dk) == (b, h, d) && (bv, hv, nv) == (b, h, n_k);
+        let dims = Dims {
+            heads: b * h,
+            n_q,
+            n_k,
+            d,
+            d_v,
+        };
+        agree.then_some((dims, [b, h, n_q, d]))
+    }
+
+    /// The tensor as flex's, when `B` is flex.
+    fn flex<B: Backend>(t: &FloatTensor<B>) -> Option<&FlexTensor> {
+        (t as &dyn Any).downcast_ref::<FlexTensor>()
+    }
+
+    /// A flex tensor as `B`'s, when `B` is flex.
+    fn tensor<B: Backend>(values: Vec<f32>, shape: Vec<usize>) -> Option<FloatTensor<B>> {
+        let mut slot = Some(FlexTensor::from_data(TensorData::new(values, shape)));
+        (&mut slot as &mut dyn Any)
+            .downcast_mut::<Option<FloatTensor<B>>>()?
+            .take()
+    }
 }
 
 #[cfg(test)]
@@ -430,7 +584,43 @@ mod tests {
     }
 
     #[test]
-    fn without_autodiff_it_is_the_backends_attention() {
+    fn on_flex_in_f32_both_directions_are_the_fused_kernels() {
+        let device = Device::flex().autodiff();
+        let (q_dims, kv_dims, tile) = CASES[1];
+        let inputs = inputs([q_dims, kv_dims], &device);
+        let got = run(&inputs, [true; 3], FloatDType::F32, |q, k, v| {
+            tiled_attention(q, k, v, tile)
+        });
+        let host = |t: &Tensor<4>| t.to_data().try_to_vec::<f32>().expect("f32");
+        let [q, k, v] = inputs.each_ref().map(host);
+        let dims = slider_attention::Dims {
+            heads: q_dims[0] * q_dims[1],
+            n_q: q_dims[2],
+            n_k: kv_dims[2],
+            d: q_dims[3],
+            d_v: kv_dims[3],
+        };
+        let mut out = vec![0.0; dims.heads * dims.n_q * dims.d_v];
+        let mut lse = vec![0.0; dims.heads * dims.n_q];
+        slider_attention::forward(dims, &q, &k, &v, &mut out, &mut lse).expect("dims fit");
+        assert_eq!(
+            host(&got.out),
+            out,
+            "the forward is the kernel's, bit for bit"
+        );
+        let weight = host(&normal(99, got.out.dims(), &device));
+        let mut grads = [q.clone(), k.clone(), v.clone()].map(|t| vec![0.0; t.len()]);
+        let [dq, dk, dv] = &mut grads;
+        slider_attention::backward(dims, &q, &k, &v, &out, &lse, &weight, dq, dk, dv)
+            .expect("dims fit");
+        for (got, want) in got.grads.iter().zip(&grads) {
+            let got = host(got.as_ref().expect("tracked"));
+            assert_eq!(&got, want, "the gradients are the kernel's, bit for bit");
+        }
+    }
+
+    #[test]
+    fn without_autodiff_it_equals_the_decomposed_form() {
         let device = Device::flex();
         let (q_dims, kv_dims, tile) = CASES[1];
         let [q, k, v] = inputs([q_dims, kv_dims], &device);
