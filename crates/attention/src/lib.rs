@@ -66,13 +66,43 @@ pub enum AttentionError {
     ZeroWidth(Dims),
 }
 
+/// The number of values in each buffer of one call; `dq` and `dk` are as long as `q` and `k`,
+/// `d_out` and `dv` as `out` and `v`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Lengths {
+    pub q: usize,
+    pub k: usize,
+    pub v: usize,
+    pub out: usize,
+    pub lse: usize,
+}
+
 impl Dims {
-    fn check(self, buffers: &[(&'static str, usize, [usize; 3])]) -> Result<(), AttentionError> {
+    /// The length of every buffer these dims take.
+    pub fn lengths(self) -> Lengths {
+        let Dims {
+            heads,
+            n_q,
+            n_k,
+            d,
+            d_v,
+        } = self;
+        let len = |a: usize, b: usize| heads.saturating_mul(a).saturating_mul(b);
+        Lengths {
+            q: len(n_q, d),
+            k: len(n_k, d),
+            v: len(n_k, d_v),
+            out: len(n_q, d_v),
+            lse: len(n_q, 1),
+        }
+    }
+
+    /// Each `(name, length, wanted length)` must agree, and neither width may be zero.
+    fn check(self, buffers: &[(&'static str, usize, usize)]) -> Result<(), AttentionError> {
         if self.d == 0 || self.d_v == 0 {
             return Err(AttentionError::ZeroWidth(self));
         }
-        for &(name, got, [a, b, c]) in buffers {
-            let want = a.saturating_mul(b).saturating_mul(c);
+        for &(name, got, want) in buffers {
             if got != want {
                 return Err(AttentionError::Length {
                     name,
@@ -83,6 +113,25 @@ impl Dims {
             }
         }
         Ok(())
+    }
+
+    /// [`Dims::check`] of the forward's buffers.
+    fn check_forward(
+        self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        out: &[f32],
+        lse: &[f32],
+    ) -> Result<(), AttentionError> {
+        let want = self.lengths();
+        self.check(&[
+            ("q", q.len(), want.q),
+            ("k", k.len(), want.k),
+            ("v", v.len(), want.v),
+            ("out", out.len(), want.out),
+            ("lse", lse.len(), want.lse),
+        ])
     }
 
     /// `log2(e) / sqrt(d)`: scores times this are base-2 exponents.
@@ -101,6 +150,7 @@ pub fn forward(
     out: &mut [f32],
     lse: &mut [f32],
 ) -> Result<(), AttentionError> {
+    dims.check_forward(q, k, v, out, lse)?;
     let Dims {
         heads,
         n_q,
@@ -108,13 +158,6 @@ pub fn forward(
         d,
         d_v,
     } = dims;
-    dims.check(&[
-        ("q", q.len(), [heads, n_q, d]),
-        ("k", k.len(), [heads, n_k, d]),
-        ("v", v.len(), [heads, n_k, d_v]),
-        ("out", out.len(), [heads, n_q, d_v]),
-        ("lse", lse.len(), [heads, n_q, 1]),
-    ])?;
     if heads == 0 || n_q == 0 {
         return Ok(());
     }
@@ -196,6 +239,14 @@ pub fn backward(
     dk: &mut [f32],
     dv: &mut [f32],
 ) -> Result<(), AttentionError> {
+    dims.check_forward(q, k, v, out, lse)?;
+    let want = dims.lengths();
+    dims.check(&[
+        ("d_out", d_out.len(), want.out),
+        ("dq", dq.len(), want.q),
+        ("dk", dk.len(), want.k),
+        ("dv", dv.len(), want.v),
+    ])?;
     let Dims {
         heads,
         n_q,
@@ -203,17 +254,6 @@ pub fn backward(
         d,
         d_v,
     } = dims;
-    dims.check(&[
-        ("q", q.len(), [heads, n_q, d]),
-        ("k", k.len(), [heads, n_k, d]),
-        ("v", v.len(), [heads, n_k, d_v]),
-        ("out", out.len(), [heads, n_q, d_v]),
-        ("lse", lse.len(), [heads, n_q, 1]),
-        ("d_out", d_out.len(), [heads, n_q, d_v]),
-        ("dq", dq.len(), [heads, n_q, d]),
-        ("dk", dk.len(), [heads, n_k, d]),
-        ("dv", dv.len(), [heads, n_k, d_v]),
-    ])?;
     dq.fill(0.0);
     dk.fill(0.0);
     dv.fill(0.0);
@@ -498,19 +538,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[inline(always)]
 fn exp2(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0; // 1.5 * 2^23
-    let clamped = if x < -127.0 {
-        -127.0
-    } else if x > 127.0 {
-        127.0
-    } else {
-        x
-    };
+    let clamped = x.clamp(-127.0, 127.0);
     let t = clamped + ROUND;
     let n = t - ROUND;
     let f = clamped - n;
     // ln(2)^i / i!
     let p = 1.0
-        + f * (0.693_147_2
+        + f * (std::f32::consts::LN_2
             + f * (0.240_226_5
                 + f * (0.055_504_11
                     + f * (0.009_618_129 + f * (0.001_333_355_8 + f * 0.000_154_035_3)))));

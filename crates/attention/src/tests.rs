@@ -29,11 +29,12 @@ fn reference(dims: Dims, q: &[f32], k: &[f32], v: &[f32], d_out: &[f32]) -> Refe
         d_v,
     } = dims;
     let scale = 1.0 / (d as f64).sqrt();
+    let len = dims.lengths();
     let mut r = Reference {
-        out: vec![0.0; heads * n_q * d_v],
-        dq: vec![0.0; heads * n_q * d],
-        dk: vec![0.0; heads * n_k * d],
-        dv: vec![0.0; heads * n_k * d_v],
+        out: vec![0.0; len.out],
+        dq: vec![0.0; len.q],
+        dk: vec![0.0; len.k],
+        dv: vec![0.0; len.v],
     };
     for h in 0..heads {
         let (qh, kh, vh) = (h * n_q * d, h * n_k * d, h * n_k * d_v);
@@ -99,19 +100,13 @@ struct Run {
 }
 
 fn run(dims: Dims, q: &[f32], k: &[f32], v: &[f32], d_out: &[f32]) -> Run {
-    let Dims {
-        heads,
-        n_q,
-        n_k,
-        d,
-        d_v,
-    } = dims;
+    let len = dims.lengths();
     let mut r = Run {
-        out: vec![f32::NAN; heads * n_q * d_v],
-        lse: vec![f32::NAN; heads * n_q],
-        dq: vec![f32::NAN; heads * n_q * d],
-        dk: vec![f32::NAN; heads * n_k * d],
-        dv: vec![f32::NAN; heads * n_k * d_v],
+        out: vec![f32::NAN; len.out],
+        lse: vec![f32::NAN; len.lse],
+        dq: vec![f32::NAN; len.q],
+        dk: vec![f32::NAN; len.k],
+        dv: vec![f32::NAN; len.v],
     };
     forward(dims, q, k, v, &mut r.out, &mut r.lse).unwrap();
     backward(
@@ -122,18 +117,12 @@ fn run(dims: Dims, q: &[f32], k: &[f32], v: &[f32], d_out: &[f32]) -> Run {
 }
 
 fn inputs(dims: Dims, seed: u64, spread: f32) -> [Vec<f32>; 4] {
-    let Dims {
-        heads,
-        n_q,
-        n_k,
-        d,
-        d_v,
-    } = dims;
+    let len = dims.lengths();
     [
-        normal(seed, heads * n_q * d, spread),
-        normal(seed + 1, heads * n_k * d, spread),
-        normal(seed + 2, heads * n_k * d_v, 1.0),
-        normal(seed + 3, heads * n_q * d_v, 1.0),
+        normal(seed, len.q, spread),
+        normal(seed + 1, len.k, spread),
+        normal(seed + 2, len.v, 1.0),
+        normal(seed + 3, len.out, 1.0),
     ]
 }
 

@@ -5,8 +5,8 @@
 //! matmul) and keeps its exponentials and probabilities for the backward: two `heads x n_q x
 //! n_k` maps per attention, alive from the forward until the backward reaches it. This op
 //! instead keeps only `q`, `k` and `v`. Its forward is the backend's own fused attention
-//! (flex's tiled flash attention with an online softmax; cubecl's flash kernels under
-//! `autotune`). Its backward walks the queries in tiles of at most `tile_scores` scores,
+//! (cubecl's flash kernels under `autotune`; flex's tiled flash attention, except in f32,
+//! below). Its backward walks the queries in tiles of at most `tile_scores` scores,
 //! recomputes each tile's probabilities from `q` and `k`, and accumulates the gradients:
 //!
 //! ```text
@@ -328,8 +328,8 @@ mod fused {
     ) -> Option<(FloatTensor<B>, FloatTensor<B>)> {
         let [q, k, v] = [flex::<B>(q)?, flex::<B>(k)?, flex::<B>(v)?];
         let (dims, [b, h, n_q, _]) = dims(q, k, v)?;
-        let mut out = vec![0f32; dims.heads * n_q * dims.d_v];
-        let mut lse = vec![0f32; dims.heads * n_q];
+        let len = dims.lengths();
+        let (mut out, mut lse) = (vec![0f32; len.out], vec![0f32; len.lse]);
         let [q, k, v] = [q, k, v].map(FlexTensor::to_contiguous);
         slider_attention::forward(
             dims,
@@ -364,9 +364,8 @@ mod fused {
         if d_out.layout().shape().as_slice() != [b, h, n_q, dims.d_v] {
             return None;
         }
-        let mut dq = vec![0f32; dims.heads * n_q * d];
-        let mut dk = vec![0f32; dims.heads * n_k * d];
-        let mut dv = vec![0f32; dims.heads * n_k * dims.d_v];
+        let len = dims.lengths();
+        let (mut dq, mut dk, mut dv) = (vec![0f32; len.q], vec![0f32; len.k], vec![0f32; len.v]);
         let [q, k, v, out, lse, d_out] = [q, k, v, out, lse, d_out].map(FlexTensor::to_contiguous);
         slider_attention::backward(
             dims,
