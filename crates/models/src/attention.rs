@@ -599,8 +599,8 @@ mod tests {
             d: q_dims[3],
             d_v: kv_dims[3],
         };
-        let mut out = vec![0.0; dims.heads * dims.n_q * dims.d_v];
-        let mut lse = vec![0.0; dims.heads * dims.n_q];
+        let len = dims.lengths();
+        let (mut out, mut lse) = (vec![0.0; len.out], vec![0.0; len.lse]);
         slider_attention::forward(dims, &q, &k, &v, &mut out, &mut lse).expect("dims fit");
         assert_eq!(
             host(&got.out),
